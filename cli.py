@@ -1,0 +1,65 @@
+"""The `potluck` command: one entry point whose subcommands come from the node and client sides.
+
+A subcommand's ``run`` is either a coroutine ``run(args, stop)`` (run on uvloop; the first
+Ctrl-C/SIGTERM sets ``stop`` for a graceful exit, a second one cancels it) or a plain function.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import signal
+import sys
+
+from potluck.protocol.errors import PotluckError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from potluck.client import cli as client_cli
+    from potluck.node import cli as node_cli
+
+    parser = argparse.ArgumentParser(prog="potluck", description="Run large language models on a volunteer swarm.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    node_cli.add_commands(commands)
+    client_cli.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        if inspect.iscoroutinefunction(args.run):
+            return _run_async(args)
+        return args.run(args) or 0
+    except PotluckError as e:
+        print(f"potluck {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_async(args: argparse.Namespace) -> int:
+    import uvloop
+
+    async def supervised() -> int:
+        stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                main_task.cancel()  # second signal: stop now
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            return await args.run(args, stop)
+        except asyncio.CancelledError:
+            return 130
+
+    return uvloop.run(supervised())

@@ -1,0 +1,186 @@
+"""The user's model: the transformers class of the checkpoint, with its decoder layers remote.
+
+Embeddings, final norm and lm_head load locally; a ``RemoteDecoder`` takes the base model's
+place and sends hidden states through a chain of nodes, so ``generate()``, logits processors and
+sampling are transformers' own. Inside ``model.inference_session(...)`` several ``generate``
+calls continue one conversation: tokens the nodes already hold are not sent again.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Iterator, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_tensors, resolve_checkpoint
+from potluck.protocol.errors import BadRequest
+from potluck.protocol.network import initial_peers_from_env
+
+from .session import InferenceSession, RemoteChain
+from .transport import SwarmConnection
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteCache(Cache):
+    """Stands in for the attention cache, which lives on the nodes: it only knows its length."""
+
+    def __init__(self, session: InferenceSession):
+        super().__init__(layers=[])
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class RemoteDecoder(torch.nn.Module):
+    """Replaces the base model (e.g. LlamaModel): embeddings → remote blocks → final norm."""
+
+    def __init__(self, embed_tokens: torch.nn.Module, norm: torch.nn.Module, chain: RemoteChain):
+        super().__init__()
+        self.embed_tokens, self.norm, self.chain = embed_tokens, norm, chain
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise BadRequest("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
+        session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
+        prefix = session.position if session is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(prefix, prefix + hidden.shape[1]).unsqueeze(0)
+        position_ids = position_ids.expand(hidden.shape[0], -1).to(torch.int64).contiguous()
+        mask = None
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            mask = attention_mask.to(torch.int64)  # padding present: the nodes need it
+        with torch.no_grad():
+            if session is None:
+                hidden = self.chain.forward(hidden, position_ids, mask)
+            else:
+                hidden = session.step(hidden, position_ids, mask)
+                if input_ids is not None:
+                    previous = session.token_ids if session.token_ids is not None else input_ids[:, :0]
+                    session.token_ids = torch.cat([previous[:, :prefix], input_ids], dim=1)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+
+
+class DistributedModelMixin:
+    """Mixed into the checkpoint's ``*ForCausalLM`` class by ``AutoDistributedModelForCausalLM``."""
+
+    chain: RemoteChain
+    _active_session: InferenceSession | None = None
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """Keep the attention caches on the nodes across ``generate`` calls, up to ``max_length`` tokens."""
+        if self._active_session is not None:
+            raise BadRequest("an inference session is already active on this model")
+        with InferenceSession(self.chain, max_length) as session:
+            self._active_session = session
+            try:
+                yield session
+            finally:
+                self._active_session = None
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        if (kwargs.get("num_beams") or self.generation_config.num_beams or 1) != 1:
+            raise BadRequest("beam search is not supported through the swarm yet; use num_beams=1")
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        session = self._active_session
+        if session is None:
+            with self.inference_session(self._session_length(input_ids, kwargs)) as session:
+                return self._generate_in(session, input_ids, args, kwargs)
+        return self._generate_in(session, input_ids, args, kwargs)
+
+    def _generate_in(self, session: InferenceSession, input_ids, args, kwargs):
+        if input_ids is not None and session.token_ids is not None and session.position > 0:
+            input_ids = self._continue_conversation(session, input_ids)
+            kwargs.pop("attention_mask", None)  # the conversation so far has no padding
+        kwargs["past_key_values"] = RemoteCache(session)
+        output = super().generate(input_ids, *args, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        session.token_ids = sequences  # the last token is not in the nodes' caches yet
+        return output
+
+    @staticmethod
+    def _continue_conversation(session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full ids for this call: the conversation so far plus ``input_ids`` if they are only new
+        tokens, else ``input_ids`` themselves, with the nodes' caches rewound to the longest prefix
+        they share with them."""
+        held = session.token_ids
+        if input_ids.shape[0] != held.shape[0]:
+            raise BadRequest(f"batch of {input_ids.shape[0]} does not match the session's {held.shape[0]}")
+        n = min(held.shape[1], input_ids.shape[1])
+        same = (held[:, :n] == input_ids[:, :n]).all(dim=0)
+        common = int(same.long().cumprod(0).sum())
+        if common == 0:  # only new tokens: append them to the conversation
+            return torch.cat([held, input_ids], dim=1)
+        if common < session.position:
+            session.rewind(common)
+        return input_ids
+
+    def _session_length(self, input_ids: torch.Tensor | None, kwargs: dict) -> int:
+        prompt = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+        config = self.generation_config
+        if kwargs.get("max_new_tokens") is not None:
+            return prompt + kwargs["max_new_tokens"]
+        if kwargs.get("max_length") is not None:
+            return kwargs["max_length"]
+        if config.max_new_tokens is not None:
+            return prompt + config.max_new_tokens
+        return max(config.max_length or 0, prompt + 1)
+
+
+class AutoDistributedModelForCausalLM:
+    """``from_pretrained(MODEL, initial_peers=[...])`` → the model's transformers class, run by the swarm."""
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, initial_peers: Sequence[str] | None = None, *,
+                        model_name: str | None = None, dtype: str | torch.dtype = torch.float32,
+                        request_timeout: float = 30.0, swarm: SwarmConnection | None = None) -> PreTrainedModel:
+        checkpoint = resolve_checkpoint(model, model_name)
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
+        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, request_timeout=request_timeout)
+        return _build(checkpoint, chain, dtype)
+
+
+def _build(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dtype) -> PreTrainedModel:
+    config = checkpoint.config
+    base_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedModelMixin, base_cls), {})
+    shell_config = copy.deepcopy(config)  # built without decoder layers: they are remote
+    shell_config.num_hidden_layers = 0
+    if getattr(shell_config, "layer_types", None) is not None:
+        shell_config.layer_types = []
+    with torch.device("meta"):
+        model = dist_cls(shell_config)
+    model.config = config
+    tied = getattr(config, "tie_word_embeddings", False)
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if tied else ["lm_head.weight"])
+    weights = load_tensors(checkpoint.path, names, dtype)
+    model.model.embed_tokens.load_state_dict({"weight": weights["model.embed_tokens.weight"]}, assign=True)
+    model.model.norm.load_state_dict({"weight": weights["model.norm.weight"]}, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        model.lm_head.load_state_dict({"weight": weights["lm_head.weight"]}, assign=True)
+    model.model = RemoteDecoder(model.model.embed_tokens, model.model.norm, chain)
+    model.chain = chain
+    if (checkpoint.path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
+    else:
+        model.generation_config = GenerationConfig.from_model_config(config)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise BadRequest(f"{base_cls.__name__} has local weights Potluck does not load: {leftover[:5]}")
+    return model.eval()

@@ -1,0 +1,95 @@
+"""The client's connection to the swarm: P2P and a DHT client on a background event loop.
+
+The transformers model is synchronous; every network action runs as one coroutine on this
+loop's thread (``SwarmConnection.call``), so a whole decoding step through a chain of nodes
+costs one thread hop, not one per node.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Awaitable, Sequence, TypeVar
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+
+from potluck.protocol import messages as msg
+from potluck.protocol.errors import NodeUnavailable, NoRoute
+from potluck.protocol.network import INITIAL_PEERS_ENV, p2p_options
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SwarmConnection:
+    """Owns a daemon thread running uvloop with this client's P2P and DHT client."""
+
+    def __init__(self, initial_peers: Sequence[str], connect_timeout: float = 30.0):
+        if not initial_peers:
+            raise NoRoute(f"no initial peers: pass initial_peers=[...] or set {INITIAL_PEERS_ENV}")
+        import uvloop
+
+        self.initial_peers = list(initial_peers)
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="potluck-client", daemon=True)
+        self._thread.start()
+        self.p2p, self.dht = self.call(self._connect(), connect_timeout)
+
+    async def _connect(self) -> tuple[P2P, DHTNode]:
+        options = p2p_options(self.initial_peers)
+        p2p = await P2P.create(**options)
+        try:
+            dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=True)
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        return p2p, dht
+
+    def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        """Run a coroutine on the client loop and wait for its result."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise NodeUnavailable(f"the swarm did not answer within {timeout} s") from None
+
+    async def open_stream(self, peer_id: str, handler: str, timeout: float):
+        """Open a stream to a node's handler; NodeUnavailable if it cannot be reached."""
+        try:
+            _, reader, writer = await asyncio.wait_for(
+                self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
+        except (asyncio.TimeoutError, ConnectionError, OSError, Exception) as e:
+            raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}") from None
+        return reader, writer
+
+    async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0) -> msg.Frame:
+        """One request on a fresh stream (info, forward); raises the node's typed error if it sent one."""
+        reader, writer = await self.open_stream(peer_id, handler, timeout)
+        try:
+            await msg.write_frame(writer, meta, tensors)
+            frame = await asyncio.wait_for(msg.read_frame(reader), timeout)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+            raise NodeUnavailable(f"node {peer_id} failed during {handler}: {type(e).__name__}: {e}") from None
+        finally:
+            writer.close()
+        return msg.raise_if_error(frame)
+
+    def close(self) -> None:
+        if not self.loop.is_running():
+            return
+        async def _shutdown() -> None:
+            await self.dht.shutdown()
+            await self.p2p.shutdown()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:  # hivemind's background refreshers
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+        try:
+            self.call(_shutdown(), timeout=10)
+        except Exception as e:  # closing is best effort: the daemon dies with the process anyway
+            logger.debug("error while closing the swarm connection: %s", e)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)

@@ -1,0 +1,46 @@
+"""Keeps a node's record on the DHT: stored at every block key it serves, refreshed each period."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from potluck.protocol.records import (
+    MODEL_INDEX_KEY, RECORD_TTL_PERIODS, ModelInfo, NodeRecord, NodeState, block_key, pack,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Announcer:
+    def __init__(self, dht: DHTNode, peer_id: str, model: ModelInfo, make_record: Callable[[NodeState], NodeRecord],
+                 period: float):
+        self.dht, self.peer_id, self.model, self.make_record, self.period = dht, peer_id, model, make_record, period
+        self.state = NodeState.JOINING
+
+    async def announce(self, state: NodeState | None = None, ttl: float | None = None) -> bool:
+        """Store the record now, at every block of the span and in the model index."""
+        self.state = state or self.state
+        record = self.make_record(self.state)
+        expiration = get_dht_time() + (ttl if ttl is not None else self.period * RECORD_TTL_PERIODS)
+        keys = [block_key(record.model, i) for i in range(record.start, record.end)] + [MODEL_INDEX_KEY]
+        values = [pack(record)] * (len(keys) - 1) + [pack(self.model)]
+        subkeys = [self.peer_id] * (len(keys) - 1) + [self.model.name]
+        try:
+            stored = await self.dht.store_many(keys, values, expiration, subkeys=subkeys)
+        except Exception as e:  # the DHT raises various errors when no peer answers; retried next period
+            logger.warning("could not announce %s: %s", self.state.name, e)
+            return False
+        ok = all(stored.values())
+        if not ok:
+            logger.warning("announcement %s reached only %d of %d keys", self.state.name, sum(stored.values()), len(keys))
+        return ok
+
+    async def run(self) -> None:
+        """Re-announce every period until cancelled."""
+        while True:
+            await asyncio.sleep(self.period)
+            await self.announce()

@@ -1,0 +1,38 @@
+"""`potluck dht`: a bootstrap peer other peers join through; it serves the DHT and nothing else."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Sequence
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from potluck.protocol.network import INITIAL_PEERS_ENV, p2p_options
+
+logger = logging.getLogger(__name__)
+
+
+async def start_bootstrap(initial_peers: Sequence[str] = (), host_maddrs: Sequence[str] = (),
+                          identity_path: str | None = None) -> tuple[P2P, DHTNode]:
+    options = p2p_options(initial_peers, host_maddrs)
+    p2p = await P2P.create(identity_path=identity_path, **options)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=False)
+    return p2p, dht
+
+
+async def initial_peers_line(p2p: P2P) -> str:
+    maddrs = await p2p.get_visible_maddrs()
+    return f"{INITIAL_PEERS_ENV}={maddrs[0]}"
+
+
+async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None,
+                        stop: asyncio.Event) -> None:
+    p2p, dht = await start_bootstrap(initial_peers, host_maddrs, identity_path)
+    try:
+        print(await initial_peers_line(p2p), flush=True)
+        logger.info("bootstrap peer listening; other peers join with the line above")
+        await stop.wait()
+    finally:
+        await dht.shutdown()
+        await p2p.shutdown()

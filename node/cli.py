@@ -1,0 +1,105 @@
+"""Command lines of the node side: `potluck node`, `potluck dht`, `potluck swarm`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from potluck.protocol.errors import BadRequest
+from potluck.protocol.network import initial_peers_from_env
+from potluck.protocol.records import ANNOUNCE_PERIOD
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    node = commands.add_parser("node", help="lend your GPU/CPU: serve a span of a model's blocks")
+    node.add_argument("model", nargs="?", default=None,
+                      help="checkpoint folder or HF id in the local HF cache (default: SmolLM2-135M-Instruct)")
+    node.add_argument("--blocks", required=True, metavar="A:B", help="serve blocks A (inclusive) to B (exclusive)")
+    _add_network_args(node)
+    node.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
+    node.add_argument("--public-name", default="", help="a name shown to users and on the health page")
+    node.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    node.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    node.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
+    node.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD, help="seconds between announcements")
+    node.add_argument("--cache-tokens", type=int, default=None, help="attention-cache budget in tokens")
+    node.add_argument("--cache-gib", type=float, default=1.0, help="cache budget in GiB when --cache-tokens is unset")
+    node.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens accepted in one message")
+    node.add_argument("--drain-timeout", type=float, default=10.0,
+                      help="seconds Ctrl-C waits for open sessions before going OFFLINE")
+    node.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    node.set_defaults(run=_run_node)
+
+    dht = commands.add_parser("dht", help="run a bootstrap peer; prints POTLUCK_INITIAL_PEERS=... once it listens")
+    _add_network_args(dht)
+    dht.set_defaults(run=_run_dht)
+
+    swarm = commands.add_parser("swarm", help="start a bootstrap peer and N nodes on loopback")
+    swarm.add_argument("model", nargs="?", default=None, help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
+    swarm.add_argument("--nodes", type=int, default=3, help="how many nodes split the blocks evenly")
+    swarm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    swarm.add_argument("--model-name", default=None, help="the model's name in the swarm")
+    swarm.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD)
+    swarm.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
+    swarm.set_defaults(run=_run_swarm)
+
+
+def _add_network_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                        help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
+    parser.add_argument("--host-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="addresses to listen on (default: 127.0.0.1 for a loopback swarm, else 0.0.0.0)")
+    parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="addresses other peers should dial (behind port forwarding)")
+    parser.add_argument("--identity-path", default=None, help="private key file: keeps the peer id across restarts")
+
+
+def _parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise BadRequest(f"--blocks must look like A:B, got {text!r}") from None
+    if not 0 <= start < end:
+        raise BadRequest(f"--blocks {text}: need 0 <= A < B")
+    return start, end
+
+
+async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    import torch
+
+    from .server import Node, NodeConfig
+
+    initial_peers = initial_peers_from_env(args.initial_peers)
+    if not initial_peers and not args.new_swarm:
+        raise BadRequest("no initial peers: pass --initial-peers or set POTLUCK_INITIAL_PEERS "
+                         "(or --new-swarm to start a new swarm)")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    start, end = _parse_blocks(args.blocks)
+    config = NodeConfig(
+        model=args.model, start=start, end=end, initial_peers=initial_peers, public_name=args.public_name,
+        dtype=args.dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+        announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,
+        max_batch_tokens=args.max_batch_tokens, drain_timeout=args.drain_timeout, identity_path=args.identity_path,
+    )
+    node = await Node.create(config)
+    try:
+        await stop.wait()
+    finally:
+        await node.shutdown()
+    return 0
+
+
+async def _run_dht(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from .bootstrap import run_bootstrap
+
+    await run_bootstrap(initial_peers_from_env(args.initial_peers), args.host_maddrs, args.identity_path, stop)
+    return 0
+
+
+async def _run_swarm(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from .swarm import SwarmConfig, run_swarm
+
+    config = SwarmConfig(model=args.model, nodes=args.nodes, dtype=args.dtype, model_name=args.model_name,
+                         announce_period=args.announce_period, node_args=tuple(args.node_arg))
+    return await run_swarm(config, stop)

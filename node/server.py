@@ -1,0 +1,147 @@
+"""A volunteer node: joins the DHT, loads its span, announces itself and serves until stopped.
+
+Life cycle: ``Node.create`` (P2P, DHT, announce JOINING, load blocks, measure, announce ONLINE)
+→ ``serve_forever`` → ``shutdown`` (announce DRAINING, wait for open sessions up to a timeout,
+announce OFFLINE, stop). One Python process plus hivemind's p2pd daemon.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+import potluck
+from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_span, resolve_checkpoint
+from potluck.protocol.errors import BadRequest
+from potluck.protocol.network import p2p_options
+from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
+
+from .announcer import Announcer
+from .compute import ComputeLane
+from .handlers import BlockServicer, ServingLimits
+from .sessions import SessionTable
+from .throughput import measure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model: str | None  # checkpoint folder or HF id; None = the default model
+    start: int
+    end: int
+    initial_peers: list[str] = field(default_factory=list)
+    public_name: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+    model_name: str | None = None  # name in DHT keys (default: from the checkpoint)
+    host_maddrs: list[str] = field(default_factory=list)
+    announce_maddrs: list[str] = field(default_factory=list)
+    announce_period: float = ANNOUNCE_PERIOD
+    cache_tokens: int | None = None  # None: as many as fit in cache_gib
+    cache_gib: float = 1.0
+    max_batch_tokens: int = 8192
+    drain_timeout: float = 10.0  # seconds to wait for open sessions on shutdown
+    identity_path: str | None = None
+
+
+def cache_tokens_for(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype, gib: float) -> int:
+    config = checkpoint.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    bytes_per_token = 2 * kv_heads * head_dim * blocks * torch.finfo(dtype).bits // 8
+    return int(gib * 2**30 // bytes_per_token)
+
+
+class Node:
+    def __init__(self, config: NodeConfig, checkpoint: Checkpoint, p2p: P2P, dht: DHTNode):
+        self.config, self.checkpoint, self.p2p, self.dht = config, checkpoint, p2p, dht
+        self.peer_id = p2p.peer_id.to_base58()
+        info = ModelInfo(checkpoint.name, checkpoint.num_blocks, checkpoint.config.model_type,
+                         checkpoint.config.hidden_size)
+        self.announcer = Announcer(dht, self.peer_id, info, self.record, config.announce_period)
+        self.servicer: BlockServicer | None = None
+        self.sessions: SessionTable | None = None
+        self.compute = ComputeLane()
+        self.rates = (0.0, 0.0)  # (steps/s, forward tokens/s) measured at start
+        self._tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    async def create(cls, config: NodeConfig) -> "Node":
+        if config.dtype not in DTYPES:
+            raise BadRequest(f"--dtype must be one of {', '.join(DTYPES)}")
+        checkpoint = resolve_checkpoint(config.model, config.model_name)
+        if not 0 <= config.start < config.end <= checkpoint.num_blocks:
+            raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
+        options = p2p_options(config.initial_peers, config.host_maddrs, config.announce_maddrs)
+        p2p = await P2P.create(identity_path=config.identity_path, **options)
+        dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=False)
+        node = cls(config, checkpoint, p2p, dht)
+        try:
+            await node._start()
+        except BaseException:
+            await node.shutdown(drain=False)
+            raise
+        return node
+
+    async def _start(self) -> None:
+        config, dtype = self.config, DTYPES[self.config.dtype]
+        await self.announcer.announce(NodeState.JOINING)
+        logger.info("loading %s blocks %d:%d (%s) from %s", self.checkpoint.name, config.start, config.end,
+                    config.dtype, self.checkpoint.path)
+        span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, config.device)
+        self.rates = await asyncio.to_thread(measure, span, dtype, config.device)
+        tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, config.cache_gib)
+        self.sessions = SessionTable(tokens)
+        limits = ServingLimits(max_batch_tokens=config.max_batch_tokens)
+        self.servicer = BlockServicer(span, self.compute, self.sessions, limits, dtype, self.describe)
+        await self.servicer.register(self.p2p)
+        await self.announcer.announce(NodeState.ONLINE)
+        self._own(self.announcer.run())
+        logger.info("ONLINE: serving %s blocks %d:%d as %s%s; %.0f steps/s, %.0f tokens/s forward; cache %d tokens",
+                    self.checkpoint.name, config.start, config.end, self.peer_id,
+                    f" ({config.public_name})" if config.public_name else "", *self.rates, tokens)
+
+    def record(self, state: NodeState) -> NodeRecord:
+        c = self.config
+        return NodeRecord(
+            model=self.checkpoint.name, start=c.start, end=c.end, state=state, public_name=c.public_name,
+            version=potluck.__version__, dtype=c.dtype, inference_steps_per_s=self.rates[0],
+            forward_tokens_per_s=self.rates[1], cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
+            max_batch_tokens=c.max_batch_tokens,
+        )
+
+    def describe(self) -> dict:
+        record = self.record(self.announcer.state)
+        return {"peer_id": self.peer_id, "model": record.model, "start": record.start, "end": record.end,
+                "state": record.state.value, "version": record.version, "dtype": record.dtype,
+                "cache_tokens_left": record.cache_tokens_left, "public_name": record.public_name}
+
+    def _own(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self, drain: bool = True) -> None:
+        """Announce DRAINING, let open sessions finish (up to drain_timeout), announce OFFLINE, stop."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self.servicer is not None and drain:
+            self.servicer.draining = True
+            await self.announcer.announce(NodeState.DRAINING)
+            deadline = time.monotonic() + self.config.drain_timeout
+            while self.sessions.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if self.sessions.sessions:
+                logger.warning("closing %d sessions still open after %.0f s", len(self.sessions.sessions),
+                               self.config.drain_timeout)
+        await self.announcer.announce(NodeState.OFFLINE, ttl=self.config.announce_period)
+        self.compute.shutdown()
+        await self.dht.shutdown()
+        await self.p2p.shutdown()
+        logger.info("OFFLINE")

@@ -1,0 +1,92 @@
+"""Inference sessions and the attention-cache budget they reserve against.
+
+A session reserves ``max_length x batch_size`` cache tokens when it opens and gives them back
+when it closes, so a node never promises more cache than its budget; ``tokens_left`` is what
+the node announces. The cache itself is a transformers ``DynamicCache`` per session.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, UnknownSession
+from potluck.protocol.messages import OpenSession
+from potluck.protocol.span import BlockSpan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    request: OpenSession
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    length: int = 0  # tokens in the cache
+    opened_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def id(self) -> str:
+        return self.request.session_id
+
+    @property
+    def reserved(self) -> int:
+        return self.request.max_length * self.request.batch_size
+
+    def check_room(self, start_from: int | None, new_tokens: int) -> int:
+        """The prefix length this step runs on top of; raises if it would not fit."""
+        prefix = self.length if start_from is None else start_from
+        if prefix > self.length:
+            raise MaxLengthExceeded(f"cannot rewind session {self.id} to {prefix}: it holds {self.length} tokens")
+        if prefix + new_tokens > self.request.max_length:
+            raise MaxLengthExceeded(
+                f"session {self.id} reserved max_length={self.request.max_length}; "
+                f"{prefix} + {new_tokens} new tokens would exceed it (open the session with a larger max_length)"
+            )
+        return prefix
+
+    def step(self, span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor,
+             mask: torch.Tensor | None, prefix: int) -> torch.Tensor:
+        """Runs on the compute thread: rewind if asked, then append the new tokens."""
+        if prefix < self.length:
+            span.truncate(self.cache, prefix)
+        out = span(hidden, positions, mask, self.cache, self.request.start, self.request.end)
+        self.length = prefix + hidden.shape[1]
+        return out
+
+
+class SessionTable:
+    """All open sessions of a node, with the cache budget they reserve against."""
+
+    def __init__(self, cache_tokens: int):
+        self.cache_tokens = cache_tokens
+        self.sessions: dict[str, Session] = {}  # session_id -> session
+
+    @property
+    def tokens_left(self) -> int:
+        return self.cache_tokens - sum(s.reserved for s in self.sessions.values())
+
+    def open(self, request: OpenSession) -> Session:
+        if request.session_id in self.sessions:
+            raise BadRequest(f"session {request.session_id} is already open")
+        needed = request.max_length * request.batch_size
+        if needed > self.tokens_left:
+            raise CacheFull(
+                f"session needs {needed} cache tokens (max_length x batch), only {self.tokens_left} of "
+                f"{self.cache_tokens} are free here"
+            )
+        session = self.sessions[request.session_id] = Session(request)
+        logger.debug("opened session %s (%d tokens)", request.session_id, needed)
+        return session
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise UnknownSession(f"no open session {session_id!r} on this node (open it first)") from None
+
+    def close(self, session_id: str) -> None:
+        if self.sessions.pop(session_id, None) is not None:
+            logger.debug("closed session %s", session_id)

@@ -1,0 +1,107 @@
+"""Which checkpoint a model name means, and loading parts of it tensor by tensor.
+
+Nodes load only their span of blocks and clients only the embeddings, final norm and lm_head, so
+nobody's peak memory follows the whole model. A model is named in DHT keys by ``model_name``:
+the folder name of a local checkpoint, or the HF id of one in the local HF cache.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from .default_model import DEFAULT_MODEL, ensure_default_model
+from .errors import BadRequest
+from .families import family_of
+from .span import BlockSpan
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path  # a folder with config.json and *.safetensors
+    name: str  # the model's name in DHT keys
+    config: PretrainedConfig
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_hidden_layers
+
+
+def resolve_checkpoint(model: str | None = None, name: str | None = None) -> Checkpoint:
+    """Find a checkpoint: None → the default model; a folder; or an HF id already in the HF cache."""
+    if model is None or model == DEFAULT_MODEL:
+        path, default_name = ensure_default_model(), DEFAULT_MODEL
+    elif Path(model).is_dir():
+        path, default_name = Path(model).resolve(), Path(model).resolve().name
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:  # huggingface_hub raises several unrelated types for "not there"
+            raise BadRequest(f"{model!r} is neither a checkpoint folder nor an HF id in the local HF cache ({e})")
+        default_name = model
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = "sdpa"
+    family_of(config)  # fail early on an unsupported family
+    return Checkpoint(path, name or default_name, config)
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name of a safetensors checkpoint to the file that holds it."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise BadRequest(f"no *.safetensors files in {path}")
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def load_tensors(path: Path, names: list[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read only the named tensors, one at a time, cast to ``dtype`` on ``device``."""
+    files = tensor_files(path)
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise BadRequest(f"checkpoint {path} lacks tensors {missing[:5]}")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    tensors = {}
+    for file, file_names in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in file_names:
+                tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return tensors
+
+
+def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: str = "cpu") -> BlockSpan:
+    """Build blocks ``start:end`` with their weights, block by block."""
+    if not 0 <= start < end <= checkpoint.num_blocks:
+        raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
+    family = family_of(checkpoint.config)
+    files = tensor_files(checkpoint.path)
+    blocks = []
+    for index in range(start, end):
+        prefix = family.block_prefix.format(index)
+        names = [n for n in files if n.startswith(prefix)]
+        weights = load_tensors(checkpoint.path, names, dtype, device)
+        block = family.make_block(checkpoint.config, index)
+        block.load_state_dict({n[len(prefix):]: t for n, t in weights.items()}, strict=True, assign=True)
+        blocks.append(block.eval())
+        logger.debug("loaded block %d (%d tensors)", index, len(names))
+    span = BlockSpan(checkpoint.config, family, start, blocks)
+    return span.to(device=device).eval()

@@ -1,0 +1,208 @@
+"""The RPC messages and their wire format.
+
+Every message is one frame on a libp2p stream: a 4-byte big-endian length, then a hivemind
+``runtime_pb2.ExpertRequest`` whose ``metadata`` is a msgpack map and whose ``tensors`` are
+hivemind tensor messages. A frame is checked against its size limit before it is read, and its
+metadata against the request schemas below before anything acts on it; a bad frame raises a
+``BadRequest`` subclass and changes nothing. Nothing here unpickles or evaluates peer data.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from .errors import BadRequest, MessageTooLarge, PotluckError, ProtocolViolation
+
+INFERENCE_HANDLER = "potluck.inference"  # a stream: open, then steps, then close
+FORWARD_HANDLER = "potluck.forward"  # a stream: one forward request, one answer
+INFO_HANDLER = "potluck.info"  # a stream: one info request, one answer
+
+HEADER_BYTES = 4
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+MAX_METADATA_BYTES = 64 * 1024
+MAX_TENSORS = 4
+MAX_TENSOR_DIMS = 4
+MAX_POSITION = 2**24
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
+_COMPRESSIONS = {runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16}
+
+
+@dataclass(frozen=True)
+class Frame:
+    meta: dict[str, Any]
+    tensors: tuple[torch.Tensor, ...] = ()
+
+
+def encode_frame(meta: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> bytes:
+    message = runtime_pb2.ExpertRequest(
+        metadata=msgpack.packb(meta, use_bin_type=True),
+        tensors=[serialize_torch_tensor(t.detach().cpu()) for t in tensors],
+    )
+    payload = message.SerializeToString()
+    return len(payload).to_bytes(HEADER_BYTES, "big") + payload
+
+
+async def write_frame(writer: asyncio.StreamWriter, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> None:
+    writer.write(encode_frame(meta, tensors))
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+    """Read one frame; raises ``asyncio.IncompleteReadError`` when the peer closed the stream."""
+    length = int.from_bytes(await reader.readexactly(HEADER_BYTES), "big")
+    if length > max_bytes:
+        raise MessageTooLarge(f"frame of {length} bytes is over this peer's limit of {max_bytes}")
+    return decode_payload(await reader.readexactly(length))
+
+
+def decode_payload(payload: bytes) -> Frame:
+    message = runtime_pb2.ExpertRequest()
+    try:
+        message.ParseFromString(payload)
+    except Exception as e:  # protobuf raises its own DecodeError and, on some inputs, others
+        raise ProtocolViolation(f"frame is not a valid message: {e}") from None
+    if len(message.metadata) > MAX_METADATA_BYTES:
+        raise MessageTooLarge(f"metadata of {len(message.metadata)} bytes (limit {MAX_METADATA_BYTES})")
+    if len(message.tensors) > MAX_TENSORS:
+        raise BadRequest(f"{len(message.tensors)} tensors in one message (limit {MAX_TENSORS})")
+    try:
+        meta = msgpack.unpackb(message.metadata, raw=False, strict_map_key=True) if message.metadata else {}
+    except (ValueError, TypeError) as e:
+        raise ProtocolViolation(f"metadata is not msgpack: {e}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolViolation("metadata must be a map")
+    return Frame(meta, tuple(_decode_tensor(t) for t in message.tensors))
+
+
+def _decode_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    if proto.dtype not in _TENSOR_DTYPES or proto.compression not in _COMPRESSIONS:
+        raise BadRequest(f"unsupported tensor dtype {proto.dtype!r:.40} / compression {proto.compression}")
+    shape = list(proto.size)
+    if len(shape) > MAX_TENSOR_DIMS or proto.chunks > 1:
+        raise BadRequest(f"tensor of shape {shape[:8]} / {proto.chunks} chunks is not accepted")
+    itemsizes = {2} if proto.compression == runtime_pb2.CompressionType.FLOAT16 else {_TENSOR_DTYPES[proto.dtype]}
+    if proto.dtype == "bfloat16":
+        itemsizes.add(4)  # hivemind sends bfloat16 as float32 in its legacy mode
+    if len(proto.buffer) not in {math.prod(shape) * size for size in itemsizes}:
+        raise BadRequest(f"tensor buffer of {len(proto.buffer)} bytes does not match shape {shape}")
+    return deserialize_torch_tensor(proto)
+
+
+def error_meta(error: PotluckError) -> dict[str, Any]:
+    return {"type": "error", "error": error.to_wire()}
+
+
+def raise_if_error(frame: Frame) -> Frame:
+    if frame.meta.get("type") == "error":
+        raise PotluckError.from_wire(frame.meta.get("error"))
+    return frame
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    session_id: str
+    start: int  # first block of the sub-span this session runs on the node
+    end: int
+    max_length: int  # tokens reserved in the node's cache, per sequence
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """Run new tokens through the session's blocks; tensors: hidden [B, T, H], position_ids [B, T],
+    optionally attention_mask [B, prefix + T] (1 = attend, 0 = padding)."""
+
+    session_id: str
+    start_from: int | None  # rewind the cache to this many tokens first (None: append)
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Run whole sequences through blocks start:end with no cache; tensors as in Step."""
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class InfoRequest:
+    pass
+
+
+Request = OpenSession | Step | CloseSession | Forward | InfoRequest
+
+
+def parse_request(meta: dict[str, Any]) -> Request:
+    """Check a request's metadata against its schema; raises BadRequest naming the bad field."""
+    kind = meta.get("type")
+    if kind == "open":
+        start, end = _int(meta, "start", 0), _int(meta, "end", 1)
+        if end <= start:
+            raise BadRequest(f"empty span {start}:{end}")
+        return OpenSession(_session_id(meta), start, end, _int(meta, "max_length", 1), _int(meta, "batch_size", 1))
+    if kind == "step":
+        start_from = None if meta.get("start_from") is None else _int(meta, "start_from", 0)
+        return Step(_session_id(meta), start_from)
+    if kind == "close":
+        return CloseSession(_session_id(meta))
+    if kind == "forward":
+        start, end = _int(meta, "start", 0), _int(meta, "end", 1)
+        if end <= start:
+            raise BadRequest(f"empty span {start}:{end}")
+        return Forward(start, end)
+    if kind == "info":
+        return InfoRequest()
+    raise BadRequest(f"unknown request type {kind!r:.40}")
+
+
+def _int(meta: dict[str, Any], name: str, minimum: int) -> int:
+    value = meta.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**31:
+        raise BadRequest(f"field {name!r} must be an integer >= {minimum}, got {value!r:.40}")
+    return value
+
+
+def _session_id(meta: dict[str, Any]) -> str:
+    value = meta.get("session_id")
+    if not isinstance(value, str) or not _SESSION_ID.match(value):
+        raise BadRequest(f"field 'session_id' must be 1-64 characters of [A-Za-z0-9_.:-], got {value!r:.40}")
+    return value
+
+
+def check_step_tensors(
+    tensors: Sequence[torch.Tensor], hidden_size: int, batch_size: int | None, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validate (hidden, position_ids[, attention_mask]) of a step or forward; returns them."""
+    if len(tensors) not in (2, 3):
+        raise BadRequest(f"expected hidden states, position ids and an optional mask; got {len(tensors)} tensors")
+    hidden, positions = tensors[0], tensors[1]
+    if hidden.ndim != 3 or hidden.shape[2] != hidden_size or not hidden.is_floating_point():
+        raise BadRequest(f"hidden states must be float [batch, length, {hidden_size}], got {tuple(hidden.shape)}")
+    batch, length = hidden.shape[:2]
+    if length == 0 or (batch_size is not None and batch != batch_size):
+        raise BadRequest(f"hidden states of shape {tuple(hidden.shape)} do not fit a session of batch {batch_size}")
+    if positions.dtype != torch.int64 or tuple(positions.shape) != (batch, length):
+        raise BadRequest(f"position_ids must be int64 [{batch}, {length}], got {positions.dtype} {tuple(positions.shape)}")
+    if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < MAX_POSITION):
+        raise BadRequest(f"position_ids must lie in [0, {MAX_POSITION})")
+    mask = tensors[2] if len(tensors) == 3 else None
+    if mask is not None and (mask.dtype != torch.int64 or tuple(mask.shape) != (batch, prefix + length)):
+        raise BadRequest(f"attention_mask must be int64 [{batch}, {prefix + length}], got {tuple(mask.shape)}")
+    return hidden, positions, mask

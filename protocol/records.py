@@ -1,0 +1,132 @@
+"""What nodes announce on the DHT, and under which keys.
+
+Keys: ``{model}.{block}`` holds one subkey per node (its peer id in base58) whose value is a
+packed ``NodeRecord``; ``MODEL_INDEX_KEY`` holds one subkey per model with its ``ModelInfo``, so a
+swarm can serve several models. Records are frozen dataclasses packed with msgpack; unpacking
+ignores unknown fields (old and new peers read each other) and rejects records of the wrong shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+MODEL_INDEX_KEY = "_potluck.models"
+ANNOUNCE_PERIOD = 15.0  # seconds between re-announcements of a node record
+RECORD_TTL_PERIODS = 2.5  # a record expires this many periods after it was stored
+MAX_RECORD_BYTES = 16 * 1024
+
+
+class NodeState(enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+def block_key(model: str, block: int) -> str:
+    return f"{model}.{block}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a client needs to know about a model before it routes through the swarm."""
+
+    name: str  # the name used in DHT keys
+    num_blocks: int
+    family: str  # config.model_type, e.g. "llama"
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """One node's announcement for one model, stored under each block key it serves."""
+
+    model: str
+    start: int  # first block served
+    end: int  # one past the last block served
+    state: NodeState
+    public_name: str = ""
+    version: str = ""
+    dtype: str = "float32"
+    inference_steps_per_s: float = 0.0  # one-token steps through the whole span, measured at start
+    forward_tokens_per_s: float = 0.0  # tokens/s of a long forward through the whole span
+    cache_tokens_left: int = 0  # attention-cache tokens not yet reserved by sessions
+    max_batch_tokens: int = 0  # largest hidden-state message (batch x length) it accepts
+    pings: dict[str, float] = field(default_factory=dict)  # peer id -> round trip in seconds
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
+
+    def holds(self, start: int, end: int) -> bool:
+        return self.start <= start and end <= self.end
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "start": (int,),
+    "end": (int,),
+    "state": (str,),
+    "public_name": (str,),
+    "version": (str,),
+    "dtype": (str,),
+    "inference_steps_per_s": (int, float),
+    "forward_tokens_per_s": (int, float),
+    "cache_tokens_left": (int,),
+    "max_batch_tokens": (int,),
+    "pings": (dict,),
+}
+
+
+def pack(record: NodeRecord | ModelInfo) -> bytes:
+    fields = dataclasses.asdict(record)
+    if isinstance(record, NodeRecord):
+        fields["state"] = record.state.value
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack_node_record(data: Any) -> NodeRecord | None:
+    """Decode a node record from the DHT; None if it is not one (never raises on bad input)."""
+    fields = _unpack_dict(data)
+    if fields is None:
+        return None
+    known = {k: v for k, v in fields.items() if k in _FIELD_TYPES}
+    for name, value in known.items():
+        if not isinstance(value, _FIELD_TYPES[name]) or isinstance(value, bool):
+            return None
+    try:
+        known["state"] = NodeState(known["state"])
+        known["pings"] = {str(k): float(v) for k, v in known.get("pings", {}).items()}
+        record = NodeRecord(**known)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not 0 <= record.start < record.end:
+        return None
+    return record
+
+
+def unpack_model_info(data: Any) -> ModelInfo | None:
+    fields = _unpack_dict(data)
+    if fields is None:
+        return None
+    try:
+        info = ModelInfo(**{f.name: fields[f.name] for f in dataclasses.fields(ModelInfo)})
+    except KeyError:
+        return None
+    types_ok = isinstance(info.name, str) and isinstance(info.family, str)
+    types_ok = types_ok and isinstance(info.num_blocks, int) and isinstance(info.hidden_size, int)
+    return info if types_ok and info.num_blocks > 0 else None
+
+
+def _unpack_dict(data: Any) -> dict | None:
+    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
+        return None
+    try:
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError):
+        return None
+    return fields if isinstance(fields, dict) else None

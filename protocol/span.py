@@ -1,0 +1,81 @@
+"""What a span of blocks computes: the decoder layers start:end, called as transformers calls them.
+
+Shared by nodes (which serve spans) and by tests and clients that check a node against a local
+replica. The attention cache is a transformers ``DynamicCache`` indexed by global block index.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PretrainedConfig
+
+from .families import Family
+
+
+class BlockSpan(torch.nn.Module):
+    """Blocks ``start:end`` of one model, with the rotary embedding they share."""
+
+    def __init__(self, config: PretrainedConfig, family: Family, start: int, blocks: list[torch.nn.Module]):
+        super().__init__()
+        self.config, self.start, self.end = config, start, start + len(blocks)
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.rotary = family.make_rotary(config)
+        self.windows = [family.window(config, i) for i in range(self.start, self.end)]
+
+    def cache_length(self, cache: DynamicCache | None, start: int | None = None) -> int:
+        start = self.start if start is None else start
+        return cache.get_seq_length(layer_idx=start) if cache is not None else 0
+
+    def truncate(self, cache: DynamicCache, length: int) -> None:
+        """Forget cached tokens past ``length`` (a client rewinding its session)."""
+        for index in range(self.start, min(self.end, len(cache.layers))):
+            extra = cache.layers[index].get_seq_length() - length
+            if extra > 0:
+                cache.layers[index].crop(-extra)  # transformers 5 crops by a negative count
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [B, T, H]
+        position_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor | None = None,  # [B, prefix + T], 1 = attend; None = no padding
+        cache: DynamicCache | None = None,
+        start: int | None = None,  # run only blocks start:end of this span (default: all)
+        end: int | None = None,
+    ) -> torch.Tensor:
+        first = 0 if start is None else start - self.start
+        last = len(self.blocks) if end is None else end - self.start
+        prefix = self.cache_length(cache, first + self.start)
+        windows = self.windows[first:last]
+        masks = {w: causal_mask(hidden, prefix, attention_mask, w) for w in set(windows)}
+        rotary = self.rotary(hidden, position_ids=position_ids)
+        for block, window in zip(self.blocks[first:last], windows):
+            hidden = block(
+                hidden,
+                attention_mask=masks[window],
+                position_embeddings=rotary,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return hidden
+
+
+def causal_mask(
+    hidden: torch.Tensor, prefix: int, attention_mask: torch.Tensor | None, window: int | None
+) -> torch.Tensor | None:
+    """Additive mask [B, 1, T, prefix + T]; None where plain attention to everything is right
+    (one new token, no padding, no window reached), which lets SDPA take its fast path."""
+    batch, length = hidden.shape[:2]
+    total = prefix + length
+    if length == 1 and attention_mask is None and (window is None or total <= window):
+        return None
+    query = torch.arange(prefix, total).view(-1, 1)  # [T, 1] absolute query positions
+    key = torch.arange(total).view(1, -1)  # [1, prefix + T]
+    allowed = key <= query
+    if window is not None:
+        allowed = allowed & (query - key < window)
+    allowed = allowed.view(1, 1, length, total).expand(batch, 1, length, total)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool().view(batch, 1, 1, total)
+    zeros = torch.zeros((), dtype=hidden.dtype)
+    return torch.where(allowed, zeros, torch.finfo(hidden.dtype).min)

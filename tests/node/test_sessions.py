@@ -1,0 +1,39 @@
+import pytest
+
+from potluck.node.sessions import SessionTable
+from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, UnknownSession
+from potluck.protocol.messages import OpenSession
+
+
+def open_request(session_id="s", max_length=100, batch_size=1):
+    return OpenSession(session_id, 0, 2, max_length, batch_size)
+
+
+def test_sessions_reserve_and_release_cache_tokens():
+    table = SessionTable(cache_tokens=300)
+    table.open(open_request("a", 100, 2))
+    assert table.tokens_left == 100
+    with pytest.raises(CacheFull):
+        table.open(open_request("b", 101))
+    table.close("a")
+    assert table.tokens_left == 300
+
+
+def test_unknown_and_duplicate_sessions():
+    table = SessionTable(cache_tokens=300)
+    table.open(open_request("a"))
+    with pytest.raises(BadRequest):
+        table.open(open_request("a"))
+    with pytest.raises(UnknownSession):
+        table.get("never-opened")
+
+
+def test_steps_may_not_pass_max_length_or_rewind_forward():
+    session = SessionTable(1000).open(open_request(max_length=10))
+    assert session.check_room(None, 10) == 0
+    session.length = 8
+    with pytest.raises(MaxLengthExceeded):
+        session.check_room(None, 3)
+    assert session.check_room(4, 6) == 4
+    with pytest.raises(MaxLengthExceeded, match="rewind"):
+        session.check_room(9, 1)

@@ -1,0 +1,48 @@
+"""Records survive the DHT's msgpack round trip; unknown fields are ignored, bad ones refused."""
+import msgpack
+import pytest
+
+from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, PotluckError, ProtocolViolation
+from potluck.protocol.records import ModelInfo, NodeRecord, NodeState, pack, unpack_model_info, unpack_node_record
+
+
+def test_node_record_round_trip():
+    record = NodeRecord(model="m", start=2, end=5, state=NodeState.ONLINE, public_name="bob",
+                        inference_steps_per_s=100.0, cache_tokens_left=4096, pings={"peer": 0.01})
+    assert unpack_node_record(pack(record)) == record
+
+
+def test_unknown_fields_are_ignored():
+    fields = msgpack.unpackb(pack(NodeRecord(model="m", start=0, end=1, state=NodeState.JOINING)))
+    fields["from_the_future"] = [1, 2, 3]
+    assert unpack_node_record(msgpack.packb(fields)).state == NodeState.JOINING
+
+
+@pytest.mark.parametrize("change", [{"start": "0"}, {"state": "exploded"}, {"start": 3, "end": 2},
+                                    {"cache_tokens_left": True}, {"pings": [1]}])
+def test_malformed_records_are_refused(change):
+    fields = msgpack.unpackb(pack(NodeRecord(model="m", start=0, end=1, state=NodeState.ONLINE)))
+    fields.update(change)
+    assert unpack_node_record(msgpack.packb(fields)) is None
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", msgpack.packb([1]), "text", None, b"\x00" * 20000])
+def test_garbage_is_not_a_record(data):
+    assert unpack_node_record(data) is None
+    assert unpack_model_info(data) is None
+
+
+def test_model_info_round_trip():
+    info = ModelInfo(name="m", num_blocks=30, family="llama", hidden_size=576)
+    assert unpack_model_info(pack(info)) == info
+
+
+@pytest.mark.parametrize("error", [BadRequest("x"), CacheFull("full"), MaxLengthExceeded("long")])
+def test_errors_travel_with_their_class(error):
+    back = PotluckError.from_wire(error.to_wire())
+    assert type(back) is type(error) and str(back) == str(error)
+
+
+def test_malformed_error_payload_is_a_protocol_violation():
+    assert isinstance(PotluckError.from_wire({"code": 2}), ProtocolViolation)
+    assert type(PotluckError.from_wire({"code": 999, "message": "?"})) is PotluckError

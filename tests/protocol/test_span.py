@@ -1,0 +1,72 @@
+"""A span of blocks computes exactly what the transformers model's layers compute."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from potluck.protocol.checkpoint import load_span, resolve_checkpoint
+from potluck.protocol.span import causal_mask
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def logits_through(model, spans, ids, attention_mask=None, caches=None, start=0):
+    hidden = model.model.embed_tokens(ids)
+    positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    if attention_mask is not None:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    for span, cache in zip(spans, caches or [None] * len(spans)):
+        hidden = span(hidden, positions, attention_mask, cache)
+    return model.lm_head(model.model.norm(hidden))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spans_match_local_model(family, tiny_checkpoints):
+    checkpoint = resolve_checkpoint(str(tiny_checkpoints[family]))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path).eval()
+    spans = [load_span(checkpoint, a, b, torch.float32) for a, b in [(0, 3), (3, 6), (6, 8)]]
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.allclose(logits_through(model, spans, ids), expected, atol=1e-4)
+        # prefill 7 tokens, then one token at a time, against the cache kept by each span
+        caches = [DynamicCache() for _ in spans]
+        pieces = [logits_through(model, spans, ids[:, :7], caches=caches)]
+        for t in range(7, 12):
+            pieces.append(logits_through(model, spans, ids[:, t:t + 1], caches=caches, start=t))
+        assert torch.allclose(torch.cat(pieces, dim=1), expected, atol=1e-4)
+
+
+def test_left_padding_matches_local_model(tiny_checkpoints):
+    checkpoint = resolve_checkpoint(str(tiny_checkpoints["llama"]))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path).eval()
+    span = load_span(checkpoint, 0, 8, torch.float32)
+    ids = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions).logits
+        got = logits_through(model, [span], ids, attention_mask=mask)
+    assert torch.allclose(got[0, 4:], expected[0, 4:], atol=1e-4)  # padded rows are undefined
+    assert torch.allclose(got[1], expected[1], atol=1e-4)
+
+
+def test_truncate_rewinds_the_cache(tiny_checkpoints):
+    checkpoint = resolve_checkpoint(str(tiny_checkpoints["qwen2"]))
+    span = load_span(checkpoint, 2, 5, torch.float32)
+    hidden = torch.randn(1, 10, 64)
+    positions = torch.arange(10).unsqueeze(0)
+    cache = DynamicCache()
+    span(hidden, positions, None, cache)
+    span.truncate(cache, 6)
+    assert span.cache_length(cache) == 6
+    again = span(hidden[:, 6:], positions[:, 6:], None, cache)
+    assert torch.allclose(again, span(hidden, positions, None, None)[:, 6:], atol=1e-5)
+
+
+def test_sliding_window_mask_limits_attention():
+    mask = causal_mask(torch.zeros(1, 3, 8), prefix=5, attention_mask=None, window=4)  # [1, 1, 3, 8]
+    allowed = mask[0, 0] == 0
+    assert allowed[0].tolist() == [False, False, True, True, True, True, False, False]  # query at position 5
+    assert allowed[2].tolist() == [False] * 4 + [True] * 4  # query at position 7
+    assert causal_mask(torch.zeros(1, 1, 8), prefix=7, attention_mask=None, window=None) is None
