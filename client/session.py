@@ -62,7 +62,7 @@ class RemoteChain:
             frame = await self.swarm.request(hop.peer_id, msg.FORWARD_HANDLER,
                                              {"type": "forward", "start": hop.start, "end": hop.end},
                                              [hidden, *tensors], self.request_timeout)
-            hidden = _one_hidden(frame, hop)
+            hidden = _one_hidden(frame, hop, hidden.shape)
         return hidden
 
 
@@ -117,7 +117,7 @@ class InferenceSession:
         for open_hop in self._hops:
             meta["session_id"] = open_hop.session_id
             frame = await self._exchange(open_hop, meta, [hidden, *extra])
-            hidden = _one_hidden(frame, open_hop.hop)
+            hidden = _one_hidden(frame, open_hop.hop, hidden.shape)
         return hidden
 
     async def _open(self) -> None:
@@ -155,7 +155,9 @@ class InferenceSession:
         self._hops.clear()
 
 
-def _one_hidden(frame: msg.Frame, hop: Hop) -> torch.Tensor:
-    if frame.meta.get("type") != "result" or len(frame.tensors) != 1:
-        raise NodeUnavailable(f"node {hop.peer_id} sent an unexpected answer {frame.meta.get('type')!r:.40}")
+def _one_hidden(frame: msg.Frame, hop: Hop, shape: torch.Size) -> torch.Tensor:
+    """The hidden states a node answered with; a malformed answer counts as a failed node."""
+    if frame.meta.get("type") != "result" or len(frame.tensors) != 1 or frame.tensors[0].shape != shape:
+        raise NodeUnavailable(f"node {hop.peer_id} (blocks {hop.start}:{hop.end}) sent a malformed answer "
+                              f"{frame.meta.get('type')!r:.40}")
     return frame.tensors[0]

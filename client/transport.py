@@ -61,7 +61,7 @@ class SwarmConnection:
         try:
             _, reader, writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
-        except (asyncio.TimeoutError, ConnectionError, OSError, Exception) as e:
+        except Exception as e:  # p2pd reports unreachable peers with its own ControlFailure, timeouts, OSErrors
             raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}") from None
         return reader, writer
 

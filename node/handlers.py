@@ -132,7 +132,8 @@ class BlockServicer:
     async def _single_request(self, frame: msg.Frame) -> Reply:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.InfoRequest):
-            return {"type": "info", **self.describe(), "counters": dict(self.counters),
+            counters = {**self.counters, "compute_seconds": self.compute.busy_seconds}
+            return {"type": "info", **self.describe(), "counters": counters,
                     "open_sessions": len(self.sessions.sessions)}, ()
         if isinstance(request, msg.Forward):
             self._check_span(request.start, request.end)

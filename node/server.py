@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -94,7 +95,8 @@ class Node:
         await self.announcer.announce(NodeState.JOINING)
         logger.info("loading %s blocks %d:%d (%s) from %s", self.checkpoint.name, config.start, config.end,
                     config.dtype, self.checkpoint.path)
-        span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, config.device)
+        span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, config.device,
+                                       sys.stderr.isatty())
         self.rates = await asyncio.to_thread(measure, span, dtype, config.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, config.cache_gib)
         self.sessions = SessionTable(tokens)

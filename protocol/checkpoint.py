@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from .default_model import DEFAULT_MODEL, ensure_default_model
@@ -88,14 +89,15 @@ def load_tensors(path: Path, names: list[str], dtype: torch.dtype, device: str =
     return tensors
 
 
-def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: str = "cpu") -> BlockSpan:
-    """Build blocks ``start:end`` with their weights, block by block."""
+def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: str = "cpu",
+              progress: bool = False) -> BlockSpan:
+    """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked)."""
     if not 0 <= start < end <= checkpoint.num_blocks:
         raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
     family = family_of(checkpoint.config)
     files = tensor_files(checkpoint.path)
     blocks = []
-    for index in range(start, end):
+    for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
         prefix = family.block_prefix.format(index)
         names = [n for n in files if n.startswith(prefix)]
         weights = load_tensors(checkpoint.path, names, dtype, device)

@@ -1,0 +1,198 @@
+"""Helpers for ``scripts/bench``: a tiny checkpoint, a loopback swarm of real processes, peak RSS, step timing.
+
+Every process a ``LocalSwarm`` starts (and the p2pd daemons those start) is stopped by ``stop()``:
+SIGINT, then SIGKILL after a timeout. Children also get SIGTERM if the bench itself dies.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from potluck.client.session import InferenceSession
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+logger = logging.getLogger("bench")
+
+FULL_MODEL_PEAK = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[2]))
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = torch.tensor([[int(x) for x in sys.argv[3].split(",")]])
+model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(sys.argv[4]), do_sample=False)
+print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+"""
+
+
+def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A random fp32 Llama (8 blocks, hidden 256, vocab 32000) saved as a real checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM (peak resident set) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def full_model_peak_rss_mib(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
+    """Peak RSS of a fresh process that loads the whole model with transformers and generates once."""
+    out = subprocess.run([sys.executable, "-c", FULL_MODEL_PEAK, str(path), str(threads),
+                          ",".join(map(str, prompt)), str(new_tokens)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+class StepTimer:
+    """Within ``with``: total seconds spent in ``InferenceSession.step`` (and in opening sessions)."""
+
+    def __init__(self) -> None:
+        self.seconds = self.open_seconds = 0.0
+        self._originals = (InferenceSession.step, InferenceSession._open)
+
+    def __enter__(self) -> "StepTimer":
+        step, open_ = self._originals
+
+        def timed_step(session, *args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return step(session, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - began
+
+        async def timed_open(session):
+            began = time.perf_counter()
+            try:
+                return await open_(session)
+            finally:
+                self.open_seconds += time.perf_counter() - began
+
+        InferenceSession.step, InferenceSession._open = timed_step, timed_open
+        return self
+
+    def __exit__(self, *exc) -> None:
+        InferenceSession.step, InferenceSession._open = self._originals
+
+
+class DecoderTimer:
+    """Within ``with``: total seconds in a module's forward (local transformers' base model)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.seconds, self._began = module, 0.0, 0.0
+
+    def __enter__(self) -> "DecoderTimer":
+        def before(*_) -> None:
+            self._began = time.perf_counter()
+
+        def after(*_) -> None:
+            self.seconds += time.perf_counter() - self._began
+
+        self._hooks = [self.module.register_forward_pre_hook(before), self.module.register_forward_hook(after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the bench dies without stopping us (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class LocalSwarm:
+    """A `potluck dht` bootstrap peer and `potluck node` processes on loopback."""
+
+    def __init__(self, logs: Path, node_threads: int):
+        self.logs, self.node_threads = logs, node_threads
+        self.processes: list[subprocess.Popen] = []
+
+    def start_dht(self, timeout: float = 60) -> str:
+        proc, log = self._spawn("dht", ["dht", "--host-maddrs", LOOPBACK])
+        found = self._wait_for(proc, log, r"POTLUCK_INITIAL_PEERS=(\S+)", timeout)
+        return found.group(1)
+
+    def start_nodes(self, model: Path, spans: list[tuple[int, int]], maddr: str,
+                    timeout: float = 300) -> list[tuple[str, int]]:
+        """Start one node per span at once; wait until each logs ONLINE. Returns (peer id, pid) per node."""
+        started = [self._spawn(f"node-{a}_{b}", ["node", str(model), "--blocks", f"{a}:{b}", "--initial-peers", maddr,
+                                                 "--public-name", f"bench-{a}_{b}",
+                                                 "--num-threads", str(self.node_threads)])
+                   for a, b in spans]
+        return [(self._wait_for(proc, log, r"ONLINE: serving .* as (\w+)", timeout).group(1), proc.pid)
+                for proc, log in started]
+
+    def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "potluck", *args], stdout=f, stderr=f,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        self.processes.append(proc)
+        return proc, log
+
+    @staticmethod
+    def _wait_for(proc: subprocess.Popen, log: Path, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, log.read_text())
+            if found:
+                return found
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{log.stem} did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGINT every process, SIGKILL what is left after ``timeout``, then any daemon they left behind."""
+        descendants = []
+        for proc in self.processes:
+            try:
+                descendants += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.processes:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("pid %d did not stop in %.0f s; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        kill_all(descendants)
+        self.processes.clear()
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    for proc in processes:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=5)
+
+
+def reap_own_children() -> None:
+    """Kill whatever this process started and is still alive (e.g. the client's p2pd after an error)."""
+    kill_all(psutil.Process().children(recursive=True))

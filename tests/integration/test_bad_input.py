@@ -1,0 +1,164 @@
+"""Bad requests get typed errors and change nothing; the node keeps serving. Dead nodes are named."""
+import asyncio
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from potluck import AutoDistributedModelForCausalLM
+from potluck.client.transport import SwarmConnection
+from potluck.protocol import messages as msg
+from potluck.protocol.errors import (
+    BadRequest, BlocksNotServed, MaxLengthExceeded, MessageTooLarge, NodeUnavailable, PotluckError, UnknownSession,
+)
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints, swarm_factory):
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    first, second = swarm.start_nodes(path, ["0:4", "4:8"])
+    connection = SwarmConnection(swarm.initial_peers)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection)
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    yield connection, first, remote, local
+    connection.close()
+
+
+class RawStream:
+    """A hand-driven inference stream to one node, to send what a well-behaved client never would."""
+
+    def __init__(self, connection: SwarmConnection, peer_id: str, handler: str = msg.INFERENCE_HANDLER):
+        self.connection = connection
+        self.reader, self.writer = connection.call(connection.open_stream(peer_id, handler, 10))
+
+    def send(self, meta, tensors=()) -> msg.Frame:
+        return self.send_bytes(msg.encode_frame(meta, tensors))
+
+    def send_bytes(self, data: bytes) -> msg.Frame:
+        async def exchange():
+            self.writer.write(data)
+            await self.writer.drain()
+            return await asyncio.wait_for(msg.read_frame(self.reader), 10)
+        return self.connection.call(exchange())
+
+    def expect_error(self, error_type, meta, tensors=()):
+        with pytest.raises(error_type) as caught:
+            msg.raise_if_error(self.send(meta, tensors))
+        return caught.value
+
+    def close(self):
+        self.connection.call(asyncio.sleep(0))
+        self.writer.close()
+
+
+def open_meta(session_id="s1", start=0, end=4, max_length=8):
+    return {"type": "open", "session_id": session_id, "start": start, "end": end, "max_length": max_length,
+            "batch_size": 1}
+
+
+def step(session_id="s1", tokens=1, hidden=HIDDEN, position=0):
+    positions = torch.arange(position, position + tokens).unsqueeze(0)
+    return {"type": "step", "session_id": session_id}, [torch.randn(1, tokens, hidden), positions]
+
+
+def still_serves(remote, local):
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(9))
+    return torch.equal(remote.generate(ids, max_new_tokens=6, do_sample=False),
+                       local.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_blocks_the_node_does_not_hold(setup):
+    connection, first, remote, local = setup
+    stream = RawStream(connection, first)
+    error = stream.expect_error(BlocksNotServed, open_meta(start=2, end=6))
+    assert "serves 0:4" in str(error)
+    stream.close()
+
+
+def test_wrong_hidden_size_then_a_good_step_on_the_same_stream(setup):
+    connection, first, remote, local = setup
+    stream = RawStream(connection, first)
+    msg.raise_if_error(stream.send(open_meta()))
+    stream.expect_error(BadRequest, *step(hidden=HIDDEN + 1))
+    frame = msg.raise_if_error(stream.send(*step()))
+    assert frame.meta["length"] == 1 and frame.tensors[0].shape == (1, 1, HIDDEN)
+    stream.close()
+
+
+def test_step_past_reserved_max_length(setup):
+    connection, first, remote, local = setup
+    stream = RawStream(connection, first)
+    msg.raise_if_error(stream.send(open_meta(max_length=8)))
+    msg.raise_if_error(stream.send(*step(tokens=6)))
+    error = stream.expect_error(MaxLengthExceeded, *step(tokens=3, position=6))
+    assert "max_length=8" in str(error)
+    assert msg.raise_if_error(stream.send(*step(tokens=2, position=6))).meta["length"] == 8  # nothing changed
+    stream.close()
+
+
+def test_session_never_opened(setup):
+    connection, first, remote, local = setup
+    stream = RawStream(connection, first)
+    stream.expect_error(UnknownSession, *step(session_id="never-opened"))
+    stream.close()
+
+
+def test_random_bytes_then_the_node_still_serves(setup):
+    connection, first, remote, local = setup
+    stream = RawStream(connection, first)
+    junk = os.urandom(300)
+    reply = stream.send_bytes(len(junk).to_bytes(4, "big") + junk)
+    with pytest.raises(PotluckError):
+        msg.raise_if_error(reply)
+    stream.close()
+    oversized = RawStream(connection, first)
+    with pytest.raises(MessageTooLarge):
+        msg.raise_if_error(oversized.send_bytes((2**31).to_bytes(4, "big") + b"\0" * 16))
+    oversized.close()
+    assert still_serves(remote, local)
+
+
+def test_two_clients_at_the_same_time(setup, tiny_checkpoints):
+    connection, first, remote, local = setup
+    other = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_checkpoints["llama"]), swarm=SwarmConnection(connection.initial_peers))
+    prompts = [torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(s)) for s in (21, 22)]
+    results = {}
+
+    def run(name, model, ids):
+        results[name] = model.generate(ids, max_new_tokens=24, do_sample=False)
+
+    threads = [threading.Thread(target=run, args=(i, m, p)) for i, (m, p) in enumerate(zip([remote, other], prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    other.chain.swarm.close()
+    for i, ids in enumerate(prompts):
+        assert torch.equal(results[i], local.generate(ids, max_new_tokens=24, do_sample=False))
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_dead_or_hung_node_is_named(how, tiny_checkpoints, swarm_factory):
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    first, second = swarm.start_nodes(path, ["0:4", "4:8"])
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, request_timeout=3)
+        ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
+        with remote.inference_session(max_length=64):
+            remote.generate(ids, max_new_tokens=4, do_sample=False)
+            os.kill(swarm.nodes[second].pid, getattr(signal, how))
+            with pytest.raises(NodeUnavailable, match=second):
+                remote.generate(ids, max_new_tokens=4, do_sample=False)
+    finally:
+        if how == "SIGSTOP":
+            os.kill(swarm.nodes[second].pid, signal.SIGCONT)
+        connection.close()

@@ -1,0 +1,71 @@
+"""`potluck swarm` over the default model (SmolLM2-135M-Instruct), used from Python and the CLI."""
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from potluck import AutoDistributedModelForCausalLM
+from potluck.protocol.checkpoint import resolve_checkpoint
+
+from helpers import potluck_command
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def default_swarm(tmp_path_factory):
+    checkpoint = resolve_checkpoint(None)  # converts the GGUF once (about 20 s) on a fresh machine
+    log = open(tmp_path_factory.mktemp("swarm") / "swarm.log", "w")
+    proc = subprocess.Popen(potluck_command("swarm", "--nodes", "3", "--node-arg=--num-threads=1"),
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until every node is ONLINE, or the swarm exits
+        assert line.startswith("POTLUCK_INITIAL_PEERS="), open(log.name).read()[-3000:]
+        yield proc, checkpoint, line.strip().split("=", 1)[1]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_default_model_matches_local(default_swarm):
+    proc, checkpoint, maddr = default_swarm
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    local = AutoModelForCausalLM.from_pretrained(checkpoint.path).eval()
+    expected = local.generate(ids, max_new_tokens=12, do_sample=False)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(initial_peers=[maddr])
+    try:
+        got = remote.generate(ids, max_new_tokens=12, do_sample=False)
+        with torch.no_grad():
+            assert (remote(ids).logits - local(ids).logits).abs().max() < 1e-4
+    finally:
+        remote.chain.swarm.close()
+    assert torch.equal(got, expected)
+    assert "Paris" in tokenizer.decode(got[0])
+
+
+def test_generate_command_prints_the_continuation(default_swarm):
+    proc, checkpoint, maddr = default_swarm
+    result = subprocess.run(potluck_command("generate", PROMPT, "--max-new-tokens", "4"), capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "POTLUCK_INITIAL_PEERS": maddr})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(PROMPT) and "Paris" in result.stdout
+
+
+def test_ctrl_c_stops_every_process(default_swarm):
+    proc, checkpoint, maddr = default_swarm
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert sum("node" in " ".join(p.cmdline()) for p in started) == 3
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

@@ -1,0 +1,47 @@
+"""Checkpoints resolve from folders and the local HF cache; spans load only their own tensors."""
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from potluck.protocol import checkpoint as ckpt
+from potluck.protocol.errors import BadRequest
+
+
+def test_folder_is_named_after_itself(tiny_checkpoints):
+    checkpoint = ckpt.resolve_checkpoint(str(tiny_checkpoints["qwen3"]))
+    assert checkpoint.name == "tiny-qwen3" and checkpoint.num_blocks == 8
+    assert ckpt.resolve_checkpoint(str(tiny_checkpoints["qwen3"]), name="other").name == "other"
+
+
+def test_hf_id_resolves_from_the_local_cache(tiny_checkpoints, tmp_path, monkeypatch):
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_checkpoints["llama"], snapshot)
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    checkpoint = ckpt.resolve_checkpoint("acme/tiny")
+    assert checkpoint.name == "acme/tiny" and checkpoint.path == snapshot
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadRequest, match="neither a checkpoint folder nor an HF id"):
+        ckpt.resolve_checkpoint("nobody/nothing-here")
+
+
+def test_span_loads_only_its_blocks(tiny_checkpoints, monkeypatch):
+    checkpoint = ckpt.resolve_checkpoint(str(tiny_checkpoints["mistral"]))
+    loaded = []
+    real = ckpt.load_tensors
+    monkeypatch.setattr(ckpt, "load_tensors", lambda path, names, *a, **k: loaded.extend(names) or real(path, names, *a, **k))
+    span = ckpt.load_span(checkpoint, 2, 4, torch.float32)
+    assert loaded and all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in loaded)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path)
+    expected = model.model.layers[3].state_dict()
+    assert all(torch.equal(t, expected[n]) for n, t in span.blocks[1].state_dict().items())
