@@ -21,7 +21,8 @@ from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_tensors, resolv
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.network import initial_peers_from_env
 
-from .session import InferenceSession, RemoteChain
+from .chain import FailoverPolicy, RemoteChain
+from .session import InferenceSession
 from .transport import SwarmConnection
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class DistributedModelMixin:
         common = int(same.long().cumprod(0).sum())
         if common == 0:  # only new tokens: append them to the conversation
             return torch.cat([held, input_ids], dim=1)
+        common = min(common, input_ids.shape[1] - 1)  # generate must feed at least one token
         if common < session.position:
             session.rewind(common)
         return input_ids
@@ -146,11 +148,13 @@ class AutoDistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, model: str | None = None, initial_peers: Sequence[str] | None = None, *,
                         model_name: str | None = None, dtype: str | torch.dtype = torch.float32,
-                        request_timeout: float = 30.0, swarm: SwarmConnection | None = None) -> PreTrainedModel:
+                        request_timeout: float = 5.0, policy: FailoverPolicy | None = None,
+                        swarm: SwarmConnection | None = None) -> PreTrainedModel:
         checkpoint = resolve_checkpoint(model, model_name)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
-        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, request_timeout=request_timeout)
+        policy = policy or FailoverPolicy(request_timeout=request_timeout)
+        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, policy)
         return _build(checkpoint, chain, dtype)
 
 

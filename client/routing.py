@@ -1,15 +1,23 @@
-"""Choosing a chain of nodes that covers blocks 0:n of a model.
+"""Choosing the chain of nodes with the least expected time per step for blocks start:end.
 
-For now: from each block, take the ONLINE node that reaches furthest (ties: the faster one),
-skipping banned nodes and nodes without cache room. The planned router weighs compute and
-measured latency; it replaces ``find_chain`` and keeps its signature.
+A chain is a path through a graph whose states are (next block, previous node): entering node
+``s`` after node ``p`` costs the one-way latency p→s (pings nodes publish, or pings the client
+measured), running blocks i:j on ``s`` costs (j - i) times its per-block time (from its announced
+speed) scaled by its load, and the client pays the last node's one-way latency back. Spans may
+overlap; a chain may enter a node part-way and leave it early. Banned, draining, joining and full
+nodes are skipped. A little random jitter spreads equal replicas over many clients.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
+import random
+from dataclasses import dataclass, field
 
 from potluck.protocol.errors import NoRoute
 from potluck.protocol.records import NodeRecord, NodeState
+
+UNKNOWN_PING = 0.05  # seconds of round trip assumed for a peer nobody measured
+UNKNOWN_BLOCK_TIME = 0.05  # seconds per block assumed for a node that announced no speed
 
 
 @dataclass(frozen=True)
@@ -20,20 +28,85 @@ class Hop:
     record: NodeRecord
 
 
+@dataclass
+class RouteCosts:
+    """What the client knows beyond the records: its own pings and the sessions it opened."""
+
+    client_pings: dict[str, float] = field(default_factory=dict)  # peer id -> round trip, seconds
+    local_sessions: dict[str, int] = field(default_factory=dict)  # peer id -> sessions this client has open
+    jitter: float = 0.05  # relative random noise on compute costs, to spread equal replicas
+
+    def one_way(self, records: dict[str, NodeRecord], src: str | None, dst: str | None) -> float:
+        """One-way latency between two nodes (None = this client)."""
+        if src is None or dst is None:
+            peer = dst if src is None else src
+            return self.client_pings.get(peer, UNKNOWN_PING) / 2 if peer is not None else 0.0
+        ping = records[src].pings.get(dst, records[dst].pings.get(src))
+        if ping is None:  # nobody measured it: assume the path through this client's view
+            ping = (self.client_pings.get(src, UNKNOWN_PING) + self.client_pings.get(dst, UNKNOWN_PING)) / 2
+        return ping / 2
+
+    def block_time(self, peer_id: str, record: NodeRecord) -> float:
+        """Seconds one block of this node adds to a step, given its load."""
+        blocks = record.end - record.start
+        base = 1 / (record.inference_steps_per_s * blocks) if record.inference_steps_per_s > 0 else UNKNOWN_BLOCK_TIME
+        load = record.active_sessions + self.local_sessions.get(peer_id, 0)
+        return base * (1 + load)
+
+
 def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: frozenset[str] = frozenset(),
-               cache_tokens: int = 0) -> list[Hop]:
-    """Hops covering blocks start:end in order; NoRoute naming the first uncovered blocks."""
+               cache_tokens: int = 0, costs: RouteCosts | None = None, rng: random.Random | None = None) -> list[Hop]:
+    """The fastest chain of hops covering blocks start:end; NoRoute naming uncovered blocks."""
+    costs = costs or RouteCosts()
+    rng = rng or random.Random()
     usable = {p: r for p, r in records.items()
               if r.state == NodeState.ONLINE and p not in banned and r.cache_tokens_left >= cache_tokens}
-    chain, block = [], start
-    while block < end:
-        candidates = [(r.end, r.inference_steps_per_s, p) for p, r in usable.items() if r.start <= block < r.end]
-        if not candidates:
-            gap_end = min([r.start for r in usable.values() if r.start > block] + [end])
-            raise NoRoute(f"no ONLINE node serves blocks {block}:{gap_end} of {end} "
-                          f"({len(records)} nodes known, {len(banned)} banned)")
-        reach, _, peer_id = max(candidates)
-        hop_end = min(reach, end)
-        chain.append(Hop(peer_id, block, hop_end, usable[peer_id]))
-        block = hop_end
-    return chain
+    noise = {p: 1 + costs.jitter * (2 * rng.random() - 1) for p in usable}
+    boundaries = sorted({r.start for r in usable.values()} | {r.end for r in usable.values()} | {end})
+    best: dict[tuple[int, str | None], float] = {(start, None): 0.0}
+    came_from: dict[tuple[int, str | None], tuple[tuple[int, str | None], Hop]] = {}
+    queue: list[tuple[float, int, str]] = [(0.0, start, "")]  # (cost, block, previous peer or "")
+    while queue:
+        cost, block, prev_key = heapq.heappop(queue)
+        prev = prev_key or None
+        if cost > best.get((block, prev), float("inf")):
+            continue
+        if block == end:
+            return _unwind(came_from, (block, prev))
+        for peer, record in usable.items():
+            if not record.start <= block < record.end:
+                continue
+            entry = cost + costs.one_way(records, prev, peer)
+            per_block = costs.block_time(peer, record) * noise[peer]
+            for exit_block in (b for b in boundaries if block < b <= min(record.end, end)):
+                total = entry + (exit_block - block) * per_block
+                if exit_block == end:
+                    total += costs.one_way(records, peer, None)
+                state = (exit_block, peer)
+                if total < best.get(state, float("inf")):
+                    best[state] = total
+                    came_from[state] = ((block, prev), Hop(peer, block, exit_block, record))
+                    heapq.heappush(queue, (total, exit_block, peer))
+    raise NoRoute(_describe_gap(usable, records, banned, start, end))
+
+
+def _unwind(came_from, state) -> list[Hop]:
+    chain = []
+    while state in came_from:
+        state, hop = came_from[state]
+        chain.append(hop)
+    return chain[::-1]
+
+
+def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], banned: frozenset[str],
+                  start: int, end: int) -> str:
+    covered = {b for r in usable.values() for b in range(r.start, r.end)}
+    missing = [b for b in range(start, end) if b not in covered]
+    if not missing:
+        return f"no chain covers blocks {start}:{end}"
+    first = missing[0]
+    last = first
+    while last + 1 in missing:
+        last += 1
+    return (f"no ONLINE node with room serves blocks {first}:{last + 1} (of {start}:{end}; "
+            f"{len(records)} nodes known, {len(banned)} banned)")

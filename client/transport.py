@@ -32,6 +32,7 @@ class SwarmConnection:
         import uvloop
 
         self.initial_peers = list(initial_peers)
+        self._tasks: set[asyncio.Task] = set()  # background tasks, cancelled on close
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="potluck-client", daemon=True)
         self._thread.start()
@@ -46,6 +47,11 @@ class SwarmConnection:
             await p2p.shutdown()
             raise
         return p2p, dht
+
+    def own(self, task: asyncio.Task) -> None:
+        """Keep a background task on this loop until it ends or the connection closes."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
         """Run a coroutine on the client loop and wait for its result."""
@@ -62,7 +68,7 @@ class SwarmConnection:
             _, reader, writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
         except Exception as e:  # p2pd reports unreachable peers with its own ControlFailure, timeouts, OSErrors
-            raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}") from None
+            raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}", peer_id) from None
         return reader, writer
 
     async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0) -> msg.Frame:
@@ -72,15 +78,18 @@ class SwarmConnection:
             await msg.write_frame(writer, meta, tensors)
             frame = await asyncio.wait_for(msg.read_frame(reader), timeout)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
-            raise NodeUnavailable(f"node {peer_id} failed during {handler}: {type(e).__name__}: {e}") from None
+            raise NodeUnavailable(f"node {peer_id} failed during {handler}: {type(e).__name__} {e}".rstrip(),
+                                  peer_id) from None
         finally:
             writer.close()
-        return msg.raise_if_error(frame)
+        return msg.raise_if_error(frame, peer_id)
 
     def close(self) -> None:
         if not self.loop.is_running():
             return
         async def _shutdown() -> None:
+            for task in list(self._tasks):
+                task.cancel()
             await self.dht.shutdown()
             await self.p2p.shutdown()
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]

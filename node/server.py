@@ -115,6 +115,7 @@ class Node:
             model=self.checkpoint.name, start=c.start, end=c.end, state=state, public_name=c.public_name,
             version=potluck.__version__, dtype=c.dtype, inference_steps_per_s=self.rates[0],
             forward_tokens_per_s=self.rates[1], cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
+            active_sessions=len(self.sessions.sessions) if self.sessions else 0,
             max_batch_tokens=c.max_batch_tokens,
         )
 

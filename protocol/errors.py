@@ -28,6 +28,15 @@ class PotluckError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
+    def __init__(self, message: str = "", peer_id: str | None = None):
+        super().__init__(message)
+        self.peer_id = peer_id  # the node that raised or caused it, when known
+
+    @property
+    def retriable(self) -> bool:
+        """Whether another node might succeed where this one failed (the request itself was fine)."""
+        return not isinstance(self, (BadRequest, MaxLengthExceeded, NoRoute))
+
     def to_wire(self) -> dict[str, Any]:
         return {"code": int(self.code), "message": str(self)}
 

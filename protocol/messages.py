@@ -101,9 +101,12 @@ def error_meta(error: PotluckError) -> dict[str, Any]:
     return {"type": "error", "error": error.to_wire()}
 
 
-def raise_if_error(frame: Frame) -> Frame:
+def raise_if_error(frame: Frame, peer_id: str | None = None) -> Frame:
+    """Raise the typed error a peer answered with, tagged with that peer's id."""
     if frame.meta.get("type") == "error":
-        raise PotluckError.from_wire(frame.meta.get("error"))
+        error = PotluckError.from_wire(frame.meta.get("error"))
+        error.peer_id = peer_id
+        raise error
     return frame
 
 

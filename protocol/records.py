@@ -55,6 +55,7 @@ class NodeRecord:
     inference_steps_per_s: float = 0.0  # one-token steps through the whole span, measured at start
     forward_tokens_per_s: float = 0.0  # tokens/s of a long forward through the whole span
     cache_tokens_left: int = 0  # attention-cache tokens not yet reserved by sessions
+    active_sessions: int = 0  # inference sessions open when the record was stored
     max_batch_tokens: int = 0  # largest hidden-state message (batch x length) it accepts
     pings: dict[str, float] = field(default_factory=dict)  # peer id -> round trip in seconds
 
@@ -77,6 +78,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "inference_steps_per_s": (int, float),
     "forward_tokens_per_s": (int, float),
     "cache_tokens_left": (int,),
+    "active_sessions": (int,),
     "max_batch_tokens": (int,),
     "pings": (dict,),
 }

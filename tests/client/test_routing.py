@@ -1,30 +1,75 @@
+"""The router's graph search: fastest chains, overlapping spans, latency, load and gaps."""
+import random
+
 import pytest
 
-from potluck.client.routing import find_chain
+from potluck.client.routing import RouteCosts, find_chain
 from potluck.protocol.errors import NoRoute
 from potluck.protocol.records import NodeRecord, NodeState
 
 
-def node(start, end, state=NodeState.ONLINE, speed=10.0, cache=1000):
+def node(start, end, speed=10.0, state=NodeState.ONLINE, cache=1000, pings=None, sessions=0):
     return NodeRecord(model="m", start=start, end=end, state=state, inference_steps_per_s=speed,
-                      cache_tokens_left=cache)
+                      cache_tokens_left=cache, pings=pings or {}, active_sessions=sessions)
+
+
+def route(records, costs=None, **kwargs):
+    chain = find_chain(records, 0, 8, costs=costs or RouteCosts(jitter=0), rng=random.Random(0), **kwargs)
+    return [(h.peer_id, h.start, h.end) for h in chain]
 
 
 def test_chain_covers_blocks_in_order():
     records = {"a": node(0, 3), "b": node(3, 6), "c": node(6, 8)}
-    assert [(h.peer_id, h.start, h.end) for h in find_chain(records, 0, 8)] == [("a", 0, 3), ("b", 3, 6), ("c", 6, 8)]
+    assert route(records) == [("a", 0, 3), ("b", 3, 6), ("c", 6, 8)]
 
 
-def test_chain_enters_overlapping_spans_part_way():
-    records = {"a": node(0, 5), "b": node(2, 8)}
-    assert [(h.peer_id, h.start, h.end) for h in find_chain(records, 0, 8)] == [("a", 0, 5), ("b", 5, 8)]
+def test_faster_replica_wins():
+    records = {"slow": node(0, 8, speed=10), "fast": node(0, 8, speed=100)}
+    assert route(records) == [("fast", 0, 8)]
+
+
+def test_chain_enters_and_leaves_overlapping_spans_part_way():
+    records = {"a": node(0, 6, speed=5), "b": node(3, 8, speed=500)}
+    assert route(records) == [("a", 0, 3), ("b", 3, 8)]
+    records = {"a": node(0, 6, speed=500), "b": node(3, 8, speed=5), "c": node(0, 8, speed=1)}
+    assert route(records) == [("a", 0, 6), ("b", 6, 8)]
+
+
+def test_a_distant_fast_node_loses_to_a_near_one():
+    records = {"far": node(0, 8, speed=1000), "near": node(0, 8, speed=200)}
+    costs = RouteCosts(client_pings={"far": 0.5, "near": 0.001}, jitter=0)
+    assert route(records, costs) == [("near", 0, 8)]
+    costs = RouteCosts(client_pings={"far": 0.001, "near": 0.001}, jitter=0)
+    assert route(records, costs) == [("far", 0, 8)]
+
+
+def test_node_to_node_pings_pick_the_close_successor():
+    records = {"a": node(0, 4, pings={"b": 0.4, "c": 0.002}), "b": node(4, 8, speed=20), "c": node(4, 8, speed=15)}
+    assert route(records, RouteCosts(client_pings={p: 0.01 for p in "abc"}, jitter=0)) == [("a", 0, 4), ("c", 4, 8)]
+
+
+def test_loaded_replica_is_avoided_by_the_next_route():
+    records = {"r1": node(0, 8), "r2": node(0, 8)}
+    costs = RouteCosts(jitter=0)
+    first = route(records, costs)[0][0]
+    costs.local_sessions[first] = 1
+    assert route(records, costs)[0][0] != first
+    records = {"r1": node(0, 8, sessions=3), "r2": node(0, 8)}
+    assert route(records) == [("r2", 0, 8)]
+
+
+def test_replicas_share_many_clients():
+    records = {"r1": node(0, 8), "r2": node(0, 8)}
+    picks = [find_chain(records, 0, 8, rng=random.Random(seed))[0].peer_id for seed in range(200)]
+    assert 60 < picks.count("r1") < 140
 
 
 def test_offline_banned_and_full_nodes_are_avoided():
-    records = {"a": node(0, 8, NodeState.JOINING), "b": node(0, 8, cache=10), "c": node(0, 8), "d": node(0, 8, speed=99)}
-    assert find_chain(records, 0, 8, banned=frozenset({"d"}), cache_tokens=100)[0].peer_id == "c"
+    records = {"a": node(0, 8, state=NodeState.JOINING), "b": node(0, 8, cache=10), "c": node(0, 8),
+               "d": node(0, 8, speed=99), "e": node(0, 8, state=NodeState.DRAINING, speed=999)}
+    assert route(records, banned=frozenset({"d"}), cache_tokens=100) == [("c", 0, 8)]
 
 
 def test_gap_names_the_missing_blocks():
     with pytest.raises(NoRoute, match="blocks 3:6"):
-        find_chain({"a": node(0, 3), "c": node(6, 8)}, 0, 8)
+        route({"a": node(0, 3), "c": node(6, 8), "b": node(3, 6)}, banned=frozenset({"b"}))

@@ -71,9 +71,11 @@ def test_edited_conversation_rewinds_the_caches(setup):
     edited = ids.clone()
     edited[0, 10:] = 5
     with remote.inference_session(max_length=64):
-        remote.generate(ids, max_new_tokens=6, do_sample=False)
+        first = remote.generate(ids, max_new_tokens=6, do_sample=False)
         got = remote.generate(edited, max_new_tokens=6, do_sample=False)
+        again = remote.generate(ids, max_new_tokens=6, do_sample=False)  # a prefix of what the nodes held
     assert torch.equal(got, local.generate(edited, max_new_tokens=6, do_sample=False))
+    assert torch.equal(again, first)
 
 
 def test_left_padded_batch_matches_local(setup):

@@ -1,0 +1,137 @@
+"""The client's view of one model's swarm: node records, bans, pings, routes and forward passes.
+
+``RemoteChain`` refreshes the records and the client's pings to nodes in the background, keeps
+a ban list of nodes that failed recently, and routes with ``routing.find_chain``. Cache-less
+forward passes retry a failed hop on a replacement, with backoff, before giving up.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from potluck.protocol import messages as msg
+from potluck.protocol.directory import read_block_records
+from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
+from potluck.protocol.records import NodeRecord, NodeState
+
+from .routing import Hop, RouteCosts, find_chain
+from .transport import SwarmConnection
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    request_timeout: float = 5.0  # seconds a node may take to answer, plus the time its work needs
+    slack: float = 4.0  # allow this many times a node's announced compute time for a message
+    ban_time: float = 30.0  # seconds a failed node is not routed through
+    max_retries: int = 4  # replacement chains tried for one failed step
+    backoff: float = 0.1  # seconds before the first retry, doubling after each
+
+
+@dataclass
+class RemoteChain:
+    swarm: SwarmConnection
+    model: str
+    num_blocks: int
+    policy: FailoverPolicy = field(default_factory=FailoverPolicy)
+    refresh_period: float = 5.0  # seconds between background reads of the records
+    records: dict[str, NodeRecord] = field(default_factory=dict)
+    costs: RouteCosts = field(default_factory=RouteCosts)
+    banned: dict[str, float] = field(default_factory=dict)  # peer id -> monotonic time the ban ends
+    _refresher: asyncio.Task | None = None
+    _refreshed_at: float = float("-inf")
+
+    # --- the view ------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        records = await asyncio.wait_for(read_block_records(self.swarm.dht, self.model, self.num_blocks),
+                                         self.policy.request_timeout * 2)
+        self.records, self._refreshed_at = records, time.monotonic()
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_forever())
+            self.swarm.own(self._refresher)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_period)
+            try:
+                await self.refresh()
+                await self._measure_pings()
+            except (asyncio.TimeoutError, PotluckError, OSError) as e:
+                logger.debug("background refresh failed: %s", e)
+
+    async def _measure_pings(self) -> None:
+        for peer_id, record in list(self.records.items()):
+            if record.state == NodeState.ONLINE and peer_id not in self.banned:
+                began = time.perf_counter()
+                try:
+                    await self.swarm.request(peer_id, msg.INFO_HANDLER, {"type": "info"}, timeout=2.0)
+                except PotluckError:
+                    continue
+                self.costs.client_pings[peer_id] = time.perf_counter() - began
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        logger.warning("banning node %s for %.0f s: %s", peer_id, self.policy.ban_time, reason)
+        self.banned[peer_id] = time.monotonic() + self.policy.ban_time
+
+    def _active_bans(self) -> frozenset[str]:
+        now = time.monotonic()
+        self.banned = {p: until for p, until in self.banned.items() if until > now}
+        return frozenset(self.banned)
+
+    async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0) -> list[Hop]:
+        """The fastest chain for blocks start:end, refreshing the records when they may be stale."""
+        end = self.num_blocks if end is None else end
+        if time.monotonic() - self._refreshed_at > self.refresh_period or not self.records:
+            await self.refresh()
+        try:
+            return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
+                              costs=self.costs)
+        except NoRoute:
+            await self.refresh()  # nodes may have joined since the last read
+            return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
+                              costs=self.costs)
+
+    def timeout_for(self, hop: Hop, tokens: int) -> float:
+        """How long ``hop`` may take for ``tokens`` new tokens before it counts as hung."""
+        speed = hop.record.forward_tokens_per_s * (hop.record.end - hop.record.start) / (hop.end - hop.start)
+        expected = tokens / speed if speed > 0 else 0.0
+        return self.policy.request_timeout + self.policy.slack * expected
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Whole sequences through every block, no cache kept on the nodes; failed hops are replaced."""
+        return self.swarm.call(self.forward_async(hidden, positions, mask, 0, self.num_blocks))
+
+    async def forward_async(self, hidden, positions, mask, start: int, end: int) -> torch.Tensor:
+        extra = [positions] + ([] if mask is None else [mask])
+        block = start
+        for attempt in range(self.policy.max_retries + 1):
+            try:
+                for hop in await self.route(block, end):
+                    frame = await self.swarm.request(
+                        hop.peer_id, msg.FORWARD_HANDLER, {"type": "forward", "start": hop.start, "end": hop.end},
+                        [hidden, *extra], self.timeout_for(hop, hidden.shape[0] * hidden.shape[1]))
+                    hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
+                return hidden
+            except PotluckError as e:
+                if not e.retriable or e.peer_id is None or attempt == self.policy.max_retries:
+                    raise
+                self.ban(e.peer_id, str(e))
+                await asyncio.sleep(self.policy.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def expect_hidden(frame: msg.Frame, hop: Hop, shape: torch.Size) -> torch.Tensor:
+    """The hidden states a node answered with; a malformed answer counts as a failed node."""
+    msg.raise_if_error(frame, hop.peer_id)
+    if frame.meta.get("type") != "result" or len(frame.tensors) != 1 or frame.tensors[0].shape != shape:
+        raise NodeUnavailable(f"node {hop.peer_id} (blocks {hop.start}:{hop.end}) sent a malformed answer "
+                              f"{frame.meta.get('type')!r:.40}", hop.peer_id)
+    return frame.tensors[0]

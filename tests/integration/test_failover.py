@@ -1,0 +1,130 @@
+"""Nodes die mid-answer (SIGKILL), hang (SIGSTOP) or vanish mid-prefill: answers do not change."""
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from potluck import AutoDistributedModelForCausalLM
+from potluck.client.chain import FailoverPolicy
+from potluck.client.transport import SwarmConnection
+
+SPANS = ["0:4", "4:8", "0:4", "4:8"]  # two replicas of each span
+
+
+@pytest.fixture
+def replicated(tiny_checkpoints, swarm_factory):
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    swarm.start_nodes(path, SPANS)
+    connection = SwarmConnection(swarm.initial_peers)
+    policy = FailoverPolicy(request_timeout=2.0, backoff=0.05)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, policy=policy)
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    stopped = []
+    yield swarm, remote, local, stopped
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    connection.close()
+
+
+class AtToken(LogitsProcessor):
+    """Calls ``action`` once, when the n-th new token is about to be chosen."""
+
+    def __init__(self, n, action):
+        self.n, self.action, self.calls = n, action, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.n:
+            self.action()
+        return scores
+
+
+def prompt(seed=0, length=16):
+    return torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hit(swarm, stopped, peer_id, how):
+    pid = swarm.nodes[peer_id].pid
+    os.kill(pid, getattr(signal, how))
+    if how == "SIGSTOP":
+        stopped.append(pid)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_node_lost_after_the_tenth_token(how, replicated):
+    swarm, remote, local, stopped = replicated
+    ids = prompt()
+    expected = local.generate(ids, max_new_tokens=64, do_sample=False)
+    with remote.inference_session(max_length=96) as session:
+        victim = lambda: hit(swarm, stopped, session.hops[-1].peer_id, how)  # noqa: E731
+        got = remote.generate(ids, max_new_tokens=64, do_sample=False,
+                              logits_processor=LogitsProcessorList([AtToken(11, victim)]))
+        assert session.failovers == 1
+    assert torch.equal(got, expected)
+
+
+def test_node_killed_in_the_middle_of_the_prefill(replicated):
+    swarm, remote, local, stopped = replicated
+    ids = prompt(seed=1, length=40)
+    expected = local.generate(ids, max_new_tokens=16, do_sample=False)
+    with remote.inference_session(max_length=64) as session:
+        send_step = session._send_step
+
+        async def kill_second_hop_after_first(hop_session, inputs, start_from):
+            out = await send_step(hop_session, inputs, start_from)
+            if session.position == 0 and hop_session is session._hops[0] and not session.failovers:
+                hit(swarm, stopped, session._hops[1].hop.peer_id, "SIGKILL")
+            return out
+
+        session._send_step = kill_second_hop_after_first
+        got = remote.generate(ids, max_new_tokens=16, do_sample=False)
+        assert session.failovers == 1
+    assert torch.equal(got, expected)
+
+
+def test_session_survives_between_generate_calls_and_forward_too(replicated):
+    swarm, remote, local, stopped = replicated
+    ids, more = prompt(seed=2), torch.tensor([[7, 8, 9]])
+    with remote.inference_session(max_length=64) as session:
+        first = remote.generate(ids, max_new_tokens=8, do_sample=False)
+        hit(swarm, stopped, session.hops[0].peer_id, "SIGKILL")
+        second = remote.generate(more, max_new_tokens=8, do_sample=False)
+    assert torch.equal(second, local.generate(torch.cat([first, more], 1), max_new_tokens=8, do_sample=False))
+    with torch.no_grad():
+        assert (remote(second).logits - local(second).logits).abs().max() < 1e-4
+
+
+def test_every_session_on_a_killed_node_finishes_on_the_replicas(replicated, tiny_checkpoints):
+    swarm, remote, local, stopped = replicated
+    models = [remote] + [AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_checkpoints["llama"]), swarm=remote.chain.swarm, policy=remote.chain.policy) for _ in range(3)]
+    prompts = [prompt(seed=10 + i) for i in range(len(models))]
+    sessions = [m.inference_session(max_length=64) for m in models]
+    opened = [s.__enter__() for s in sessions]
+    for model, ids in zip(models, prompts):  # every session holds caches on some nodes now
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    load = {}
+    for session in opened:
+        for hop in session.hops:
+            load[hop.peer_id] = load.get(hop.peer_id, 0) + 1
+    victim = max(load, key=load.get)
+    assert load[victim] >= 2
+    hit(swarm, stopped, victim, "SIGKILL")
+    results = {}
+
+    def run(i):
+        results[i] = models[i].generate(prompts[i], max_new_tokens=24, do_sample=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(models))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for session in sessions:
+        session.__exit__(None, None, None)
+    for i, ids in enumerate(prompts):
+        assert torch.equal(results[i], local.generate(ids, max_new_tokens=24, do_sample=False))
