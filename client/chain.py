@@ -39,6 +39,7 @@ class RemoteChain:
     model: str
     num_blocks: int
     policy: FailoverPolicy = field(default_factory=FailoverPolicy)
+    handoff: bool = True  # nodes pass a step's activations along the chain themselves
     refresh_period: float = 5.0  # seconds between background reads of the records
     records: dict[str, NodeRecord] = field(default_factory=dict)
     costs: RouteCosts = field(default_factory=RouteCosts)

@@ -148,13 +148,13 @@ class AutoDistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, model: str | None = None, initial_peers: Sequence[str] | None = None, *,
                         model_name: str | None = None, dtype: str | torch.dtype = torch.float32,
-                        request_timeout: float = 5.0, policy: FailoverPolicy | None = None,
+                        request_timeout: float = 5.0, policy: FailoverPolicy | None = None, handoff: bool = True,
                         swarm: SwarmConnection | None = None) -> PreTrainedModel:
         checkpoint = resolve_checkpoint(model, model_name)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
         policy = policy or FailoverPolicy(request_timeout=request_timeout)
-        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, policy)
+        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff)
         return _build(checkpoint, chain, dtype)
 
 

@@ -6,6 +6,12 @@ history stays in the nodes' caches. The client also keeps, per hop, the inputs i
 node fails (stream error, timeout, typed refusal), it bans the node, routes a replacement for
 that hop's blocks, replays those inputs to rebuild the cache there, and carries on, so the user
 gets the same tokens as without the fault. All hops of a step run in one coroutine.
+
+Hand-off: with ``chain.handoff`` on, a step goes to the first node only, each node pushes its
+output to the next, and the last one answers the client: one message out and one back per step.
+The client then knows only the first hop's inputs; a failed later hop gets its history rebuilt
+by a cache-less forward through the hops before it. Any trouble in a hand-off step makes the
+client redo that step hop by hop (nodes rewind to the step's start, so a redo is idempotent).
 """
 from __future__ import annotations
 
@@ -41,9 +47,20 @@ class HopSession:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     history: list[StepInputs] = field(default_factory=list)  # what the node's cache was built from
+    history_known: bool = True  # False once a hand-off step fed this hop without the client seeing it
+    failed: PotluckError | None = None  # the stream broke while the client waited on another hop
+    reading: asyncio.Task | None = None  # copies frames from the stream into the session's inbox
 
     def remember(self, inputs: StepInputs, start_from: int) -> None:
         self.history = _cut(self.history, start_from) + [inputs]
+
+    def describe(self) -> str:
+        return f"node {self.hop.peer_id} ({self.hop.record.public_name or 'unnamed'}, blocks {self.hop.start}:{self.hop.end})"
+
+    def close(self) -> None:
+        if self.reading is not None:
+            self.reading.cancel()
+        self.writer.close()
 
 
 class InferenceSession:
@@ -58,7 +75,10 @@ class InferenceSession:
         self.batch_size: int | None = None
         self._hops: list[HopSession] = []
         self._rewound = False  # the next step tells the nodes to drop tokens past `position`
+        self._inbox: asyncio.Queue | None = None  # (hop session, frame or error) from every hop's stream
+        self._direct_links: set[tuple[str, str]] = set()  # (peer, next peer) that could not hand off
         self.failovers = 0  # hops replaced so far
+        self.handoff_fallbacks = 0  # hand-off steps redone hop by hop
         self.closed = False
 
     def __enter__(self) -> "InferenceSession":
@@ -91,9 +111,58 @@ class InferenceSession:
         return out
 
     async def _step(self, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue()
         if not self._hops:
             self._hops = await self._open_chain(0, self.chain.num_blocks)
-        index, failures = 0, 0
+        prefix = self.position if start_from is None else start_from
+        if self._can_hand_off():
+            try:
+                return await self._handoff_step(inputs, start_from, prefix)
+            except PotluckError as error:
+                if not error.retriable:
+                    raise
+                self.handoff_fallbacks += 1
+                logger.info("hand-off step failed (%s); redoing it hop by hop", error)
+                start_from = prefix  # nodes that already took this step rewind and take it again
+        return await self._hop_by_hop(inputs, start_from, prefix, 0)
+
+    def _can_hand_off(self) -> bool:
+        pairs = zip(self._hops, self._hops[1:])
+        return self.chain.handoff and len(self._hops) > 1 and not any(
+            (a.hop.peer_id, b.hop.peer_id) in self._direct_links for a, b in pairs)
+
+    async def _handoff_step(self, inputs: StepInputs, start_from: int | None, prefix: int) -> torch.Tensor:
+        first, last = self._hops[0], self._hops[-1]
+        hops = list(self._hops)
+        meta = {"type": "step", "session_id": first.session_id, "start_from": start_from,
+                "next": [{"peer_id": h.hop.peer_id, "session_id": h.session_id} for h in hops[1:]]}
+        tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
+        timeout = sum(self.chain.timeout_for(h.hop, tokens) for h in hops)
+        await self._send(first, meta, inputs)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            source, frame = await self._receive(None, deadline, hops)
+            kind = frame.meta.get("type")
+            if source is last and kind == "result":
+                out = expect_hidden(frame, last.hop, inputs.hidden.shape)
+                break
+            if kind == "handoff_failed" and source is not last:  # carry on from the next hop ourselves
+                index = hops.index(source)
+                self._direct_links.add((source.hop.peer_id, hops[index + 1].hop.peer_id))
+                hidden = expect_hidden(msg.Frame({"type": "result"}, frame.tensors), source.hop, inputs.hidden.shape)
+                first.remember(inputs, prefix)
+                for hop_session in hops[1:index + 1]:
+                    hop_session.history_known = False
+                return await self._hop_by_hop(StepInputs(hidden, inputs.positions, inputs.mask), start_from, prefix,
+                                              index + 1)
+        first.remember(inputs, prefix)
+        for hop_session in hops[1:]:
+            hop_session.history_known = False
+        return out
+
+    async def _hop_by_hop(self, inputs: StepInputs, start_from: int | None, prefix: int, index: int) -> torch.Tensor:
+        failures = 0
         while index < len(self._hops):
             hop_session = self._hops[index]
             try:
@@ -104,23 +173,67 @@ class InferenceSession:
                     raise
                 await self._replace(index, error)
                 continue  # the same step, now on the replacement hops
-            hop_session.remember(inputs, self.position if start_from is None else start_from)
+            hop_session.remember(inputs, prefix)
             inputs = StepInputs(hidden, inputs.positions, inputs.mask)
             index += 1
         return inputs.hidden
 
     async def _send_step(self, hop_session: HopSession, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
         meta = {"type": "step", "session_id": hop_session.session_id, "start_from": start_from}
-        tensors = [inputs.hidden, inputs.positions] + ([] if inputs.mask is None else [inputs.mask])
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
-        frame = await self._exchange(hop_session, meta, tensors, self.chain.timeout_for(hop_session.hop, tokens))
+        await self._send(hop_session, meta, inputs)
+        deadline = asyncio.get_running_loop().time() + self.chain.timeout_for(hop_session.hop, tokens)
+        _, frame = await self._receive(hop_session, deadline, [hop_session])
         return expect_hidden(frame, hop_session.hop, inputs.hidden.shape)
+
+    async def _send(self, hop_session: HopSession, meta: dict, inputs: StepInputs | None) -> None:
+        if hop_session.failed is not None:
+            raise hop_session.failed
+        tensors = () if inputs is None else [inputs.hidden, inputs.positions] + (
+            [] if inputs.mask is None else [inputs.mask])
+        try:
+            await msg.write_frame(hop_session.writer, meta, tensors)
+        except (ConnectionError, OSError) as e:
+            raise NodeUnavailable(f"{hop_session.describe()} failed: {type(e).__name__} {e}",
+                                  hop_session.hop.peer_id) from None
+
+    async def _receive(self, expected: HopSession | None, deadline: float,
+                       waiting_on: list[HopSession]) -> tuple[HopSession, msg.Frame]:
+        """The next frame from ``expected`` (None: from any hop in ``waiting_on``). An error from a
+        hop we wait on is raised; late frames from other hops are dropped, their failures noted."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                source, item = await asyncio.wait_for(self._inbox.get(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                who = expected.describe() if expected is not None else "the chain"
+                raise NodeUnavailable(f"{who} did not answer in time",
+                                      expected.hop.peer_id if expected is not None else None) from None
+            if source not in waiting_on:
+                if isinstance(item, PotluckError):
+                    source.failed = item
+                continue
+            if isinstance(item, PotluckError):
+                raise item
+            if expected is None or source is expected:
+                return source, msg.raise_if_error(item, source.hop.peer_id)
+
+    async def _read_forever(self, hop_session: HopSession) -> None:
+        try:
+            while True:
+                self._inbox.put_nowait((hop_session, await msg.read_frame(hop_session.reader)))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, PotluckError) as e:
+            error = NodeUnavailable(f"{hop_session.describe()} failed: {type(e).__name__} {e}".rstrip(),
+                                    hop_session.hop.peer_id)
+            hop_session.failed = error
+            self._inbox.put_nowait((hop_session, error))
 
     async def _replace(self, index: int, error: PotluckError) -> None:
         """Swap hop ``index`` for a fresh chain over its blocks, rebuilt from that hop's history."""
         failed = self._hops[index]
         self.chain.ban(failed.hop.peer_id, str(error))
-        failed.writer.close()
+        failed.close()
+        history = failed.history if failed.history_known else await self._rebuild_history(failed)
         for attempt in range(self.chain.policy.max_retries + 1):
             try:
                 replacement = await self._open_chain(failed.hop.start, failed.hop.end)
@@ -128,11 +241,11 @@ class InferenceSession:
                 raise NoRoute(f"{no_route}, after node {failed.hop.peer_id} failed: {error}",
                               failed.hop.peer_id) from error
             try:
-                await self._replay(replacement, failed.history)
+                await self._replay(replacement, history)
                 break
             except PotluckError as replay_error:
                 for hop_session in replacement:
-                    hop_session.writer.close()
+                    hop_session.close()
                 if not replay_error.retriable or attempt == self.chain.policy.max_retries:
                     raise
                 self.chain.ban(replay_error.peer_id or replacement[0].hop.peer_id, str(replay_error))
@@ -140,6 +253,18 @@ class InferenceSession:
         self.failovers += 1
         logger.info("replaced node %s (blocks %d:%d) with %s", failed.hop.peer_id, failed.hop.start, failed.hop.end,
                     ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement))
+
+    async def _rebuild_history(self, failed: HopSession) -> list[StepInputs]:
+        """What a hop fed by hand-off had received: the first hop's inputs, run without a cache
+        through the blocks before it."""
+        first = self._hops[0]
+        if not first.history:
+            return []
+        full = StepInputs(torch.cat([s.hidden for s in first.history], 1),
+                          torch.cat([s.positions for s in first.history], 1), first.history[-1].mask)
+        hidden = await self.chain.forward_async(full.hidden, full.positions, full.mask, first.hop.start,
+                                                failed.hop.start)
+        return [StepInputs(hidden, full.positions, full.mask)]
 
     async def _replay(self, hops: list[HopSession], history: list[StepInputs]) -> None:
         """Rebuild the caches of new hops from the inputs the failed hop had received, in chunks
@@ -170,7 +295,7 @@ class InferenceSession:
                 return opened
             except PotluckError as error:
                 for hop_session in opened:
-                    hop_session.writer.close()
+                    hop_session.close()
                 if not error.retriable or error.peer_id is None or attempt == self.chain.policy.max_retries:
                     raise
                 self.chain.ban(error.peer_id, str(error))
@@ -189,10 +314,12 @@ class InferenceSession:
         except BaseException:
             writer.close()
             raise
+        hop_session.reading = asyncio.create_task(self._read_forever(hop_session))
         self.chain.costs.local_sessions[hop.peer_id] = self.chain.costs.local_sessions.get(hop.peer_id, 0) + 1
         return hop_session
 
     async def _exchange(self, hop_session: HopSession, meta: dict, tensors, timeout: float) -> msg.Frame:
+        """One request and its answer, read directly (before the hop's reader task starts)."""
         hop = hop_session.hop
         try:
             await msg.write_frame(hop_session.writer, meta, tensors)
@@ -212,7 +339,7 @@ class InferenceSession:
 
     async def _close(self) -> None:
         for hop_session in self._hops:
-            hop_session.writer.close()  # the node closes the stream's sessions when it ends
+            hop_session.close()  # the node closes the stream's sessions when it ends
             sessions = self.chain.costs.local_sessions
             sessions[hop_session.hop.peer_id] = max(0, sessions.get(hop_session.hop.peer_id, 1) - 1)
         self._hops.clear()

@@ -17,10 +17,13 @@ import torch
 from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
-from potluck.protocol.errors import BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, PotluckError
+from potluck.protocol.errors import (
+    BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeUnavailable, PotluckError,
+)
 from potluck.protocol.span import BlockSpan
 
 from .compute import ComputeLane
+from .links import PushLinks
 from .sessions import Session, SessionTable
 
 logger = logging.getLogger(__name__)
@@ -37,57 +40,65 @@ class BlockServicer:
     """Serves one span of blocks; owns the sessions opened on it."""
 
     def __init__(self, span: BlockSpan, compute: ComputeLane, sessions: SessionTable, limits: ServingLimits,
-                 dtype: torch.dtype, describe: Callable[[], dict[str, Any]]):
+                 dtype: torch.dtype, describe: Callable[[], dict[str, Any]], links: PushLinks):
         self.span, self.compute, self.sessions, self.limits = span, compute, sessions, limits
-        self.dtype, self.describe = dtype, describe
+        self.dtype, self.describe, self.links = dtype, describe, links
         self.hidden_size = span.config.hidden_size
         self.draining = False
         self.counters: Counter[str] = Counter()  # what was served, reported by info
+        self._client_streams: dict[str, asyncio.StreamWriter] = {}  # session id -> stream it was opened on
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_binary_stream_handler(msg.INFERENCE_HANDLER, self._inference_stream)
+        await p2p.add_binary_stream_handler(msg.PUSH_HANDLER, self._push_stream)
         await p2p.add_binary_stream_handler(msg.FORWARD_HANDLER, self._single_request_stream)
         await p2p.add_binary_stream_handler(msg.INFO_HANDLER, self._single_request_stream)
 
     async def _inference_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        opened: dict[str, Session] = {}  # sessions owned by this stream
+        opened: dict[str, Session] = {}  # sessions owned by this stream; they close when it ends
         self.counters["streams"] += 1
         try:
-            while True:
-                reply = await self._answer_next(reader, lambda frame: self._inference_request(frame, opened))
-                if reply is None:
-                    break
-                await msg.write_frame(writer, *reply)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away: its sessions close below
+            await self._serve_stream(reader, writer, lambda frame: self._inference_request(frame, opened, writer),
+                                     counter="client_messages")
         finally:
             for session_id in opened:
                 self.sessions.close(session_id)
-            writer.close()
+                self._client_streams.pop(session_id, None)
+
+    async def _push_stream(self, info, reader, writer) -> None:
+        await self._serve_stream(reader, writer, self._push_request, counter="pushes_received")
 
     async def _single_request_stream(self, info, reader, writer) -> None:
+        await self._serve_stream(reader, writer, self._single_request, counter="messages", once=True)
+
+    async def _serve_stream(self, reader, writer, serve: Callable, counter: str, once: bool = False) -> None:
+        """Answer frames until the peer closes the stream; a frame over the size limit ends it,
+        since its payload cannot be skipped safely."""
         try:
-            reply = await self._answer_next(reader, self._single_request)
-            if reply is not None:
-                await msg.write_frame(writer, *reply)
+            while True:
+                try:
+                    frame = await msg.read_frame(reader, self.limits.max_frame_bytes)
+                except MessageTooLarge as e:
+                    self.counters["errors"] += 1
+                    await msg.write_frame(writer, msg.error_meta(e))
+                    break
+                except BadRequest as e:
+                    self.counters["errors"] += 1
+                    await msg.write_frame(writer, msg.error_meta(e))
+                    continue
+                self.counters[counter] += 1
+                reply = await self._serve_safely(serve, frame)
+                if reply is not None:
+                    self.counters["to_client" if counter == "client_messages" else "replies"] += 1
+                    await msg.write_frame(writer, *reply)
+                if once:
+                    break
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            pass  # the peer went away
         finally:
             writer.close()
 
-    async def _answer_next(self, reader, serve: Callable) -> Reply | None:
-        """Read one frame and serve it; None when the stream ended or can no longer be framed."""
-        try:
-            frame = await msg.read_frame(reader, self.limits.max_frame_bytes)
-        except asyncio.IncompleteReadError:
-            return None
-        except MessageTooLarge as e:
-            self.counters["errors"] += 1
-            return msg.error_meta(e), ()  # the caller sends this, then the stream must end
-        except BadRequest as e:
-            self.counters["errors"] += 1
-            return msg.error_meta(e), ()
-        self.counters["messages"] += 1
+    async def _serve_safely(self, serve: Callable, frame: msg.Frame) -> Reply | None:
         try:
             return await serve(frame)
         except PotluckError as e:
@@ -98,16 +109,17 @@ class BlockServicer:
             self.counters["errors"] += 1
             return msg.error_meta(PotluckError(f"internal error on the node: {type(e).__name__}: {e}")), ()
 
-    async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session]) -> Reply:
+    async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], writer) -> Reply | None:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.OpenSession):
             if self.draining:
                 raise NodeDraining("this node is shutting down and takes no new sessions")
             self._check_span(request.start, request.end)
             opened[request.session_id] = self.sessions.open(request)
+            self._client_streams[request.session_id] = writer
             self.counters["sessions_opened"] += 1
             return {"type": "opened", "session_id": request.session_id}, ()
-        if isinstance(request, msg.Step):
+        if isinstance(request, msg.Step) and frame.meta.get("type") == "step":
             session = opened.get(request.session_id) or self.sessions.get(request.session_id)
             if request.session_id not in opened:
                 raise BadRequest(f"session {request.session_id} belongs to another stream")
@@ -116,10 +128,28 @@ class BlockServicer:
             self.sessions.get(request.session_id)
             opened.pop(request.session_id, None)
             self.sessions.close(request.session_id)
+            self._client_streams.pop(request.session_id, None)
             return {"type": "closed", "session_id": request.session_id}, ()
         raise BadRequest(f"{type(request).__name__} is not valid on an inference stream")
 
-    async def _step(self, session: Session, request: msg.Step, tensors) -> Reply:
+    async def _push_request(self, frame: msg.Frame) -> Reply | None:
+        """A step handed off by the previous node: errors go to the session's client, not back."""
+        request = msg.parse_request(frame.meta)
+        if not isinstance(request, msg.Step) or frame.meta.get("type") != "push":
+            raise BadRequest("only push steps are valid on a push stream")
+        session = self.sessions.get(request.session_id)
+        client = self._client_streams.get(request.session_id)
+        try:
+            reply = await self._step(session, request, frame.tensors)
+        except PotluckError as e:
+            self.counters["errors"] += 1
+            reply = msg.error_meta(e), ()
+        if reply is not None and client is not None and not client.is_closing():
+            self.counters["to_client"] += 1
+            await msg.write_frame(client, *reply)
+        return None
+
+    async def _step(self, session: Session, request: msg.Step, tensors) -> Reply | None:
         new_tokens = tensors[0].shape[1] if tensors and tensors[0].ndim == 3 else 0
         prefix = session.check_room(request.start_from, new_tokens)
         hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, prefix)
@@ -127,7 +157,20 @@ class BlockServicer:
         out = await self.compute.run(session.step, self.span, hidden.to(self.dtype), positions, mask, prefix)
         self.counters["steps"] += 1
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
-        return {"type": "result", "length": session.length}, (out.to(hidden.dtype),)
+        out = out.to(hidden.dtype)
+        if not request.next:
+            return {"type": "result", "length": session.length}, (out,)
+        following = request.next[0]
+        meta = {"type": "push", "session_id": following.session_id, "start_from": prefix,
+                "next": msg.next_meta(request.next[1:])}
+        try:
+            await self.links.push(following.peer_id, meta, [out, *tensors[1:]])
+        except NodeUnavailable as e:  # the client carries on from here itself
+            self.counters["handoff_failures"] += 1
+            return {"type": "handoff_failed", "peer_id": following.peer_id, "reason": str(e),
+                    "length": session.length}, (out,)
+        self.counters["pushes_sent"] += 1
+        return None
 
     async def _single_request(self, frame: msg.Frame) -> Reply:
         request = msg.parse_request(frame.meta)

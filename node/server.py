@@ -25,6 +25,7 @@ from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, Nod
 from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
+from .links import PushLinks
 from .sessions import SessionTable
 from .throughput import measure
 
@@ -67,6 +68,7 @@ class Node:
                          checkpoint.config.hidden_size)
         self.announcer = Announcer(dht, self.peer_id, info, self.record, config.announce_period)
         self.servicer: BlockServicer | None = None
+        self.links: PushLinks | None = None
         self.sessions: SessionTable | None = None
         self.compute = ComputeLane()
         self.rates = (0.0, 0.0)  # (steps/s, forward tokens/s) measured at start
@@ -101,7 +103,8 @@ class Node:
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, config.cache_gib)
         self.sessions = SessionTable(tokens)
         limits = ServingLimits(max_batch_tokens=config.max_batch_tokens)
-        self.servicer = BlockServicer(span, self.compute, self.sessions, limits, dtype, self.describe)
+        self.links = PushLinks(self.p2p)
+        self.servicer = BlockServicer(span, self.compute, self.sessions, limits, dtype, self.describe, self.links)
         await self.servicer.register(self.p2p)
         await self.announcer.announce(NodeState.ONLINE)
         self._own(self.announcer.run())
@@ -144,6 +147,8 @@ class Node:
                 logger.warning("closing %d sessions still open after %.0f s", len(self.sessions.sessions),
                                self.config.drain_timeout)
         await self.announcer.announce(NodeState.OFFLINE, ttl=self.config.announce_period)
+        if self.links is not None:
+            self.links.close()
         self.compute.shutdown()
         await self.dht.shutdown()
         await self.p2p.shutdown()

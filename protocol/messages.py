@@ -24,6 +24,7 @@ from .errors import BadRequest, MessageTooLarge, PotluckError, ProtocolViolation
 INFERENCE_HANDLER = "potluck.inference"  # a stream: open, then steps, then close
 FORWARD_HANDLER = "potluck.forward"  # a stream: one forward request, one answer
 INFO_HANDLER = "potluck.info"  # a stream: one info request, one answer
+PUSH_HANDLER = "potluck.push"  # a stream between nodes: step outputs handed to the next node
 
 HEADER_BYTES = 4
 MAX_FRAME_BYTES = 256 * 1024 * 1024
@@ -31,7 +32,9 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_TENSORS = 4
 MAX_TENSOR_DIMS = 4
 MAX_POSITION = 2**24
+MAX_NEXT_HOPS = 64
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,64}$")  # base58
 _TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
 _COMPRESSIONS = {runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16}
 
@@ -123,12 +126,22 @@ class OpenSession:
 
 
 @dataclass(frozen=True)
+class NextHop:
+    peer_id: str  # base58 peer id of the next node
+    session_id: str  # the session opened on it for this chain
+
+
+@dataclass(frozen=True)
 class Step:
     """Run new tokens through the session's blocks; tensors: hidden [B, T, H], position_ids [B, T],
-    optionally attention_mask [B, prefix + T] (1 = attend, 0 = padding)."""
+    optionally attention_mask [B, prefix + T] (1 = attend, 0 = padding).
+
+    With ``next`` (hand-off), the node pushes its output to the first of them as a ``push`` step
+    carrying the rest, and the last node of the chain answers the client; without, it answers."""
 
     session_id: str
     start_from: int | None  # rewind the cache to this many tokens first (None: append)
+    next: tuple[NextHop, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,9 +173,9 @@ def parse_request(meta: dict[str, Any]) -> Request:
         if end <= start:
             raise BadRequest(f"empty span {start}:{end}")
         return OpenSession(_session_id(meta), start, end, _int(meta, "max_length", 1), _int(meta, "batch_size", 1))
-    if kind == "step":
+    if kind in ("step", "push"):
         start_from = None if meta.get("start_from") is None else _int(meta, "start_from", 0)
-        return Step(_session_id(meta), start_from)
+        return Step(_session_id(meta), start_from, _next_hops(meta.get("next", [])))
     if kind == "close":
         return CloseSession(_session_id(meta))
     if kind == "forward":
@@ -180,6 +193,21 @@ def _int(meta: dict[str, Any], name: str, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**31:
         raise BadRequest(f"field {name!r} must be an integer >= {minimum}, got {value!r:.40}")
     return value
+
+
+def _next_hops(value: Any) -> tuple[NextHop, ...]:
+    if not isinstance(value, list) or len(value) > MAX_NEXT_HOPS:
+        raise BadRequest(f"field 'next' must be a list of at most {MAX_NEXT_HOPS} hops")
+    hops = []
+    for item in value:
+        if not isinstance(item, dict) or not _PEER_ID.match(str(item.get("peer_id", ""))):
+            raise BadRequest("each hop in 'next' needs a base58 'peer_id'")
+        hops.append(NextHop(item["peer_id"], _session_id(item)))
+    return tuple(hops)
+
+
+def next_meta(hops: tuple[NextHop, ...]) -> list[dict[str, str]]:
+    return [{"peer_id": h.peer_id, "session_id": h.session_id} for h in hops]
 
 
 def _session_id(meta: dict[str, Any]) -> str:

@@ -67,20 +67,22 @@ def test_node_lost_after_the_tenth_token(how, replicated):
     assert torch.equal(got, expected)
 
 
-def test_node_killed_in_the_middle_of_the_prefill(replicated):
+@pytest.mark.parametrize("handoff", [True, False])
+def test_node_killed_in_the_middle_of_the_prefill(handoff, replicated):
     swarm, remote, local, stopped = replicated
+    remote.chain.handoff = handoff
     ids = prompt(seed=1, length=40)
     expected = local.generate(ids, max_new_tokens=16, do_sample=False)
     with remote.inference_session(max_length=64) as session:
-        send_step = session._send_step
+        send = session._send
 
-        async def kill_second_hop_after_first(hop_session, inputs, start_from):
-            out = await send_step(hop_session, inputs, start_from)
-            if session.position == 0 and hop_session is session._hops[0] and not session.failovers:
-                hit(swarm, stopped, session._hops[1].hop.peer_id, "SIGKILL")
-            return out
+        async def kill_second_hop_once_the_first_has_the_prefill(hop_session, meta, inputs):
+            await send(hop_session, meta, inputs)
+            if meta["type"] == "step" and session.position == 0 and hop_session is session._hops[0]:
+                if not session.failovers:
+                    hit(swarm, stopped, session._hops[1].hop.peer_id, "SIGKILL")
 
-        session._send_step = kill_second_hop_after_first
+        session._send = kill_second_hop_once_the_first_has_the_prefill
         got = remote.generate(ids, max_new_tokens=16, do_sample=False)
         assert session.failovers == 1
     assert torch.equal(got, expected)

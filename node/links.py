@@ -1,0 +1,70 @@
+"""Outgoing streams from this node to the next nodes of chains, for hand-off of step outputs.
+
+One long-lived stream per peer, opened on first use and shared by every session that hands off
+to that peer (a new stream per message costs far more than a write on an open one). A link
+that fails is dropped; the caller falls back to answering the client itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hivemind.p2p import P2P, PeerID
+
+from potluck.protocol import messages as msg
+from potluck.protocol.errors import NodeUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class PushLinks:
+    def __init__(self, p2p: P2P, connect_timeout: float = 5.0):
+        self.p2p, self.connect_timeout = p2p, connect_timeout
+        self._writers: dict[str, asyncio.StreamWriter] = {}  # peer id -> open push stream
+        self._readers: set[asyncio.Task] = set()  # drain what peers answer on push streams
+        self._connecting: dict[str, asyncio.Lock] = {}
+
+    async def push(self, peer_id: str, meta: dict, tensors) -> None:
+        """Send one push frame to ``peer_id``; NodeUnavailable if it cannot be reached."""
+        try:
+            writer = await self._writer(peer_id)
+            await msg.write_frame(writer, meta, tensors)
+        except Exception as e:  # p2pd dial errors, timeouts and broken pipes all mean "unreachable"
+            self._drop(peer_id)
+            raise NodeUnavailable(f"cannot hand off to node {peer_id}: {type(e).__name__} {e}", peer_id) from None
+
+    async def _writer(self, peer_id: str) -> asyncio.StreamWriter:
+        async with self._connecting.setdefault(peer_id, asyncio.Lock()):
+            writer = self._writers.get(peer_id)
+            if writer is None or writer.is_closing():
+                _, reader, writer = await asyncio.wait_for(
+                    self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), msg.PUSH_HANDLER),
+                    self.connect_timeout)
+                self._writers[peer_id] = writer
+                task = asyncio.create_task(self._drain(peer_id, reader))
+                self._readers.add(task)
+                task.add_done_callback(self._readers.discard)
+            return writer
+
+    async def _drain(self, peer_id: str, reader: asyncio.StreamReader) -> None:
+        """Peers answer push frames only with errors they could not send to a client; log them."""
+        try:
+            while True:
+                frame = await msg.read_frame(reader)
+                logger.warning("node %s refused a hand-off: %s", peer_id, frame.meta.get("error"))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            self._drop(peer_id)
+        except Exception as e:  # a malformed answer: stop reading this link
+            logger.warning("dropping hand-off link to %s: %s", peer_id, e)
+            self._drop(peer_id)
+
+    def _drop(self, peer_id: str) -> None:
+        writer = self._writers.pop(peer_id, None)
+        if writer is not None:
+            writer.close()
+
+    def close(self) -> None:
+        for peer_id in list(self._writers):
+            self._drop(peer_id)
+        for task in list(self._readers):
+            task.cancel()

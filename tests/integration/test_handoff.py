@@ -1,0 +1,61 @@
+"""With hand-off, a step is one message from the client and one back; tokens do not change."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from potluck import AutoDistributedModelForCausalLM
+from potluck.client.transport import SwarmConnection
+from potluck.protocol import messages as msg
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints, swarm_factory):
+    path = tiny_checkpoints["qwen3"]
+    swarm = swarm_factory()
+    peers = swarm.start_nodes(path, ["0:3", "3:6", "6:8"])
+    connection = SwarmConnection(swarm.initial_peers)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection)
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    yield connection, peers, remote, local
+    connection.close()
+
+
+def counters(connection, peers):
+    total = {}
+    for peer in peers:
+        frame = connection.call(connection.request(peer, msg.INFO_HANDLER, {"type": "info"}))
+        for name, value in frame.meta["counters"].items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def test_one_message_each_way_per_step(setup):
+    connection, peers, remote, local = setup
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with remote.inference_session(max_length=64) as session:
+        remote.generate(ids, max_new_tokens=2, do_sample=False)  # opens the sessions
+        before = counters(connection, peers)
+        got = remote.generate(ids, max_new_tokens=17, do_sample=False)
+        after = counters(connection, peers)
+        assert session.handoff_fallbacks == 0
+    steps = 17  # a prefill (the prompt, rewound) and 16 one-token steps
+    delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    assert delta["client_messages"] == steps
+    assert delta["to_client"] == steps
+    assert delta["pushes_sent"] == delta["pushes_received"] == 2 * steps
+    assert torch.equal(got, local.generate(ids, max_new_tokens=17, do_sample=False))
+
+
+def test_same_tokens_with_and_without_handoff(setup):
+    connection, peers, remote, local = setup
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+    remote.chain.handoff = False
+    try:
+        before = counters(connection, peers)
+        direct = remote.generate(ids, max_new_tokens=12, do_sample=False)
+        delta = {n: v - before.get(n, 0) for n, v in counters(connection, peers).items()}
+    finally:
+        remote.chain.handoff = True
+    assert delta.get("pushes_sent", 0) == 0 and delta["client_messages"] == 3 * 12 + 3  # steps on 3 hops, opens
+    assert torch.equal(remote.generate(ids, max_new_tokens=12, do_sample=False), direct)
+    assert torch.equal(direct, local.generate(ids, max_new_tokens=12, do_sample=False))
