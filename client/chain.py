@@ -62,11 +62,12 @@ class RemoteChain:
             await asyncio.sleep(self.refresh_period)
             try:
                 await self.refresh()
-                await self._measure_pings()
+                await self.measure_pings()
             except (asyncio.TimeoutError, PotluckError, OSError) as e:
                 logger.debug("background refresh failed: %s", e)
 
-    async def _measure_pings(self) -> None:
+    async def measure_pings(self) -> None:
+        """Round trips from this client to every ONLINE node, for routing."""
         for peer_id, record in list(self.records.items()):
             if record.state == NodeState.ONLINE and peer_id not in self.banned:
                 began = time.perf_counter()

@@ -23,6 +23,44 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(run=_run_chat)
 
+    _add_route_command(commands)
+
+
+def _add_route_command(commands: argparse._SubParsersAction) -> None:
+    route = commands.add_parser("route", help="show the swarm's nodes for a model and the chain a session would take")
+    _add_model_args(route)
+    route.add_argument("--max-length", type=int, default=2048, help="cache tokens the session would reserve")
+    route.set_defaults(run=_run_route)
+
+
+def _run_route(args: argparse.Namespace) -> int:
+    from potluck.protocol.checkpoint import resolve_checkpoint
+    from potluck.protocol.network import initial_peers_from_env
+
+    from .chain import RemoteChain
+    from .routing import explain
+    from .transport import SwarmConnection
+
+    checkpoint = resolve_checkpoint(args.model, args.model_name)
+    swarm = SwarmConnection(initial_peers_from_env(args.initial_peers))
+    try:
+        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks)
+        swarm.call(chain.refresh())
+        swarm.call(chain.measure_pings())
+        print(f"{checkpoint.name}: {checkpoint.num_blocks} blocks, {len(chain.records)} nodes known")
+        for peer_id, record in sorted(chain.records.items(), key=lambda item: (item[1].start, item[0])):
+            ping = chain.costs.client_pings.get(peer_id)
+            print(f"  {record.state.value:<8} blocks {record.start:>3}:{record.end:<3} "
+                  f"{record.public_name or 'unnamed':<20} {peer_id}  {record.inference_steps_per_s:8.1f} steps/s  "
+                  f"cache {record.cache_tokens_left:>8}  ping {'-' if ping is None else f'{ping * 1e3:.1f} ms'}")
+        hops = swarm.call(chain.route(cache_tokens=args.max_length))
+        print("chosen chain (least expected time per step):")
+        for line in explain(hops, chain.records, chain.costs):
+            print("  " + line)
+    finally:
+        swarm.close()
+    return 0
+
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")

@@ -110,3 +110,20 @@ def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord],
         last += 1
     return (f"no ONLINE node with room serves blocks {first}:{last + 1} (of {start}:{end}; "
             f"{len(records)} nodes known, {len(banned)} banned)")
+
+
+def explain(chain: list[Hop], records: dict[str, NodeRecord], costs: RouteCosts) -> list[str]:
+    """Human-readable lines: each hop's blocks, expected compute and latency, and the total."""
+    lines, total, previous = [], 0.0, None
+    for hop in chain:
+        latency = costs.one_way(records, previous, hop.peer_id)
+        compute = (hop.end - hop.start) * costs.block_time(hop.peer_id, hop.record)
+        total += latency + compute
+        name = hop.record.public_name or "unnamed"
+        load = hop.record.active_sessions + costs.local_sessions.get(hop.peer_id, 0)
+        lines.append(f"blocks {hop.start:>3}:{hop.end:<3} {name:<20} {hop.peer_id}  "
+                     f"compute {compute * 1e3:7.2f} ms  latency in {latency * 1e3:6.2f} ms  load {load}")
+        previous = hop.peer_id
+    back = costs.one_way(records, previous, None)
+    lines.append(f"expected time per step: {(total + back) * 1e3:.2f} ms (including {back * 1e3:.2f} ms back to you)")
+    return lines

@@ -73,16 +73,7 @@ class SwarmConnection:
 
     async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0) -> msg.Frame:
         """One request on a fresh stream (info, forward); raises the node's typed error if it sent one."""
-        reader, writer = await self.open_stream(peer_id, handler, timeout)
-        try:
-            await msg.write_frame(writer, meta, tensors)
-            frame = await asyncio.wait_for(msg.read_frame(reader), timeout)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
-            raise NodeUnavailable(f"node {peer_id} failed during {handler}: {type(e).__name__} {e}".rstrip(),
-                                  peer_id) from None
-        finally:
-            writer.close()
-        return msg.raise_if_error(frame, peer_id)
+        return await msg.call_once(self.p2p, peer_id, handler, meta, tensors, timeout)
 
     def close(self) -> None:
         if not self.loop.is_running():

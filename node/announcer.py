@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
@@ -39,8 +39,10 @@ class Announcer:
             logger.warning("announcement %s reached only %d of %d keys", self.state.name, sum(stored.values()), len(keys))
         return ok
 
-    async def run(self) -> None:
-        """Re-announce every period until cancelled."""
+    async def run(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Re-announce every period until cancelled, after ``before`` (e.g. measuring pings)."""
         while True:
             await asyncio.sleep(self.period)
+            if before is not None:
+                await before()
             await self.announce()

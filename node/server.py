@@ -26,6 +26,7 @@ from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
 from .links import PushLinks
+from .pings import measure_pings
 from .sessions import SessionTable
 from .throughput import measure
 
@@ -72,6 +73,7 @@ class Node:
         self.sessions: SessionTable | None = None
         self.compute = ComputeLane()
         self.rates = (0.0, 0.0)  # (steps/s, forward tokens/s) measured at start
+        self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -107,10 +109,17 @@ class Node:
         self.servicer = BlockServicer(span, self.compute, self.sessions, limits, dtype, self.describe, self.links)
         await self.servicer.register(self.p2p)
         await self.announcer.announce(NodeState.ONLINE)
-        self._own(self.announcer.run())
+        self._own(self.announcer.run(before=self._measure_pings))
         logger.info("ONLINE: serving %s blocks %d:%d as %s%s; %.0f steps/s, %.0f tokens/s forward; cache %d tokens",
                     self.checkpoint.name, config.start, config.end, self.peer_id,
                     f" ({config.public_name})" if config.public_name else "", *self.rates, tokens)
+
+    async def _measure_pings(self) -> None:
+        try:
+            self.pings = await measure_pings(self.p2p, self.dht, self.peer_id, self.checkpoint.name,
+                                             self.checkpoint.num_blocks, self.config.start, self.config.end)
+        except (asyncio.TimeoutError, OSError) as e:
+            logger.debug("could not measure pings: %s", e)
 
     def record(self, state: NodeState) -> NodeRecord:
         c = self.config
@@ -119,7 +128,7 @@ class Node:
             version=potluck.__version__, dtype=c.dtype, inference_steps_per_s=self.rates[0],
             forward_tokens_per_s=self.rates[1], cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             active_sessions=len(self.sessions.sessions) if self.sessions else 0,
-            max_batch_tokens=c.max_batch_tokens,
+            max_batch_tokens=c.max_batch_tokens, pings=self.pings,
         )
 
     def describe(self) -> dict:

@@ -237,3 +237,27 @@ def check_step_tensors(
     if mask is not None and (mask.dtype != torch.int64 or tuple(mask.shape) != (batch, prefix + length)):
         raise BadRequest(f"attention_mask must be int64 [{batch}, {prefix + length}], got {tuple(mask.shape)}")
     return hidden, positions, mask
+
+
+async def call_once(p2p, peer_id: str, handler: str, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
+                    timeout: float = 30.0) -> Frame:
+    """One request on a fresh stream to ``peer_id`` and its answer; a peer that cannot be reached
+    or does not answer in time raises NodeUnavailable, a typed refusal raises its own error."""
+    from hivemind.p2p import PeerID
+
+    from .errors import NodeUnavailable
+
+    try:
+        _, reader, writer = await asyncio.wait_for(
+            p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
+    except Exception as e:  # p2pd reports unreachable peers with its own ControlFailure, timeouts, OSErrors
+        raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}", peer_id) from None
+    try:
+        await write_frame(writer, meta, tensors)
+        frame = await asyncio.wait_for(read_frame(reader), timeout)
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+        raise NodeUnavailable(f"node {peer_id} failed during {handler}: {type(e).__name__} {e}".rstrip(),
+                              peer_id) from None
+    finally:
+        writer.close()
+    return raise_if_error(frame, peer_id)

@@ -1,4 +1,7 @@
 """With hand-off, a step is one message from the client and one back; tokens do not change."""
+import subprocess
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -7,16 +10,18 @@ from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 from potluck.protocol import messages as msg
 
+from helpers import potluck_command
+
 
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoints, swarm_factory):
     path = tiny_checkpoints["qwen3"]
     swarm = swarm_factory()
-    peers = swarm.start_nodes(path, ["0:3", "3:6", "6:8"])
+    peers = swarm.start_nodes(path, ["0:3", "3:6", "6:8"], "--announce-period", "2")
     connection = SwarmConnection(swarm.initial_peers)
     remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection)
     local = AutoModelForCausalLM.from_pretrained(path).eval()
-    yield connection, peers, remote, local
+    yield connection, peers, remote, local, path
     connection.close()
 
 
@@ -30,7 +35,7 @@ def counters(connection, peers):
 
 
 def test_one_message_each_way_per_step(setup):
-    connection, peers, remote, local = setup
+    connection, peers, remote, local, path = setup
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with remote.inference_session(max_length=64) as session:
         remote.generate(ids, max_new_tokens=2, do_sample=False)  # opens the sessions
@@ -47,7 +52,7 @@ def test_one_message_each_way_per_step(setup):
 
 
 def test_same_tokens_with_and_without_handoff(setup):
-    connection, peers, remote, local = setup
+    connection, peers, remote, local, path = setup
     ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
     remote.chain.handoff = False
     try:
@@ -59,3 +64,23 @@ def test_same_tokens_with_and_without_handoff(setup):
     assert delta.get("pushes_sent", 0) == 0 and delta["client_messages"] == 3 * 12 + 3  # steps on 3 hops, opens
     assert torch.equal(remote.generate(ids, max_new_tokens=12, do_sample=False), direct)
     assert torch.equal(direct, local.generate(ids, max_new_tokens=12, do_sample=False))
+
+
+def test_nodes_publish_pings_and_route_explains_the_chain(setup):
+    connection, peers, remote, local, path = setup
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        connection.call(remote.chain.refresh())
+        records = remote.chain.records
+        if all(set(peers) - {p} <= set(records[p].pings) for p in peers):
+            break
+        time.sleep(1)
+    assert all(0 < ping < 5 for p in peers for ping in records[p].pings.values())
+    assert set(records[peers[0]].pings) == set(peers[1:])
+    result = subprocess.run(potluck_command("route", "--model", str(path), "--initial-peers", *connection.initial_peers),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 nodes known" in result.stdout
+    chain = [line for line in result.stdout.splitlines() if "compute" in line]
+    assert [line.split()[1] for line in chain] == ["0:3", "3:6", "6:8"]
+    assert "expected time per step" in result.stdout

@@ -1,0 +1,34 @@
+"""Round trips from this node to the other nodes of its model, published in its record.
+
+Clients route with them: the cost of handing a step from one node to the next is half their
+round trip. Measured each announce period with an info request on a fresh stream.
+"""
+from __future__ import annotations
+
+import time
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from potluck.protocol import messages as msg
+from potluck.protocol.directory import read_block_records
+from potluck.protocol.errors import PotluckError
+from potluck.protocol.records import NodeState
+
+MAX_PEERS = 16  # pinged per period; neighbours of our span first
+
+
+async def measure_pings(p2p: P2P, dht: DHTNode, self_id: str, model: str, num_blocks: int, start: int, end: int,
+                        timeout: float = 2.0) -> dict[str, float]:
+    records = await read_block_records(dht, model, num_blocks)
+    peers = [p for p, r in records.items() if p != self_id and r.state == NodeState.ONLINE]
+    peers.sort(key=lambda p: (records[p].start != end and records[p].end != start, p))  # neighbours first
+    pings = {}
+    for peer_id in peers[:MAX_PEERS]:
+        began = time.perf_counter()
+        try:
+            await msg.call_once(p2p, peer_id, msg.INFO_HANDLER, {"type": "info"}, timeout=timeout)
+        except PotluckError:
+            continue
+        pings[peer_id] = round(time.perf_counter() - began, 6)
+    return pings
