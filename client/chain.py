@@ -31,6 +31,7 @@ class FailoverPolicy:
     ban_time: float = 30.0  # seconds a failed node is not routed through
     max_retries: int = 4  # replacement chains tried for one failed step
     backoff: float = 0.1  # seconds before the first retry, doubling after each
+    probe_timeout: float = 1.0  # seconds a node may take to answer an info request after a chain timed out
 
 
 @dataclass
@@ -87,9 +88,11 @@ class RemoteChain:
         return frozenset(self.banned)
 
     async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0) -> list[Hop]:
-        """The fastest chain for blocks start:end, refreshing the records when they may be stale."""
+        """The fastest chain for blocks start:end. Routes on the current view (kept fresh in the
+        background, so a failover does not wait on the DHT) and reads the DHT again only when the
+        view is empty or has no chain."""
         end = self.num_blocks if end is None else end
-        if time.monotonic() - self._refreshed_at > self.refresh_period or not self.records:
+        if not self.records or time.monotonic() - self._refreshed_at > 3 * self.refresh_period:
             await self.refresh()
         try:
             return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
@@ -99,10 +102,12 @@ class RemoteChain:
             return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
                               costs=self.costs)
 
-    def timeout_for(self, hop: Hop, tokens: int) -> float:
-        """How long ``hop`` may take for ``tokens`` new tokens before it counts as hung."""
-        speed = hop.record.forward_tokens_per_s * (hop.record.end - hop.record.start) / (hop.end - hop.start)
-        expected = tokens / speed if speed > 0 else 0.0
+    def timeout_for(self, hops: list[Hop], tokens: int) -> float:
+        """How long ``hops`` may take for ``tokens`` new tokens before the step counts as hung."""
+        expected = 0.0
+        for hop in hops:
+            speed = hop.record.forward_tokens_per_s * (hop.record.end - hop.record.start) / (hop.end - hop.start)
+            expected += tokens / speed if speed > 0 else 0.0
         return self.policy.request_timeout + self.policy.slack * expected
 
     # --- forward --------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ class RemoteChain:
                 for hop in await self.route(block, end):
                     frame = await self.swarm.request(
                         hop.peer_id, msg.FORWARD_HANDLER, {"type": "forward", "start": hop.start, "end": hop.end},
-                        [hidden, *extra], self.timeout_for(hop, hidden.shape[0] * hidden.shape[1]))
+                        [hidden, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]))
                     hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
                 return hidden
             except PotluckError as e:

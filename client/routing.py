@@ -34,7 +34,8 @@ class RouteCosts:
 
     client_pings: dict[str, float] = field(default_factory=dict)  # peer id -> round trip, seconds
     local_sessions: dict[str, int] = field(default_factory=dict)  # peer id -> sessions this client has open
-    jitter: float = 0.05  # relative random noise on compute costs, to spread equal replicas
+    jitter: float = 0.25  # relative random noise on compute costs: replicas whose measured speeds differ
+    # by less than this (measurements are that noisy) share clients instead of one taking all
 
     def one_way(self, records: dict[str, NodeRecord], src: str | None, dst: str | None) -> float:
         """One-way latency between two nodes (None = this client)."""

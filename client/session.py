@@ -52,7 +52,9 @@ class HopSession:
     reading: asyncio.Task | None = None  # copies frames from the stream into the session's inbox
 
     def remember(self, inputs: StepInputs, start_from: int) -> None:
-        self.history = _cut(self.history, start_from) + [inputs]
+        if start_from < sum(step.hidden.shape[1] for step in self.history):  # a rewind: drop the tail
+            self.history = _cut(self.history, start_from)
+        self.history.append(inputs)
 
     def describe(self) -> str:
         return f"node {self.hop.peer_id} ({self.hop.record.public_name or 'unnamed'}, blocks {self.hop.start}:{self.hop.end})"
@@ -124,6 +126,8 @@ class InferenceSession:
                     raise
                 self.handoff_fallbacks += 1
                 logger.info("hand-off step failed (%s); redoing it hop by hop", error)
+                if error.peer_id is None:  # a timeout somewhere along the chain: find who hangs
+                    await self._probe_hops()
                 start_from = prefix  # nodes that already took this step rewind and take it again
         return await self._hop_by_hop(inputs, start_from, prefix, 0)
 
@@ -138,7 +142,7 @@ class InferenceSession:
         meta = {"type": "step", "session_id": first.session_id, "start_from": start_from,
                 "next": [{"peer_id": h.hop.peer_id, "session_id": h.session_id} for h in hops[1:]]}
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
-        timeout = sum(self.chain.timeout_for(h.hop, tokens) for h in hops)
+        timeout = self.chain.timeout_for([h.hop for h in hops], tokens)
         await self._send(first, meta, inputs)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -161,6 +165,18 @@ class InferenceSession:
             hop_session.history_known = False
         return out
 
+    async def _probe_hops(self) -> None:
+        """Ask every hop for its info at once; mark those that do not answer as failed, so the
+        redo replaces them at once instead of waiting out another timeout on each."""
+        async def probe(hop_session: HopSession) -> None:
+            try:
+                await self.chain.swarm.request(hop_session.hop.peer_id, msg.INFO_HANDLER, {"type": "info"},
+                                               timeout=self.chain.policy.probe_timeout)
+            except PotluckError as error:
+                hop_session.failed = error
+
+        await asyncio.gather(*(probe(h) for h in self._hops))
+
     async def _hop_by_hop(self, inputs: StepInputs, start_from: int | None, prefix: int, index: int) -> torch.Tensor:
         failures = 0
         while index < len(self._hops):
@@ -182,7 +198,7 @@ class InferenceSession:
         meta = {"type": "step", "session_id": hop_session.session_id, "start_from": start_from}
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
         await self._send(hop_session, meta, inputs)
-        deadline = asyncio.get_running_loop().time() + self.chain.timeout_for(hop_session.hop, tokens)
+        deadline = asyncio.get_running_loop().time() + self.chain.timeout_for([hop_session.hop], tokens)
         _, frame = await self._receive(hop_session, deadline, [hop_session])
         return expect_hidden(frame, hop_session.hop, inputs.hidden.shape)
 
@@ -201,11 +217,11 @@ class InferenceSession:
                        waiting_on: list[HopSession]) -> tuple[HopSession, msg.Frame]:
         """The next frame from ``expected`` (None: from any hop in ``waiting_on``). An error from a
         hop we wait on is raised; late frames from other hops are dropped, their failures noted."""
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                source, item = await asyncio.wait_for(self._inbox.get(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout_at(deadline):  # no extra task per wait, unlike wait_for
+                    source, item = await self._inbox.get()
+            except TimeoutError:
                 who = expected.describe() if expected is not None else "the chain"
                 raise NodeUnavailable(f"{who} did not answer in time",
                                       expected.hop.peer_id if expected is not None else None) from None

@@ -13,7 +13,7 @@ import threading
 from typing import Awaitable, Sequence, TypeVar
 
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
 from potluck.protocol.errors import NodeUnavailable, NoRoute
@@ -64,12 +64,7 @@ class SwarmConnection:
 
     async def open_stream(self, peer_id: str, handler: str, timeout: float):
         """Open a stream to a node's handler; NodeUnavailable if it cannot be reached."""
-        try:
-            _, reader, writer = await asyncio.wait_for(
-                self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
-        except Exception as e:  # p2pd reports unreachable peers with its own ControlFailure, timeouts, OSErrors
-            raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}", peer_id) from None
-        return reader, writer
+        return await msg.open_stream(self.p2p, peer_id, handler, timeout)
 
     async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0) -> msg.Frame:
         """One request on a fresh stream (info, forward); raises the node's typed error if it sent one."""

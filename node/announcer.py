@@ -20,6 +20,8 @@ class Announcer:
                  period: float):
         self.dht, self.peer_id, self.model, self.make_record, self.period = dht, peer_id, model, make_record, period
         self.state = NodeState.JOINING
+        self.min_gap = min(1.0, period)  # seconds between announcements triggered by nudges
+        self._nudged = asyncio.Event()
 
     async def announce(self, state: NodeState | None = None, ttl: float | None = None) -> bool:
         """Store the record now, at every block of the span and in the model index."""
@@ -39,10 +41,19 @@ class Announcer:
             logger.warning("announcement %s reached only %d of %d keys", self.state.name, sum(stored.values()), len(keys))
         return ok
 
+    def nudge(self) -> None:
+        """Announce again soon (within ``min_gap``): e.g. the node's load changed."""
+        self._nudged.set()
+
     async def run(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Re-announce every period until cancelled, after ``before`` (e.g. measuring pings)."""
+        """Re-announce every period (sooner when nudged) until cancelled; ``before`` runs ahead of
+        each periodic announcement (e.g. measuring pings)."""
         while True:
-            await asyncio.sleep(self.period)
-            if before is not None:
-                await before()
+            try:
+                await asyncio.wait_for(self._nudged.wait(), self.period)
+                await asyncio.sleep(self.min_gap)  # gather the changes of a burst into one store
+            except asyncio.TimeoutError:
+                if before is not None:
+                    await before()
+            self._nudged.clear()
             await self.announce()

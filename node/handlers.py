@@ -154,7 +154,8 @@ class BlockServicer:
         prefix = session.check_room(request.start_from, new_tokens)
         hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, prefix)
         self._check_tokens(hidden)
-        out = await self.compute.run(session.step, self.span, hidden.to(self.dtype), positions, mask, prefix)
+        out = await self.compute.run(session.step, self.span, hidden.to(self.dtype), positions, mask, prefix,
+                                     tokens=hidden.shape[0] * hidden.shape[1])
         self.counters["steps"] += 1
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
         out = out.to(hidden.dtype)

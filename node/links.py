@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
 from potluck.protocol.errors import NodeUnavailable
@@ -37,9 +37,7 @@ class PushLinks:
         async with self._connecting.setdefault(peer_id, asyncio.Lock()):
             writer = self._writers.get(peer_id)
             if writer is None or writer.is_closing():
-                _, reader, writer = await asyncio.wait_for(
-                    self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), msg.PUSH_HANDLER),
-                    self.connect_timeout)
+                reader, writer = await msg.open_stream(self.p2p, peer_id, msg.PUSH_HANDLER, self.connect_timeout)
                 self._writers[peer_id] = writer
                 task = asyncio.create_task(self._drain(peer_id, reader))
                 self._readers.add(task)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -60,9 +61,10 @@ class Session:
 class SessionTable:
     """All open sessions of a node, with the cache budget they reserve against."""
 
-    def __init__(self, cache_tokens: int):
+    def __init__(self, cache_tokens: int, on_change: Callable[[], None] = lambda: None):
         self.cache_tokens = cache_tokens
         self.sessions: dict[str, Session] = {}  # session_id -> session
+        self.on_change = on_change  # called when a session opens or closes (the node re-announces its load)
 
     @property
     def tokens_left(self) -> int:
@@ -79,6 +81,7 @@ class SessionTable:
             )
         session = self.sessions[request.session_id] = Session(request)
         logger.debug("opened session %s (%d tokens)", request.session_id, needed)
+        self.on_change()
         return session
 
     def get(self, session_id: str) -> Session:
@@ -90,3 +93,4 @@ class SessionTable:
     def close(self, session_id: str) -> None:
         if self.sessions.pop(session_id, None) is not None:
             logger.debug("closed session %s", session_id)
+            self.on_change()

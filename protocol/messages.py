@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import msgpack
+import numpy as np
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from .errors import BadRequest, MessageTooLarge, PotluckError, ProtocolViolation
+from .errors import BadRequest, MessageTooLarge, NodeUnavailable, PotluckError, ProtocolViolation
 
 INFERENCE_HANDLER = "potluck.inference"  # a stream: open, then steps, then close
 FORWARD_HANDLER = "potluck.forward"  # a stream: one forward request, one answer
@@ -48,7 +50,7 @@ class Frame:
 def encode_frame(meta: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> bytes:
     message = runtime_pb2.ExpertRequest(
         metadata=msgpack.packb(meta, use_bin_type=True),
-        tensors=[serialize_torch_tensor(t.detach().cpu()) for t in tensors],
+        tensors=[_encode_tensor(t.detach().cpu()) for t in tensors],
     )
     payload = message.SerializeToString()
     return len(payload).to_bytes(HEADER_BYTES, "big") + payload
@@ -86,6 +88,19 @@ def decode_payload(payload: bytes) -> Frame:
     return Frame(meta, tuple(_decode_tensor(t) for t in message.tensors))
 
 
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+def _encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    """An uncompressed hivemind tensor message, built directly (hivemind's generic path costs
+    more than a decoding step's whole payload); bfloat16 goes through hivemind."""
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in _NUMPY_DTYPES:
+        return serialize_torch_tensor(tensor)
+    return runtime_pb2.Tensor(buffer=tensor.contiguous().numpy().tobytes(), size=tensor.shape, dtype=name,
+                              compression=runtime_pb2.CompressionType.NONE)
+
+
 def _decode_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
     if proto.dtype not in _TENSOR_DTYPES or proto.compression not in _COMPRESSIONS:
         raise BadRequest(f"unsupported tensor dtype {proto.dtype!r:.40} / compression {proto.compression}")
@@ -97,6 +112,9 @@ def _decode_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
         itemsizes.add(4)  # hivemind sends bfloat16 as float32 in its legacy mode
     if len(proto.buffer) not in {math.prod(shape) * size for size in itemsizes}:
         raise BadRequest(f"tensor buffer of {len(proto.buffer)} bytes does not match shape {shape}")
+    if proto.compression == runtime_pb2.CompressionType.NONE and proto.dtype in _NUMPY_DTYPES:
+        array = np.frombuffer(proto.buffer, dtype=_NUMPY_DTYPES[proto.dtype]).copy()  # writable, owned
+        return torch.from_numpy(array).reshape(shape)
     return deserialize_torch_tensor(proto)
 
 
@@ -239,19 +257,21 @@ def check_step_tensors(
     return hidden, positions, mask
 
 
-async def call_once(p2p, peer_id: str, handler: str, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
-                    timeout: float = 30.0) -> Frame:
-    """One request on a fresh stream to ``peer_id`` and its answer; a peer that cannot be reached
-    or does not answer in time raises NodeUnavailable, a typed refusal raises its own error."""
-    from hivemind.p2p import PeerID
-
-    from .errors import NodeUnavailable
-
+async def open_stream(p2p, peer_id: str, handler: str, timeout: float):
+    """(reader, writer) of a new stream to a peer's handler; NodeUnavailable if it cannot be reached."""
     try:
         _, reader, writer = await asyncio.wait_for(
             p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
     except Exception as e:  # p2pd reports unreachable peers with its own ControlFailure, timeouts, OSErrors
         raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}", peer_id) from None
+    return reader, writer
+
+
+async def call_once(p2p, peer_id: str, handler: str, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
+                    timeout: float = 30.0) -> Frame:
+    """One request on a fresh stream to ``peer_id`` and its answer; a peer that cannot be reached
+    or does not answer in time raises NodeUnavailable, a typed refusal raises its own error."""
+    reader, writer = await open_stream(p2p, peer_id, handler, timeout)
     try:
         await write_frame(writer, meta, tensors)
         frame = await asyncio.wait_for(read_frame(reader), timeout)

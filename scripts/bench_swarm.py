@@ -5,6 +5,7 @@ SIGINT, then SIGKILL after a timeout. Children also get SIGTERM if the bench its
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import torch
@@ -61,55 +63,43 @@ def full_model_peak_rss_mib(path: Path, prompt: list[int], new_tokens: int, thre
     return int(out.stdout.split()[-1]) / 1024
 
 
-class StepTimer:
-    """Within ``with``: total seconds spent in ``InferenceSession.step`` (and in opening sessions)."""
+@contextlib.contextmanager
+def timed_steps() -> Iterator[dict[str, float]]:
+    """Within: seconds in ``InferenceSession.step``, and in each session's first step (prefill + opening)."""
+    totals, original = {"step": 0.0, "first_step": 0.0}, InferenceSession.step
 
-    def __init__(self) -> None:
-        self.seconds = self.open_seconds = 0.0
-        self._originals = (InferenceSession.step, InferenceSession._open)
+    def timed(session: InferenceSession, *args, **kwargs):
+        first, began = session.position == 0, time.perf_counter()
+        try:
+            return original(session, *args, **kwargs)
+        finally:
+            elapsed = time.perf_counter() - began
+            totals["step"] += elapsed
+            totals["first_step"] += elapsed if first else 0.0
 
-    def __enter__(self) -> "StepTimer":
-        step, open_ = self._originals
-
-        def timed_step(session, *args, **kwargs):
-            began = time.perf_counter()
-            try:
-                return step(session, *args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - began
-
-        async def timed_open(session):
-            began = time.perf_counter()
-            try:
-                return await open_(session)
-            finally:
-                self.open_seconds += time.perf_counter() - began
-
-        InferenceSession.step, InferenceSession._open = timed_step, timed_open
-        return self
-
-    def __exit__(self, *exc) -> None:
-        InferenceSession.step, InferenceSession._open = self._originals
+    InferenceSession.step = timed
+    try:
+        yield totals
+    finally:
+        InferenceSession.step = original
 
 
-class DecoderTimer:
-    """Within ``with``: total seconds in a module's forward (local transformers' base model)."""
+@contextlib.contextmanager
+def timed_forward(module: torch.nn.Module) -> Iterator[dict[str, float]]:
+    """Within: seconds in ``module``'s forward (local transformers' base model: the decoder)."""
+    totals = {"forward": 0.0, "began": 0.0}
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module, self.seconds, self._began = module, 0.0, 0.0
+    def before(*_) -> None:
+        totals["began"] = time.perf_counter()
 
-    def __enter__(self) -> "DecoderTimer":
-        def before(*_) -> None:
-            self._began = time.perf_counter()
+    def after(*_) -> None:
+        totals["forward"] += time.perf_counter() - totals["began"]
 
-        def after(*_) -> None:
-            self.seconds += time.perf_counter() - self._began
-
-        self._hooks = [self.module.register_forward_pre_hook(before), self.module.register_forward_hook(after)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for hook in self._hooks:
+    hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield totals
+    finally:
+        for hook in hooks:
             hook.remove()
 
 
@@ -133,13 +123,13 @@ class LocalSwarm:
         found = self._wait_for(proc, log, r"POTLUCK_INITIAL_PEERS=(\S+)", timeout)
         return found.group(1)
 
-    def start_nodes(self, model: Path, spans: list[tuple[int, int]], maddr: str,
+    def start_nodes(self, model: Path, spans: list[tuple[int, int]], maddr: str, *extra: str,
                     timeout: float = 300) -> list[tuple[str, int]]:
         """Start one node per span at once; wait until each logs ONLINE. Returns (peer id, pid) per node."""
-        started = [self._spawn(f"node-{a}_{b}", ["node", str(model), "--blocks", f"{a}:{b}", "--initial-peers", maddr,
-                                                 "--public-name", f"bench-{a}_{b}",
-                                                 "--num-threads", str(self.node_threads)])
-                   for a, b in spans]
+        started = [self._spawn(f"node{i}-{a}_{b}", ["node", str(model), "--blocks", f"{a}:{b}", "--initial-peers",
+                                                      maddr, "--public-name", f"bench{i}-{a}_{b}",
+                                                      "--num-threads", str(self.node_threads), *extra])
+                   for i, (a, b) in enumerate(spans)]
         return [(self._wait_for(proc, log, r"ONLINE: serving .* as (\w+)", timeout).group(1), proc.pid)
                 for proc, log in started]
 
