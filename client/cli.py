@@ -25,6 +25,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     _add_route_command(commands)
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API whose model runs through the swarm")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
+    serve.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                       help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.set_defaults(run=_run_serve)
+
 
 def _add_route_command(commands: argparse._SubParsersAction) -> None:
     route = commands.add_parser("route", help="show the swarm's nodes for a model and the chain a session would take")
@@ -59,6 +70,35 @@ def _run_route(args: argparse.Namespace) -> int:
             print("  " + line)
     finally:
         swarm.close()
+    return 0
+
+
+async def _run_serve(args: argparse.Namespace, stop) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from .openai_api import create_app
+    from .serving import TextGenerator
+
+    tokenizer, model = await asyncio.to_thread(_load, args)
+    generator = TextGenerator(model, tokenizer, model.chain.model)
+    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key), host=args.host, port=args.port,
+                                           log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                return serving.result() or 1
+            await asyncio.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(f"POTLUCK_OPENAI_BASE_URL=http://{args.host}:{port}/v1", flush=True)
+        await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        await serving
+        generator.close()
+        await asyncio.to_thread(model.chain.swarm.close)
     return 0
 
 

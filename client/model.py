@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -78,19 +79,24 @@ class DistributedModelMixin:
     """Mixed into the checkpoint's ``*ForCausalLM`` class by ``AutoDistributedModelForCausalLM``."""
 
     chain: RemoteChain
-    _active_session: InferenceSession | None = None
+    _local: threading.local  # the active session is per thread, so threads can share one model
+
+    @property
+    def _active_session(self) -> InferenceSession | None:
+        return getattr(self._local, "session", None)
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
-        """Keep the attention caches on the nodes across ``generate`` calls, up to ``max_length`` tokens."""
+        """Keep the attention caches on the nodes across ``generate`` calls (in this thread), up to
+        ``max_length`` tokens."""
         if self._active_session is not None:
-            raise BadRequest("an inference session is already active on this model")
+            raise BadRequest("an inference session is already active on this model in this thread")
         with InferenceSession(self.chain, max_length) as session:
-            self._active_session = session
+            self._local.session = session
             try:
                 yield session
             finally:
-                self._active_session = None
+                self._local.session = None
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         if (kwargs.get("num_beams") or self.generation_config.num_beams or 1) != 1:
@@ -179,7 +185,7 @@ def _build(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dtype) -> Pr
     else:
         model.lm_head.load_state_dict({"weight": weights["lm_head.weight"]}, assign=True)
     model.model = RemoteDecoder(model.model.embed_tokens, model.model.norm, chain)
-    model.chain = chain
+    model.chain, model._local = chain, threading.local()
     if (checkpoint.path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
     else:

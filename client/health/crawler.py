@@ -1,0 +1,248 @@
+"""The dashboard's view of the swarm, kept fresh by a background crawler.
+
+Each crawl reads the model index and every block record of every known model in one batched
+DHT ``get_many`` (a model seen for the first time costs one more read), merges the result into
+the previous view (``merge``: a pure function), then probes each live node with an info request
+for its round trip and the tokens it has served. A crawl that fails or times out keeps the last
+good view; records whose expiration time has passed are marked stale, and forgotten later.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemind.utils import get_dht_time
+
+from potluck.protocol import messages as msg
+from potluck.protocol.errors import PotluckError
+from potluck.protocol.records import (
+    MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState, block_key, unpack_model_info, unpack_node_record,
+)
+
+from ..transport import SwarmConnection
+
+logger = logging.getLogger(__name__)
+UNREACHABLE_AFTER = 2  # failed probes in a row before a node counts as unreachable
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the dashboard knows about one node's record for one model."""
+
+    peer_id: str
+    record: NodeRecord
+    expires_at: float  # DHT time the record expires
+    refreshed_at: float | None  # DHT time this version was first seen (None: it predates the first crawl)
+    stale: bool = False  # expired without a newer record: the node is presumed gone
+    ping_s: float | None = None  # info round trip from the dashboard in the last successful probe
+    probe_failures: int = 0  # failed probes in a row
+    probed: bool = False  # at least one probe was tried
+    tokens_served: int | None = None  # the node's "tokens" counter, when it answered
+    relayed: bool | None = None  # connected only through a /p2p-circuit relay; None when not connected
+
+    @property
+    def reachable(self) -> bool | None:
+        return None if not self.probed else self.probe_failures < UNREACHABLE_AFTER
+
+    @property
+    def live(self) -> bool:
+        """Counts towards coverage: an ONLINE, unexpired record of a node that answers probes."""
+        return self.record.state == NodeState.ONLINE and not self.stale and self.reachable is not False
+
+
+@dataclass(frozen=True)
+class SwarmState:
+    """One immutable snapshot; the crawler swaps in a new one after each crawl."""
+
+    models: dict[str, ModelInfo] = field(default_factory=dict)  # name -> info
+    nodes: dict[str, dict[str, NodeView]] = field(default_factory=dict)  # model -> peer id -> view
+    updated_at: float | None = None  # DHT (wall-clock) time of the last successful DHT read
+    crawl_seconds: float = 0.0  # duration of the last successful DHT read
+    probe_seconds: float = 0.0  # duration of the last round of info probes
+    crawls: int = 0  # successful DHT reads so far
+    failures: int = 0  # failed or timed-out DHT reads so far
+    last_error: str = ""  # why the latest read failed; "" when it succeeded
+    period: float = 5.0  # seconds between crawls
+
+
+@dataclass(frozen=True)
+class CrawlSettings:
+    period: float = 5.0  # seconds between crawls
+    timeout: float = 10.0  # seconds a DHT read may take before the last good view is kept
+    probe_timeout: float = 2.0  # seconds a node may take to answer an info request
+    probe_concurrency: int = 32  # info requests in flight at once
+    forget_after: float = 300.0  # seconds after expiry a stale record is dropped from the view
+
+
+def merge(previous: SwarmState, index: dict[str, ModelInfo], found: dict[str, dict[str, tuple[NodeRecord, float]]],
+          now: float, forget_after: float) -> dict[str, dict[str, NodeView]]:
+    """The new node views: ``found`` (model -> peer -> (record, expiration)) over the previous ones.
+
+    A record read again with the same expiration keeps its first-seen time; one with an older
+    expiration than what we hold (a lagging replica) is ignored; a record not read this time is
+    kept until it expires (then stale) and dropped ``forget_after`` seconds later.
+    """
+    merged: dict[str, dict[str, NodeView]] = {}
+    for model in set(index) | set(found) | set(previous.nodes):
+        views: dict[str, NodeView] = {}
+        before, fresh = previous.nodes.get(model, {}), found.get(model, {})
+        for peer_id in set(before) | set(fresh):
+            old = before.get(peer_id)
+            if peer_id in fresh and (old is None or fresh[peer_id][1] > old.expires_at):
+                record, expires_at = fresh[peer_id]
+                seen = now if previous.crawls > 0 else None
+                view = NodeView(peer_id, record, expires_at, seen) if old is None else dataclasses.replace(
+                    old, record=record, expires_at=expires_at, refreshed_at=seen)
+            else:
+                view = old
+            if now - view.expires_at > forget_after:
+                continue
+            views[peer_id] = dataclasses.replace(view, stale=view.expires_at < now)
+        if views:
+            merged[model] = views
+    return merged
+
+
+def parse_entries(entries: dict[str, Any], models: dict[str, ModelInfo]) -> dict[str, dict[str, tuple[NodeRecord, float]]]:
+    """model -> peer id -> (latest valid record, its expiration) from a ``get_many`` answer."""
+    found: dict[str, dict[str, tuple[NodeRecord, float]]] = {}
+    for model, info in models.items():
+        records: dict[str, tuple[NodeRecord, float]] = {}
+        for block in range(info.num_blocks):
+            for peer_id, (raw, expiration) in _subkey_items(entries.get(block_key(model, block))).items():
+                record = unpack_node_record(raw)
+                if record is None or record.model != model or record.end > info.num_blocks:
+                    continue  # malformed or foreign: not trusted
+                if peer_id not in records or expiration > records[peer_id][1]:
+                    records[peer_id] = (record, expiration)
+        if records:
+            found[model] = records
+    return found
+
+
+def parse_index(entry: Any) -> dict[str, ModelInfo]:
+    models = {}
+    for name, (raw, _) in _subkey_items(entry).items():
+        info = unpack_model_info(raw)
+        if info is not None and info.name == name:
+            models[name] = info
+    return models
+
+
+def _subkey_items(entry: Any) -> dict[str, tuple[Any, float]]:
+    """{subkey: (raw value, expiration)} of a dictionary DHT value; {} for anything else."""
+    if entry is None or not hasattr(entry.value, "items"):
+        return {}
+    return {str(subkey): (item.value, item.expiration_time) for subkey, item in entry.value.items()}
+
+
+class Crawler:
+    """Keeps ``state`` fresh from a background task on the connection's loop (owned by it)."""
+
+    def __init__(self, swarm: SwarmConnection, settings: CrawlSettings = CrawlSettings()):
+        self.swarm, self.settings = swarm, settings
+        self.state = SwarmState(period=settings.period)  # read from any thread: swapped whole, never mutated
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Begin crawling in the background; the connection cancels the task when it closes."""
+        async def launch() -> None:
+            self._task = asyncio.create_task(self._crawl_forever(), name="potluck-health-crawler")
+            self.swarm.own(self._task)
+        self.swarm.call(launch(), timeout=10)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self.swarm.loop.call_soon_threadsafe(self._task.cancel)
+
+    async def _crawl_forever(self) -> None:
+        while True:
+            began = time.monotonic()
+            await self.crawl_once()
+            await asyncio.sleep(max(0.0, self.settings.period - (time.monotonic() - began)))
+
+    async def crawl_once(self) -> SwarmState:
+        """Read the DHT (keeping the last good view if that fails), then probe the live nodes."""
+        previous, began = self.state, time.perf_counter()
+        try:
+            index, found = await asyncio.wait_for(self._read(previous), self.settings.timeout)
+        except Exception as e:  # hivemind raises many kinds of errors when peers do not answer
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            logger.warning("DHT read failed, keeping the last good view: %s", reason)
+            now = get_dht_time()
+            nodes = merge(previous, {}, {}, now, self.settings.forget_after)
+            self.state = dataclasses.replace(previous, nodes=nodes, failures=previous.failures + 1, last_error=reason)
+            return self.state
+        now = get_dht_time()
+        models = {**{m: previous.models[m] for m in previous.nodes if m in previous.models}, **index}
+        nodes = merge(previous, index, found, now, self.settings.forget_after)
+        self.state = dataclasses.replace(
+            previous, models={m: models[m] for m in sorted(models) if m in index or m in nodes}, nodes=nodes,
+            updated_at=now, crawl_seconds=time.perf_counter() - began, crawls=previous.crawls + 1, last_error="")
+        await self._probe()
+        return self.state
+
+    async def _read(self, previous: SwarmState) -> tuple[dict[str, ModelInfo], dict]:
+        """The model index and block records: one batched read for the models already known."""
+        known = dict(previous.models)
+        keys = [MODEL_INDEX_KEY] + [block_key(m, b) for m, info in known.items() for b in range(info.num_blocks)]
+        entries = await self.swarm.dht.get_many(keys, sufficient_expiration_time=float("inf"))
+        index = parse_index(entries.get(MODEL_INDEX_KEY))
+        new = {m: info for m, info in index.items() if known.get(m) != info}
+        if new:  # a model we had not seen: read its blocks too
+            more = [block_key(m, b) for m, info in new.items() for b in range(info.num_blocks)]
+            entries = {**entries, **await self.swarm.dht.get_many(more, sufficient_expiration_time=float("inf"))}
+        return index, parse_entries(entries, {**known, **index})
+
+    async def _probe(self) -> None:
+        """Round trip and tokens served of every node whose record is live; relayed or direct."""
+        began, state = time.perf_counter(), self.state
+        peers = sorted({p for views in state.nodes.values() for p, v in views.items()
+                        if not v.stale and v.record.state != NodeState.OFFLINE})
+        gate = asyncio.Semaphore(self.settings.probe_concurrency)
+        results = await asyncio.gather(*(self._probe_one(peer, gate) for peer in peers))
+        answers = dict(zip(peers, results))
+        relayed = await self._relayed()
+        nodes = {model: {peer: _probed(view, answers, relayed) for peer, view in views.items()}
+                 for model, views in self.state.nodes.items()}
+        self.state = dataclasses.replace(self.state, nodes=nodes, probe_seconds=time.perf_counter() - began)
+
+    async def _probe_one(self, peer_id: str, gate: asyncio.Semaphore) -> tuple[float, int | None] | None:
+        async with gate:
+            began = time.perf_counter()
+            try:
+                frame = await self.swarm.request(peer_id, msg.INFO_HANDLER, {"type": "info"},
+                                                 timeout=self.settings.probe_timeout)
+            except PotluckError as e:
+                logger.debug("probe of %s failed: %s", peer_id, e)
+                return None
+            elapsed = time.perf_counter() - began
+            counters = frame.meta.get("counters")
+            tokens = counters.get("tokens") if isinstance(counters, dict) else None
+            return elapsed, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
+
+    async def _relayed(self) -> dict[str, bool]:
+        """peer id -> whether our connection to it goes only through a relay (/p2p-circuit)."""
+        try:
+            peers = await self.swarm.p2p.list_peers()
+        except Exception as e:  # the daemon's control errors; this is only a label
+            logger.debug("could not list connected peers: %s", e)
+            return {}
+        return {info.peer_id.to_base58(): bool(info.addrs) and all("/p2p-circuit" in str(a) for a in info.addrs)
+                for info in peers}
+
+
+def _probed(view: NodeView, answers: dict[str, tuple[float, int | None] | None], relayed: dict[str, bool]) -> NodeView:
+    if view.peer_id not in answers:
+        return view
+    answer = answers[view.peer_id]
+    if answer is None:
+        return dataclasses.replace(view, probed=True, probe_failures=view.probe_failures + 1)
+    ping, tokens = answer
+    return dataclasses.replace(view, probed=True, probe_failures=0, ping_s=ping,
+                               tokens_served=tokens if tokens is not None else view.tokens_served,
+                               relayed=relayed.get(view.peer_id, view.relayed))

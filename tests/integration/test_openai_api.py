@@ -1,0 +1,188 @@
+"""`potluck serve` against a real local swarm, driven by the official `openai` package."""
+import asyncio
+import json
+import shutil
+import subprocess
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from potluck.client.transport import SwarmConnection
+from potluck.protocol import messages as msg
+from potluck.protocol.checkpoint import resolve_checkpoint
+
+from helpers import make_tiny_checkpoint, potluck_command
+
+KEY = "sk-test-potluck"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny random Llama that speaks SmolLM2's tokenizer and chat template (fast nodes, real text)."""
+    source = resolve_checkpoint(None).path
+    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("chat") / "tiny-chat", layers=4, vocab=49152)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, path / name)
+    return path
+
+
+def start_serve(path, initial_peers, logs, *extra):
+    log = open(logs / "serve.log", "w")
+    proc = subprocess.Popen(potluck_command("serve", str(path), "--port", "0", "--initial-peers", *initial_peers,
+                                            *extra), stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("POTLUCK_OPENAI_BASE_URL="):
+        proc.kill()
+        raise RuntimeError(open(log.name).read()[-3000:])
+    return proc, line.strip().split("=", 1)[1]
+
+
+def stop(proc):
+    proc.send_signal(2)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def api(chat_model, swarm_factory, tmp_path_factory):
+    swarm = swarm_factory()
+    peers = swarm.start_nodes(chat_model, ["0:2", "2:4"])
+    proc, base_url = start_serve(chat_model, swarm.initial_peers, tmp_path_factory.mktemp("serve"), "--api-key", KEY)
+    client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=120)
+    connection = SwarmConnection(swarm.initial_peers)
+    yield client, base_url, peers, connection
+    connection.close()
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def local(chat_model):
+    return AutoModelForCausalLM.from_pretrained(chat_model).eval(), AutoTokenizer.from_pretrained(chat_model)
+
+
+def local_chat(local, messages, max_tokens):
+    model, tokenizer = local
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+def test_chat_streamed_equals_whole_equals_local(api, local):
+    client = api[0]
+    whole = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=24,
+                                                 temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content == streamed == local_chat(local, MESSAGES, 24)
+    assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 24 and whole.usage.prompt_tokens > 5
+
+
+def test_completions_and_stop_strings(api, local):
+    client = api[0]
+    plain = client.completions.create(model="tiny-chat", prompt="Once upon a time", max_tokens=16, temperature=0)
+    text = plain.choices[0].text
+    assert plain.object == "text_completion" and len(text) > 4
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = client.completions.create(model="tiny-chat", prompt="Once upon a time", max_tokens=16, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats(api):
+    client = api[0]
+    runs = [client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=12, temperature=0.9, seed=5)
+            for _ in range(2)]
+    assert runs[0].choices[0].text == runs[1].choices[0].text
+
+
+def test_eight_concurrent_streams(api, local):
+    client = api[0]
+    prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(8)]
+    results = {}
+
+    def run(i):
+        stream = client.chat.completions.create(model="tiny-chat", messages=prompts[i], max_tokens=12,
+                                                temperature=0, stream=True)
+        results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert [results.get(i) for i in range(8)] == [local_chat(local, prompts[i], 12) for i in range(8)]
+
+
+def open_sessions(connection, peers):
+    return sum(connection.call(connection.request(p, msg.INFO_HANDLER, {"type": "info"})).meta["open_sessions"]
+               for p in peers)
+
+
+def test_dropped_stream_frees_its_sessions(api):
+    client, base_url, peers, connection = api
+    assert open_sessions(connection, peers) == 0
+    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base_url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert open_sessions(connection, peers) == 2  # one per hop, while the answer streams
+    for _ in range(100):  # the connection is closed: the server stops generating and closes the session
+        if open_sessions(connection, peers) == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert open_sessions(connection, peers) == 0
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "gpt-5", "messages": MESSAGES}, 404, "model"),
+    ({"model": "tiny-chat", "messages": MESSAGES, "temperature": 7}, 400, "temperature"),
+    ({"model": "tiny-chat", "messages": MESSAGES, "n": 3}, 400, "n"),
+    ({"model": "tiny-chat", "messages": []}, 400, "messages"),
+    ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+])
+def test_bad_requests_get_openai_errors(api, body, status, param):
+    base_url = api[1]
+    response = httpx.post(f"{base_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_wrong_api_key(api):
+    response = httpx.post(f"{api[1]}/chat/completions", json={"model": "tiny-chat", "messages": MESSAGES},
+                          headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=api[1], api_key="wrong", max_retries=0).models.list()
+
+
+def test_models_lists_the_served_model(api):
+    assert [m.id for m in api[0].models.list().data] == ["tiny-chat"]
+
+
+def test_missing_blocks_are_a_503_naming_them(chat_model, swarm_factory, tmp_path_factory):
+    swarm = swarm_factory()
+    swarm.start_nodes(chat_model, ["0:2"])
+    proc, base_url = start_serve(chat_model, swarm.initial_peers, tmp_path_factory.mktemp("serve503"))
+    try:
+        response = httpx.post(f"{base_url}/chat/completions", json={"model": "tiny-chat", "messages": MESSAGES},
+                              timeout=60)
+        assert response.status_code == 503
+        assert "blocks 2:4" in response.json()["error"]["message"]
+        assert httpx.get(f"{base_url}/models").json()["data"] == []
+    finally:
+        stop(proc)
