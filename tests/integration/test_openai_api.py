@@ -186,3 +186,25 @@ def test_missing_blocks_are_a_503_naming_them(chat_model, swarm_factory, tmp_pat
         assert httpx.get(f"{base_url}/models").json()["data"] == []
     finally:
         stop(proc)
+
+
+def node_tokens(connection, peer):
+    return connection.call(connection.request(peer, msg.INFO_HANDLER, {"type": "info"})).meta["counters"].get("tokens", 0)
+
+
+def test_chat_command_streams_and_sends_only_new_tokens(api, chat_model, local):
+    client, base_url, peers, connection = api
+    before = node_tokens(connection, peers[0])
+    result = subprocess.run(potluck_command("chat", "--model", str(chat_model), "--max-new-tokens", "8",
+                                            "--initial-peers", *connection.initial_peers),
+                            input="Hi there\nTell me more\n\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("model> ") == 2
+    tokenizer = local[1]
+    first = [{"role": "user", "content": "Hi there"}]
+    reply = local_chat(local, first, 8)
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Tell me more"}]
+    length = len(tokenizer.apply_chat_template(second, add_generation_prompt=True, return_dict=True)["input_ids"])
+    sent = node_tokens(connection, peers[0]) - before
+    # turn 1: its prompt and 7 steps; turn 2: only what the nodes did not hold, and 7 steps
+    assert length < sent <= length + 2 * 7 + 4

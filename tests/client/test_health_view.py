@@ -1,0 +1,155 @@
+"""The dashboard's view layer and crawler merge rules, without a network; the HTTP server on loopback."""
+import asyncio
+import json
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from potluck.client.health.crawler import NodeView, SwarmState, merge, parse_entries
+from potluck.client.health.server import HealthServer
+from potluck.client.health.view import block_counts, metrics_text, state_json, synthetic_state
+from potluck.protocol.records import ModelInfo, NodeRecord, NodeState, block_key, pack
+
+MODEL = ModelInfo("m", 8, "llama", 64)
+A, B, C = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "12D3KooWB", "12D3KooWC"
+
+
+def view(peer, start, end, state=NodeState.ONLINE, **kwargs) -> NodeView:
+    record = NodeRecord(model="m", start=start, end=end, state=state, public_name=f"node-{peer[-1]}",
+                        pings=kwargs.pop("pings", {}))
+    return NodeView(peer, record, kwargs.pop("expires_at", time.time() + 30), kwargs.pop("refreshed_at", None),
+                    **kwargs)
+
+
+def swarm(*views: NodeView, **kwargs) -> SwarmState:
+    return SwarmState(models={"m": MODEL}, nodes={"m": {v.peer_id: v for v in views}}, updated_at=time.time(),
+                      crawls=1, **kwargs)
+
+
+def test_coverage_counts_live_online_nodes_and_marks_joining():
+    views = {v.peer_id: v for v in [view(A, 0, 4), view(B, 2, 8), view(C, 6, 8, NodeState.JOINING)]}
+    blocks = block_counts(MODEL, views)
+    assert [b["online"] for b in blocks] == [1, 1, 2, 2, 1, 1, 1, 1]
+    assert [b["joining"] for b in blocks] == [0] * 6 + [1, 1]
+    unreachable = {A: view(A, 0, 4, probed=True, probe_failures=2), B: view(B, 4, 8, stale=True)}
+    assert [b["online"] for b in block_counts(MODEL, unreachable)] == [0] * 8
+
+
+def test_state_json_lists_models_nodes_spans_and_what_is_broken():
+    now = time.time()
+    state = swarm(view(A, 0, 4, refreshed_at=now - 3, ping_s=0.002, probed=True, tokens_served=40, relayed=False,
+                       pings={B: 0.004}),
+                  view(B, 2, 6, NodeState.DRAINING), view(C, 6, 8, stale=True, expires_at=now - 1))
+    doc = json.loads(json.dumps(state_json(state, now)))
+    model = doc["models"][0]
+    assert (model["name"], model["num_blocks"], model["usable"]) == ("m", 8, False)
+    assert model["missing_blocks"] == [[4, 8]] and model["replicas"] == {"0": 4, "1": 4, "2+": 0}
+    nodes = {n["peer_id"]: n for n in model["nodes"]}
+    assert [(n["start"], n["end"], n["status"]) for n in model["nodes"]] == [(0, 4, "online"), (2, 6, "draining"),
+                                                                                (6, 8, "stale")]
+    assert nodes[A]["age_s"] == pytest.approx(3) and nodes[A]["connection"] == "direct"
+    assert nodes[A]["pings"] == [{"peer_id": B, "name": "node-B", "rtt_s": 0.004}]
+    assert nodes[B]["age_s"] is None and nodes[B]["connection"] is None and nodes[B]["reachable"] is None
+    assert doc["totals"]["nodes"] == 2 and doc["totals"]["tokens_served"] == 40
+    assert doc["totals"]["blocks_covered"] == 4 and doc["totals"]["nodes_by_status"]["stale"] == 1
+    assert doc["updated_at"] == state.updated_at and doc["schema_version"] == 1
+
+
+def test_metrics_parse_with_prometheus_client():
+    hostile = NodeRecord(model="m", start=0, end=8, state=NodeState.ONLINE, public_name='a"b\\c\nd',
+                         cache_tokens_left=1234, inference_steps_per_s=10.5)
+    state = swarm(NodeView(A, hostile, time.time() + 30, None, ping_s=0.01, probed=True, tokens_served=7),
+                  view(B, 0, 4, NodeState.JOINING), crawl_seconds=0.25)
+    families = {f.name: f for f in text_string_to_metric_families(metrics_text(state))}
+    samples = {(f.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("potluck_nodes", (("model", "m"), ("status", "online")))] == 1
+    assert samples[("potluck_nodes", (("model", "m"), ("status", "joining")))] == 1
+    assert samples[("potluck_blocks", (("model", "m"), ("replicas", "1")))] == 8
+    assert samples[("potluck_model_usable", (("model", "m"),))] == 1
+    labels = (("model", "m"), ("name", 'a"b\\c\nd'), ("peer_id", A))
+    assert samples[("potluck_node_cache_tokens_left", labels)] == 1234
+    assert samples[("potluck_node_inference_steps_per_second", labels)] == 10.5
+    assert samples[("potluck_node_tokens_served_total", labels)] == 7
+    assert samples[("potluck_crawl_duration_seconds", ())] == 0.25
+    assert families["potluck_node_tokens_served"].type == "counter"
+
+
+def test_merge_keeps_unread_records_until_they_expire_then_marks_them_stale():
+    now = 1000.0
+    record = NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE)
+    first = merge(SwarmState(), {"m": MODEL}, {"m": {A: (record, now + 5)}}, now, forget_after=60)
+    assert first["m"][A].refreshed_at is None and not first["m"][A].stale  # seen on the first crawl: age unknown
+    previous = SwarmState(models={"m": MODEL}, nodes=first, crawls=1)
+    newer = merge(previous, {"m": MODEL}, {"m": {A: (record, now + 9)}}, now + 1, forget_after=60)
+    assert newer["m"][A].refreshed_at == now + 1  # a re-announcement
+    lagging = merge(previous, {"m": MODEL}, {"m": {A: (record, now + 2)}}, now + 1, forget_after=60)
+    assert lagging["m"][A].expires_at == now + 5  # an older replica's answer does not win
+    missed = merge(previous, {}, {}, now + 1, forget_after=60)
+    assert not missed["m"][A].stale  # a slow or partial read keeps the record
+    assert merge(previous, {}, {}, now + 6, forget_after=60)["m"][A].stale
+    assert merge(previous, {}, {}, now + 70, forget_after=60) == {}
+
+
+def test_parse_entries_keeps_valid_records_with_expiration():
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.utils import ValueWithExpiration
+
+    good = NodeRecord(model="m", start=0, end=2, state=NodeState.ONLINE)
+    foreign = NodeRecord(model="other", start=0, end=2, state=NodeState.ONLINE)
+    entries = {}
+    for block in range(2):
+        value = DictionaryDHTValue()
+        value.store(A, pack(good), 100.0 + block)
+        value.store(B, pack(foreign), 100.0)
+        value.store(C, b"\xc1 not msgpack", 100.0)
+        entries[block_key("m", block)] = ValueWithExpiration(value, 101.0)
+    found = parse_entries(entries, {"m": MODEL})
+    assert found == {"m": {A: (good, 101.0)}}
+
+
+def test_a_thousand_synthetic_nodes_render_and_are_served(capsys):
+    state = synthetic_state(nodes=1000)
+
+    async def serve() -> tuple[dict, str, bytes, float]:
+        server = await HealthServer.create(lambda: state, "127.0.0.1", 0)
+        try:
+            def get(path: str) -> bytes:
+                with urllib.request.urlopen(server.url + path, timeout=30) as response:
+                    return response.read()
+            began = time.perf_counter()
+            body = await asyncio.to_thread(get, "/api/v1/state")
+            elapsed = time.perf_counter() - began
+            metrics = (await asyncio.to_thread(get, "/metrics")).decode()
+            page = await asyncio.to_thread(get, "/")
+            return json.loads(body), metrics, page, elapsed
+        finally:
+            await server.close()
+
+    doc, metrics, page, elapsed = asyncio.run(serve())
+    assert sum(len(m["nodes"]) for m in doc["models"]) == 1000
+    assert len({f.name for f in text_string_to_metric_families(metrics)}) > 5
+    assert b'src="page.js"' in page
+    with capsys.disabled():
+        print(f"\n1,000 synthetic nodes: /api/v1/state served in {elapsed * 1e3:.0f} ms ({len(json.dumps(doc))} bytes)")
+
+
+def test_server_refuses_what_it_does_not_serve():
+    async def run() -> list[bytes]:
+        server = await HealthServer.create(lambda: SwarmState(), "127.0.0.1", 0)
+        host, port = server.server.sockets[0].getsockname()[:2]
+        answers = []
+        try:
+            for request in (b"POST /api/v1/state HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"GET /nope HTTP/1.1\r\n\r\n",
+                            b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", b"nonsense\r\n\r\n"):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(request)
+                answers.append(await reader.readline())
+                writer.close()
+        finally:
+            await server.close()
+        return answers
+
+    statuses = [line.split()[1] for line in asyncio.run(run())]
+    assert statuses == [b"405", b"404", b"431", b"400"]
