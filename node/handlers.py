@@ -1,9 +1,11 @@
-"""The node's RPC handlers: inference sessions, forward and info, over libp2p streams.
+"""The node's RPC handlers: inference sessions, hand-off pushes, forward and info, over libp2p streams.
 
 Each handler reads frames, validates them (``potluck.protocol.messages``), and answers every
 request with either a result or a typed error; a bad request changes nothing and the stream
 stays usable unless its framing is broken. Sessions opened on a stream close when it ends, so a
-client that vanishes frees its cache.
+client that vanishes frees its cache. A step that names next hops is pushed on to the next node
+instead of answered; a pushed step's result (or error) goes to the stream its session was opened
+on, so the client hears from the last node, or from whichever node failed.
 """
 from __future__ import annotations
 
