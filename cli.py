@@ -17,6 +17,7 @@ from potluck.protocol.errors import PotluckError
 
 def build_parser() -> argparse.ArgumentParser:
     from potluck.client import cli as client_cli
+    from potluck.client.health import cli as health_cli
     from potluck.node import cli as node_cli
 
     parser = argparse.ArgumentParser(prog="potluck", description="Run large language models on a volunteer swarm.")
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     node_cli.add_commands(commands)
     client_cli.add_commands(commands)
+    health_cli.add_commands(commands)
     return parser
 
 

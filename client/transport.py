@@ -40,7 +40,11 @@ class SwarmConnection:
 
     async def _connect(self) -> tuple[P2P, DHTNode]:
         options = p2p_options(self.initial_peers)
-        p2p = await P2P.create(**options)
+        try:
+            p2p = await P2P.create(**options)
+        except Exception as e:  # hivemind's P2PDaemonError and friends: say what to check
+            raise NodeUnavailable(f"cannot join the swarm through {', '.join(self.initial_peers)}: {e} "
+                                  f"(is the initial peer running and reachable?)") from None
         try:
             dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=True)
         except BaseException:

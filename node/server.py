@@ -165,7 +165,7 @@ class Node:
             if self.sessions.sessions:
                 logger.warning("closing %d sessions still open after %.0f s", len(self.sessions.sessions),
                                self.config.drain_timeout)
-        await self.announcer.announce(NodeState.OFFLINE, ttl=self.config.announce_period)
+        await self.announcer.announce(NodeState.OFFLINE)  # the DHT keeps the later-expiring value: not shorter
         if self.links is not None:
             self.links.close()
         self.compute.shutdown()

@@ -1,10 +1,11 @@
 """The dashboard's view of the swarm, kept fresh by a background crawler.
 
 Each crawl reads the model index and every block record of every known model in one batched
-DHT ``get_many`` (a model seen for the first time costs one more read), merges the result into
-the previous view (``merge``: a pure function), then probes each live node with an info request
-for its round trip and the tokens it has served. A crawl that fails or times out keeps the last
-good view; records whose expiration time has passed are marked stale, and forgotten later.
+DHT ``get_many`` (a model seen for the first time costs one more read) and merges the result
+into the previous view (``merge``: a pure function). On its own clock, a prober sends each live
+node an info request for its round trip and the tokens it has served; a node that fails two in a
+row counts as unreachable. A crawl that fails or times out keeps the last good view; records
+whose expiration time has passed are marked stale, and forgotten later.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from hivemind.utils import get_dht_time
 
@@ -78,8 +79,11 @@ class CrawlSettings:
     forget_after: float = 300.0  # seconds after expiry a stale record is dropped from the view
 
 
-def merge(previous: SwarmState, index: dict[str, ModelInfo], found: dict[str, dict[str, tuple[NodeRecord, float]]],
-          now: float, forget_after: float) -> dict[str, dict[str, NodeView]]:
+Found = dict[str, dict[str, tuple[NodeRecord, float]]]  # model -> peer id -> (record, expiration)
+
+
+def merge(previous: SwarmState, index: dict[str, ModelInfo], found: Found, now: float,
+          forget_after: float) -> dict[str, dict[str, NodeView]]:
     """The new node views: ``found`` (model -> peer -> (record, expiration)) over the previous ones.
 
     A record read again with the same expiration keeps its first-seen time; one with an older
@@ -107,9 +111,9 @@ def merge(previous: SwarmState, index: dict[str, ModelInfo], found: dict[str, di
     return merged
 
 
-def parse_entries(entries: dict[str, Any], models: dict[str, ModelInfo]) -> dict[str, dict[str, tuple[NodeRecord, float]]]:
+def parse_entries(entries: dict[str, Any], models: dict[str, ModelInfo]) -> Found:
     """model -> peer id -> (latest valid record, its expiration) from a ``get_many`` answer."""
-    found: dict[str, dict[str, tuple[NodeRecord, float]]] = {}
+    found: Found = {}
     for model, info in models.items():
         records: dict[str, tuple[NodeRecord, float]] = {}
         for block in range(info.num_blocks):
@@ -141,49 +145,56 @@ def _subkey_items(entry: Any) -> dict[str, tuple[Any, float]]:
 
 
 class Crawler:
-    """Keeps ``state`` fresh from a background task on the connection's loop (owned by it)."""
+    """Keeps ``state`` fresh from two background tasks on the connection's loop, which owns them
+    (``SwarmConnection.close`` cancels them)."""
 
     def __init__(self, swarm: SwarmConnection, settings: CrawlSettings = CrawlSettings()):
         self.swarm, self.settings = swarm, settings
         self.state = SwarmState(period=settings.period)  # read from any thread: swapped whole, never mutated
-        self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        """Begin crawling in the background; the connection cancels the task when it closes."""
+        """Begin crawling and probing in the background; the connection cancels both when it closes."""
         async def launch() -> None:
-            self._task = asyncio.create_task(self._crawl_forever(), name="potluck-health-crawler")
-            self.swarm.own(self._task)
+            for name, loop in (("crawler", self._crawl_forever), ("prober", self._probe_forever)):
+                self.swarm.own(asyncio.create_task(loop(), name=f"potluck-health-{name}"))
         self.swarm.call(launch(), timeout=10)
 
-    def stop(self) -> None:
-        if self._task is not None:
-            self.swarm.loop.call_soon_threadsafe(self._task.cancel)
-
     async def _crawl_forever(self) -> None:
+        await self._every(self.crawl_once)
+
+    async def _probe_forever(self) -> None:
+        """Probes run on their own clock: a slow DHT read does not delay noticing a dead node."""
+        while self.state.crawls == 0:
+            await asyncio.sleep(0.1)
+        await self._every(self.probe_once)
+
+    async def _every(self, step: Callable[[], Awaitable[SwarmState]]) -> None:
         while True:
             began = time.monotonic()
-            await self.crawl_once()
+            await step()
             await asyncio.sleep(max(0.0, self.settings.period - (time.monotonic() - began)))
 
     async def crawl_once(self) -> SwarmState:
-        """Read the DHT (keeping the last good view if that fails), then probe the live nodes."""
-        previous, began = self.state, time.perf_counter()
+        """Read the DHT and merge what it says into the view; if the read fails, keep the last good one.
+
+        Every update is applied to ``self.state`` as it is after the await, so the crawler and the
+        prober never overwrite each other's work."""
+        began = time.perf_counter()
         try:
-            index, found = await asyncio.wait_for(self._read(previous), self.settings.timeout)
+            index, found = await asyncio.wait_for(self._read(self.state), self.settings.timeout)
         except Exception as e:  # hivemind raises many kinds of errors when peers do not answer
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             logger.warning("DHT read failed, keeping the last good view: %s", reason)
-            now = get_dht_time()
-            nodes = merge(previous, {}, {}, now, self.settings.forget_after)
+            previous = self.state
+            nodes = merge(previous, {}, {}, get_dht_time(), self.settings.forget_after)
             self.state = dataclasses.replace(previous, nodes=nodes, failures=previous.failures + 1, last_error=reason)
             return self.state
-        now = get_dht_time()
+        now, previous = get_dht_time(), self.state
         models = {**{m: previous.models[m] for m in previous.nodes if m in previous.models}, **index}
         nodes = merge(previous, index, found, now, self.settings.forget_after)
         self.state = dataclasses.replace(
             previous, models={m: models[m] for m in sorted(models) if m in index or m in nodes}, nodes=nodes,
             updated_at=now, crawl_seconds=time.perf_counter() - began, crawls=previous.crawls + 1, last_error="")
-        await self._probe()
         return self.state
 
     async def _read(self, previous: SwarmState) -> tuple[dict[str, ModelInfo], dict]:
@@ -198,7 +209,7 @@ class Crawler:
             entries = {**entries, **await self.swarm.dht.get_many(more, sufficient_expiration_time=float("inf"))}
         return index, parse_entries(entries, {**known, **index})
 
-    async def _probe(self) -> None:
+    async def probe_once(self) -> SwarmState:
         """Round trip and tokens served of every node whose record is live; relayed or direct."""
         began, state = time.perf_counter(), self.state
         peers = sorted({p for views in state.nodes.values() for p, v in views.items()
@@ -210,6 +221,7 @@ class Crawler:
         nodes = {model: {peer: _probed(view, answers, relayed) for peer, view in views.items()}
                  for model, views in self.state.nodes.items()}
         self.state = dataclasses.replace(self.state, nodes=nodes, probe_seconds=time.perf_counter() - began)
+        return self.state
 
     async def _probe_one(self, peer_id: str, gate: asyncio.Semaphore) -> tuple[float, int | None] | None:
         async with gate:
@@ -222,7 +234,7 @@ class Crawler:
                 return None
             elapsed = time.perf_counter() - began
             counters = frame.meta.get("counters")
-            tokens = counters.get("tokens") if isinstance(counters, dict) else None
+            tokens = counters.get("tokens", 0) if isinstance(counters, dict) else None  # absent until it computes
             return elapsed, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
 
     async def _relayed(self) -> dict[str, bool]:

@@ -1,7 +1,9 @@
 """The dashboard's view layer and crawler merge rules, without a network; the HTTP server on loopback."""
 import asyncio
+import gzip
 import json
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -9,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from potluck.client.health.crawler import NodeView, SwarmState, merge, parse_entries
 from potluck.client.health.server import HealthServer
-from potluck.client.health.view import block_counts, metrics_text, state_json, synthetic_state
+from potluck.client.health.view import block_counts, metrics_text, state_json, status, synthetic_state
 from potluck.protocol.records import ModelInfo, NodeRecord, NodeState, block_key, pack
 
 MODEL = ModelInfo("m", 8, "llama", 64)
@@ -24,8 +26,8 @@ def view(peer, start, end, state=NodeState.ONLINE, **kwargs) -> NodeView:
 
 
 def swarm(*views: NodeView, **kwargs) -> SwarmState:
-    return SwarmState(models={"m": MODEL}, nodes={"m": {v.peer_id: v for v in views}}, updated_at=time.time(),
-                      crawls=1, **kwargs)
+    fields = {"updated_at": time.time(), "crawls": 1, **kwargs}
+    return SwarmState(models={"m": MODEL}, nodes={"m": {v.peer_id: v for v in views}}, **fields)
 
 
 def test_coverage_counts_live_online_nodes_and_marks_joining():
@@ -37,12 +39,19 @@ def test_coverage_counts_live_online_nodes_and_marks_joining():
     assert [b["online"] for b in block_counts(MODEL, unreachable)] == [0] * 8
 
 
+def test_status_says_what_is_broken():
+    assert status(view(A, 0, 4)) == "online" and status(view(A, 0, 4, stale=True)) == "stale"
+    assert status(view(A, 0, 4, probed=True, probe_failures=1)) == "online"  # one lost probe is not enough
+    assert status(view(A, 0, 4, probed=True, probe_failures=2)) == "unreachable"
+    assert status(view(A, 0, 4, NodeState.DRAINING, probed=True, probe_failures=2)) == "offline"  # left as announced
+
+
 def test_state_json_lists_models_nodes_spans_and_what_is_broken():
     now = time.time()
     state = swarm(view(A, 0, 4, refreshed_at=now - 3, ping_s=0.002, probed=True, tokens_served=40, relayed=False,
                        pings={B: 0.004}),
-                  view(B, 2, 6, NodeState.DRAINING), view(C, 6, 8, stale=True, expires_at=now - 1))
-    doc = json.loads(json.dumps(state_json(state, now)))
+                  view(B, 2, 6, NodeState.DRAINING), view(C, 6, 8, stale=True, expires_at=now - 1), updated_at=now)
+    doc = json.loads(json.dumps(state_json(state)))
     model = doc["models"][0]
     assert (model["name"], model["num_blocks"], model["usable"]) == ("m", 8, False)
     assert model["missing_blocks"] == [[4, 8]] and model["replicas"] == {"0": 4, "1": 4, "2+": 0}
@@ -50,7 +59,7 @@ def test_state_json_lists_models_nodes_spans_and_what_is_broken():
     assert [(n["start"], n["end"], n["status"]) for n in model["nodes"]] == [(0, 4, "online"), (2, 6, "draining"),
                                                                                 (6, 8, "stale")]
     assert nodes[A]["age_s"] == pytest.approx(3) and nodes[A]["connection"] == "direct"
-    assert nodes[A]["pings"] == [{"peer_id": B, "name": "node-B", "rtt_s": 0.004}]
+    assert nodes[A]["pings"] == [{"peer_id": B, "rtt_s": 0.004}] and nodes[C]["expires_in_s"] == pytest.approx(-1)
     assert nodes[B]["age_s"] is None and nodes[B]["connection"] is None and nodes[B]["reachable"] is None
     assert doc["totals"]["nodes"] == 2 and doc["totals"]["tokens_served"] == 40
     assert doc["totals"]["blocks_covered"] == 4 and doc["totals"]["nodes_by_status"]["stale"] == 1
@@ -63,7 +72,7 @@ def test_metrics_parse_with_prometheus_client():
     state = swarm(NodeView(A, hostile, time.time() + 30, None, ping_s=0.01, probed=True, tokens_served=7),
                   view(B, 0, 4, NodeState.JOINING), crawl_seconds=0.25)
     families = {f.name: f for f in text_string_to_metric_families(metrics_text(state))}
-    samples = {(f.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("potluck_nodes", (("model", "m"), ("status", "online")))] == 1
     assert samples[("potluck_nodes", (("model", "m"), ("status", "joining")))] == 1
     assert samples[("potluck_blocks", (("model", "m"), ("replicas", "1")))] == 8
@@ -98,15 +107,15 @@ def test_parse_entries_keeps_valid_records_with_expiration():
 
     good = NodeRecord(model="m", start=0, end=2, state=NodeState.ONLINE)
     foreign = NodeRecord(model="other", start=0, end=2, state=NodeState.ONLINE)
-    entries = {}
+    entries, expires = {}, time.time() + 100
     for block in range(2):
         value = DictionaryDHTValue()
-        value.store(A, pack(good), 100.0 + block)
-        value.store(B, pack(foreign), 100.0)
-        value.store(C, b"\xc1 not msgpack", 100.0)
-        entries[block_key("m", block)] = ValueWithExpiration(value, 101.0)
+        value.store(A, pack(good), expires + block)
+        value.store(B, pack(foreign), expires)
+        value.store(C, b"\xc1 not msgpack", expires)
+        entries[block_key("m", block)] = ValueWithExpiration(value, expires + 1)
     found = parse_entries(entries, {"m": MODEL})
-    assert found == {"m": {A: (good, 101.0)}}
+    assert found == {"m": {A: (good, expires + 1)}}  # the latest of its copies
 
 
 def test_a_thousand_synthetic_nodes_render_and_are_served(capsys):
@@ -153,3 +162,80 @@ def test_server_refuses_what_it_does_not_serve():
 
     statuses = [line.split()[1] for line in asyncio.run(run())]
     assert statuses == [b"405", b"404", b"431", b"400"]
+
+
+def test_state_is_encoded_once_per_state_with_an_etag_and_gzip():
+    states = [swarm(view(A, 0, 8))]
+
+    async def run() -> list[tuple[int, dict]]:
+        server = await HealthServer.create(lambda: states[-1], "127.0.0.1", 0)
+
+        def get(headers: dict) -> tuple[int, dict, bytes]:
+            request = urllib.request.Request(server.url + "/api/v1/state", headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, dict(response.headers), response.read()
+            except urllib.error.HTTPError as e:
+                return e.code, dict(e.headers), b""
+        try:
+            first = await asyncio.to_thread(get, {"Accept-Encoding": "gzip"})
+            again = await asyncio.to_thread(get, {"If-None-Match": first[1]["ETag"]})
+            states.append(swarm(view(B, 0, 8)))
+            changed = await asyncio.to_thread(get, {"If-None-Match": first[1]["ETag"]})
+        finally:
+            await server.close()
+        return [first, again, changed]
+
+    first, again, changed = asyncio.run(run())
+    assert first[0] == 200 and first[1]["Content-Encoding"] == "gzip"
+    assert json.loads(gzip.decompress(first[2]))["models"][0]["nodes"][0]["peer_id"] == A
+    assert again[0] == 304 and "Date" in again[1]
+    assert changed[0] == 200 and json.loads(changed[2])["models"][0]["nodes"][0]["peer_id"] == B
+
+
+class FakeDHT:
+    """Answers get_many from a dict of key -> {subkey: (packed value, expiration)}; or hangs."""
+
+    def __init__(self, table: dict):
+        self.table, self.hang, self.reads = table, False, []
+
+    async def get_many(self, keys, sufficient_expiration_time=None):
+        from hivemind.dht.storage import DictionaryDHTValue
+        from hivemind.utils import ValueWithExpiration
+
+        self.reads.append(list(keys))
+        if self.hang:
+            await asyncio.sleep(3600)
+        found = {}
+        for key in keys:
+            value = DictionaryDHTValue()
+            for subkey, (raw, expiration) in self.table.get(key, {}).items():
+                value.store(subkey, raw, expiration)
+            found[key] = ValueWithExpiration(value, max((e for _, e in self.table.get(key, {}).values()), default=0))
+        return found
+
+
+def test_crawler_reads_in_one_batch_and_keeps_the_last_good_view_when_the_dht_hangs():
+    from types import SimpleNamespace
+
+    from potluck.client.health.crawler import Crawler, CrawlSettings
+    from potluck.protocol.records import MODEL_INDEX_KEY
+
+    expires = time.time() + 30
+    record = pack(NodeRecord(model="m", start=0, end=8, state=NodeState.ONLINE))
+    table = {MODEL_INDEX_KEY: {"m": (pack(MODEL), expires)}}
+    table.update({block_key("m", b): {A: (record, expires)} for b in range(8)})
+    dht = FakeDHT(table)
+    crawler = Crawler(SimpleNamespace(dht=dht), CrawlSettings(timeout=0.2))
+
+    async def run() -> tuple[SwarmState, SwarmState, SwarmState]:
+        first = await crawler.crawl_once()  # learns the model: index, then its blocks
+        second = await crawler.crawl_once()  # one batched read of the index and every block
+        dht.hang = True
+        return first, second, await crawler.crawl_once()
+
+    first, second, slow = asyncio.run(run())
+    assert [len(keys) for keys in dht.reads] == [1, 8, 9, 9]
+    assert first.nodes["m"][A].record.end == 8 and second.crawls == 2
+    assert slow.nodes == second.nodes and slow.crawls == 2 and slow.failures == 1
+    assert slow.last_error == "TimeoutError" and slow.updated_at == second.updated_at
