@@ -79,6 +79,7 @@ class InferenceSession:
         self._rewound = False  # the next step tells the nodes to drop tokens past `position`
         self._inbox: asyncio.Queue | None = None  # (hop session, frame or error) from every hop's stream
         self._direct_links: set[tuple[str, str]] = set()  # (peer, next peer) that could not hand off
+        self._seq = 0  # numbers each step attempt; answers to earlier attempts are dropped
         self.failovers = 0  # hops replaced so far
         self.handoff_fallbacks = 0  # hand-off steps redone hop by hop
         self.closed = False
@@ -205,6 +206,8 @@ class InferenceSession:
     async def _send(self, hop_session: HopSession, meta: dict, inputs: StepInputs | None) -> None:
         if hop_session.failed is not None:
             raise hop_session.failed
+        self._seq += 1
+        meta["seq"] = self._seq
         tensors = () if inputs is None else [inputs.hidden, inputs.positions] + (
             [] if inputs.mask is None else [inputs.mask])
         try:
@@ -229,6 +232,8 @@ class InferenceSession:
                 if isinstance(item, PotluckError):
                     source.failed = item
                 continue
+            if not isinstance(item, PotluckError) and item.meta.get("seq", self._seq) != self._seq:
+                continue  # the answer to an attempt we gave up on
             if isinstance(item, PotluckError):
                 raise item
             if expected is None or source is expected:

@@ -105,11 +105,12 @@ class BlockServicer:
             return await serve(frame)
         except PotluckError as e:
             self.counters["errors"] += 1
-            return msg.error_meta(e), ()
+            return msg.error_meta(e, frame.meta), ()
         except Exception as e:
             logger.exception("request failed")
             self.counters["errors"] += 1
-            return msg.error_meta(PotluckError(f"internal error on the node: {type(e).__name__}: {e}")), ()
+            error = PotluckError(f"internal error on the node: {type(e).__name__}: {e}")
+            return msg.error_meta(error, frame.meta), ()
 
     async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], writer) -> Reply | None:
         request = msg.parse_request(frame.meta)
@@ -145,7 +146,7 @@ class BlockServicer:
             reply = await self._step(session, request, frame.tensors)
         except PotluckError as e:
             self.counters["errors"] += 1
-            reply = msg.error_meta(e), ()
+            reply = msg.error_meta(e, frame.meta), ()
         if reply is not None and client is not None and not client.is_closing():
             self.counters["to_client"] += 1
             await msg.write_frame(client, *reply)
@@ -162,16 +163,16 @@ class BlockServicer:
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
         out = out.to(hidden.dtype)
         if not request.next:
-            return {"type": "result", "length": session.length}, (out,)
+            return {"type": "result", "length": session.length, "seq": request.seq}, (out,)
         following = request.next[0]
         meta = {"type": "push", "session_id": following.session_id, "start_from": prefix,
-                "next": msg.next_meta(request.next[1:])}
+                "next": msg.next_meta(request.next[1:]), "seq": request.seq}
         try:
             await self.links.push(following.peer_id, meta, [out, *tensors[1:]])
         except NodeUnavailable as e:  # the client carries on from here itself
             self.counters["handoff_failures"] += 1
             return {"type": "handoff_failed", "peer_id": following.peer_id, "reason": str(e),
-                    "length": session.length}, (out,)
+                    "length": session.length, "seq": request.seq}, (out,)
         self.counters["pushes_sent"] += 1
         return None
 

@@ -118,8 +118,13 @@ def _decode_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
     return deserialize_torch_tensor(proto)
 
 
-def error_meta(error: PotluckError) -> dict[str, Any]:
-    return {"type": "error", "error": error.to_wire()}
+def error_meta(error: PotluckError, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An error answer; it echoes the request's ``seq`` so the client can match it."""
+    meta = {"type": "error", "error": error.to_wire()}
+    seq = (request or {}).get("seq")
+    if isinstance(seq, int) and not isinstance(seq, bool):
+        meta["seq"] = seq
+    return meta
 
 
 def raise_if_error(frame: Frame, peer_id: str | None = None) -> Frame:
@@ -160,6 +165,7 @@ class Step:
     session_id: str
     start_from: int | None  # rewind the cache to this many tokens first (None: append)
     next: tuple[NextHop, ...] = ()
+    seq: int | None = None  # the client's number for this attempt, echoed in the answer
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,8 @@ def parse_request(meta: dict[str, Any]) -> Request:
         return OpenSession(_session_id(meta), start, end, _int(meta, "max_length", 1), _int(meta, "batch_size", 1))
     if kind in ("step", "push"):
         start_from = None if meta.get("start_from") is None else _int(meta, "start_from", 0)
-        return Step(_session_id(meta), start_from, _next_hops(meta.get("next", [])))
+        seq = None if meta.get("seq") is None else _int(meta, "seq", 0)
+        return Step(_session_id(meta), start_from, _next_hops(meta.get("next", [])), seq)
     if kind == "close":
         return CloseSession(_session_id(meta))
     if kind == "forward":
