@@ -141,8 +141,11 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
         if body.stream:
             return StreamingResponse(_sse(reply_id, body.model, chat, first, stream), media_type="text/event-stream")
         parts = [first]
-        async for item in stream:
-            parts.append(item)
+        try:
+            async for item in stream:
+                parts.append(item)
+        except PotluckError as error:  # the swarm lost every replica of some block mid-answer
+            raise _swarm_error(error) from None
         done: Completion = parts[-1]
         return _whole(reply_id, body.model, chat, done)
 
