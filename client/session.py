@@ -47,14 +47,19 @@ class HopSession:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     history: list[StepInputs] = field(default_factory=list)  # what the node's cache was built from
+    held: int = 0  # tokens in ``history``
     history_known: bool = True  # False once a hand-off step fed this hop without the client seeing it
     failed: PotluckError | None = None  # the stream broke while the client waited on another hop
     reading: asyncio.Task | None = None  # copies frames from the stream into the session's inbox
 
     def remember(self, inputs: StepInputs, start_from: int) -> None:
-        if start_from < sum(step.hidden.shape[1] for step in self.history):  # a rewind: drop the tail
+        if start_from < self.held:  # a rewind: drop the tail
             self.history = _cut(self.history, start_from)
         self.history.append(inputs)
+        self.held = start_from + inputs.hidden.shape[1]
+
+    def rebuilt_from(self, inputs: StepInputs) -> None:
+        self.history, self.held, self.history_known = [inputs], inputs.hidden.shape[1], True
 
     def describe(self) -> str:
         return f"node {self.hop.peer_id} ({self.hop.record.public_name or 'unnamed'}, blocks {self.hop.start}:{self.hop.end})"
@@ -281,8 +286,7 @@ class InferenceSession:
         first = self._hops[0]
         if not first.history:
             return []
-        full = StepInputs(torch.cat([s.hidden for s in first.history], 1),
-                          torch.cat([s.positions for s in first.history], 1), first.history[-1].mask)
+        full = _joined(first.history)
         hidden = await self.chain.forward_async(full.hidden, full.positions, full.mask, first.hop.start,
                                                 failed.hop.start)
         return [StepInputs(hidden, full.positions, full.mask)]
@@ -292,16 +296,17 @@ class InferenceSession:
         each node accepts."""
         if not history:
             return
-        full = StepInputs(torch.cat([s.hidden for s in history], 1), torch.cat([s.positions for s in history], 1),
-                          history[-1].mask)
+        full = _joined(history)
+        batch, length = full.hidden.shape[:2]
         for hop_session in hops:
-            limit = max(1, hop_session.hop.record.max_batch_tokens // full.hidden.shape[0] or full.hidden.shape[1])
+            accepted = hop_session.hop.record.max_batch_tokens  # 0: the node announced no limit
+            limit = max(1, accepted // batch) if accepted else length
             outputs = []
             for offset in range(0, full.hidden.shape[1], limit):
                 chunk = StepInputs(full.hidden[:, offset:offset + limit], full.positions[:, offset:offset + limit],
                                    None if full.mask is None else full.mask[:, :offset + limit])
                 outputs.append(await self._send_step(hop_session, chunk, offset))
-            hop_session.history = [full]
+            hop_session.rebuilt_from(full)
             full = StepInputs(torch.cat(outputs, 1), full.positions, full.mask)
 
     async def _open_chain(self, start: int, end: int) -> list[HopSession]:
@@ -327,29 +332,18 @@ class InferenceSession:
         reader, writer = await self.chain.swarm.open_stream(hop.peer_id, msg.INFERENCE_HANDLER,
                                                             self.chain.policy.request_timeout)
         hop_session = HopSession(hop, uuid.uuid4().hex, reader, writer)
-        try:
-            await self._exchange(hop_session, {"type": "open", "session_id": hop_session.session_id,
-                                               "start": hop.start, "end": hop.end, "max_length": self.max_length,
-                                               "batch_size": self.batch_size or 1}, (),
-                                 self.chain.policy.request_timeout)
-        except BaseException:
-            writer.close()
-            raise
         hop_session.reading = asyncio.create_task(self._read_forever(hop_session))
+        meta = {"type": "open", "session_id": hop_session.session_id, "start": hop.start, "end": hop.end,
+                "max_length": self.max_length, "batch_size": self.batch_size or 1}
+        try:
+            await self._send(hop_session, meta, None)
+            deadline = asyncio.get_running_loop().time() + self.chain.policy.request_timeout
+            await self._receive(hop_session, deadline, [hop_session])
+        except BaseException:
+            hop_session.close()
+            raise
         self.chain.costs.local_sessions[hop.peer_id] = self.chain.costs.local_sessions.get(hop.peer_id, 0) + 1
         return hop_session
-
-    async def _exchange(self, hop_session: HopSession, meta: dict, tensors, timeout: float) -> msg.Frame:
-        """One request and its answer, read directly (before the hop's reader task starts)."""
-        hop = hop_session.hop
-        try:
-            await msg.write_frame(hop_session.writer, meta, tensors)
-            frame = await asyncio.wait_for(msg.read_frame(hop_session.reader), timeout)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as e:
-            raise NodeUnavailable(f"node {hop.peer_id} ({hop.record.public_name or 'unnamed'}, blocks "
-                                  f"{hop.start}:{hop.end}) failed: {type(e).__name__} {e}".rstrip(),
-                                  hop.peer_id) from None
-        return msg.raise_if_error(frame, hop.peer_id)
 
     def close(self) -> None:
         if self.closed:
@@ -364,6 +358,12 @@ class InferenceSession:
             sessions = self.chain.costs.local_sessions
             sessions[hop_session.hop.peer_id] = max(0, sessions.get(hop_session.hop.peer_id, 1) - 1)
         self._hops.clear()
+
+
+def _joined(history: list[StepInputs]) -> StepInputs:
+    """A history of steps as one step over all its tokens."""
+    return StepInputs(torch.cat([s.hidden for s in history], 1), torch.cat([s.positions for s in history], 1),
+                      history[-1].mask)
 
 
 def _cut(history: list[StepInputs], length: int) -> list[StepInputs]:

@@ -74,6 +74,7 @@ class Node:
         self.compute = ComputeLane()
         self.rates = (0.0, 0.0)  # (steps/s, forward tokens/s) measured at start
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
+        self._remeasures_left = 3  # idle periods that re-measure speed; later ones leave an idle node idle
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -116,9 +117,10 @@ class Node:
                     f" ({config.public_name})" if config.public_name else "", *self.rates, tokens)
 
     async def _before_announce(self) -> None:
-        """Refresh what the record says about speed: pings always, throughput when idle (the
-        figure taken at start may have been slowed by neighbours that were loading too)."""
-        if not self.sessions.sessions:
+        """Refresh what the record says about speed: pings always; throughput in the first few
+        idle periods (the figure taken at start may have been slowed by neighbours loading too)."""
+        if not self.sessions.sessions and self._remeasures_left > 0:
+            self._remeasures_left -= 1
             dtype = DTYPES[self.config.dtype]
             rates = await self.compute.run(measure, self.span, dtype, self.config.device)
             self.rates = (max(self.rates[0], rates[0]), max(self.rates[1], rates[1]))  # noise only slows
