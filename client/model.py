@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_tensors, resolve_checkpoint
 from potluck.protocol.errors import BadRequest
+from potluck.protocol.families import CACHE_ARG
 from potluck.protocol.network import initial_peers_from_env
 
 from .chain import FailoverPolicy, RemoteChain
@@ -43,6 +44,14 @@ class RemoteCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]  # attention, not a state-space cache: generate slices the tokens the nodes hold
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
 
 class RemoteDecoder(torch.nn.Module):
     """Replaces the base model (e.g. LlamaModel): embeddings → remote blocks → final norm."""
@@ -51,8 +60,9 @@ class RemoteDecoder(torch.nn.Module):
         super().__init__()
         self.embed_tokens, self.norm, self.chain = embed_tokens, norm, chain
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = kwargs.get(CACHE_ARG)
         if (input_ids is None) == (inputs_embeds is None):
             raise BadRequest("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
@@ -72,7 +82,7 @@ class RemoteDecoder(torch.nn.Module):
                 if input_ids is not None:
                     previous = session.token_ids if session.token_ids is not None else input_ids[:, :0]
                     session.token_ids = torch.cat([previous[:, :prefix], input_ids], dim=1)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_ARG: past_key_values})
 
 
 class DistributedModelMixin:
@@ -112,7 +122,7 @@ class DistributedModelMixin:
         if input_ids is not None and session.token_ids is not None and session.position > 0:
             input_ids = self._continue_conversation(session, input_ids)
             kwargs.pop("attention_mask", None)  # the conversation so far has no padding
-        kwargs["past_key_values"] = RemoteCache(session)
+        kwargs[CACHE_ARG] = RemoteCache(session)
         output = super().generate(input_ids, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         session.token_ids = sequences  # the last token is not in the nodes' caches yet

@@ -7,6 +7,7 @@ use a sliding attention window. Register a new family with ``register_family``.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,15 @@ class Family:
         return getattr(config, "sliding_window", None)
 
 
+def _cache_argument() -> str:
+    """The name transformers gives the attention-cache argument: ``cache`` since 5.24, before that
+    ``past_key_values`` (still accepted, with a warning, until 6)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
+CACHE_ARG = _cache_argument()  # pass caches as ``**{CACHE_ARG: cache}``
 _FAMILIES: dict[str, Family] = {}
 
 

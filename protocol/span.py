@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
-from .families import Family
+from .families import CACHE_ARG, Family
 
 
 class BlockSpan(torch.nn.Module):
@@ -54,7 +54,7 @@ class BlockSpan(torch.nn.Module):
                 attention_mask=masks[window],
                 position_embeddings=rotary,
                 position_ids=position_ids,
-                past_key_values=cache,
+                **{CACHE_ARG: cache},
                 use_cache=cache is not None,
             )
         return hidden
