@@ -95,11 +95,12 @@ def test_wrong_hidden_size_then_a_good_step_on_the_same_stream(setup):
 def test_step_past_reserved_max_length(setup):
     connection, first, remote, local = setup
     stream = RawStream(connection, first)
-    msg.raise_if_error(stream.send(open_meta(max_length=8)))
-    msg.raise_if_error(stream.send(*step(tokens=6)))
-    error = stream.expect_error(MaxLengthExceeded, *step(tokens=3, position=6))
+    # its own session id: the node closes an earlier test's "s1" only once it sees that stream end
+    msg.raise_if_error(stream.send(open_meta("s2", max_length=8)))
+    msg.raise_if_error(stream.send(*step("s2", tokens=6)))
+    error = stream.expect_error(MaxLengthExceeded, *step("s2", tokens=3, position=6))
     assert "max_length=8" in str(error)
-    assert msg.raise_if_error(stream.send(*step(tokens=2, position=6))).meta["length"] == 8  # nothing changed
+    assert msg.raise_if_error(stream.send(*step("s2", tokens=2, position=6))).meta["length"] == 8  # nothing changed
     stream.close()
 
 
