@@ -41,6 +41,8 @@ class RemoteChain:
     num_blocks: int
     policy: FailoverPolicy = field(default_factory=FailoverPolicy)
     handoff: bool = True  # nodes pass a step's activations along the chain themselves
+    dtypes: frozenset[str] | None = None  # route only through nodes computing in these (None: any)
+    mix_dtypes: bool = False  # one chain may hold nodes of different dtypes
     refresh_period: float = 5.0  # seconds between background reads of the records
     records: dict[str, NodeRecord] = field(default_factory=dict)
     costs: RouteCosts = field(default_factory=RouteCosts)
@@ -87,20 +89,29 @@ class RemoteChain:
         self.banned = {p: until for p, until in self.banned.items() if until > now}
         return frozenset(self.banned)
 
-    async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0) -> list[Hop]:
-        """The fastest chain for blocks start:end. Routes on the current view (kept fresh in the
-        background, so a failover does not wait on the DHT) and reads the DHT again only when the
-        view is empty or has no chain."""
+    async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0,
+                    dtype: str | None = None) -> list[Hop]:
+        """The fastest chain for blocks start:end (in ``dtype``, for the rest of a chain in that
+        dtype, unless mixing is allowed). Routes on the current view (kept fresh in the background,
+        so a failover does not wait on the DHT) and reads the DHT again only when the view is empty
+        or has no chain."""
         end = self.num_blocks if end is None else end
         if not self.records or time.monotonic() - self._refreshed_at > 3 * self.refresh_period:
             await self.refresh()
-        try:
-            return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
-                              costs=self.costs)
-        except NoRoute:
-            await self.refresh()  # nodes may have joined since the last read
-            return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
-                              costs=self.costs)
+        dtypes = self.dtypes if dtype is None or self.mix_dtypes else frozenset({dtype})
+        for attempt in range(2):
+            try:
+                return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
+                                  costs=self.costs, dtypes=dtypes, mix_dtypes=self.mix_dtypes)
+            except NoRoute:
+                if attempt == 1:
+                    raise
+                await self.refresh()  # nodes may have joined since the last read
+        raise AssertionError("unreachable")
+
+    def chain_dtype(self, hops: list[Hop]) -> str | None:
+        """The dtype the rest of a chain must keep to (None where the client allows mixing)."""
+        return None if self.mix_dtypes or not hops else hops[0].record.dtype
 
     def timeout_for(self, hops: list[Hop], tokens: int) -> float:
         """How long ``hops`` may take for ``tokens`` new tokens before the step counts as hung."""
@@ -116,12 +127,14 @@ class RemoteChain:
         """Whole sequences through every block, no cache kept on the nodes; failed hops are replaced."""
         return self.swarm.call(self.forward_async(hidden, positions, mask, 0, self.num_blocks))
 
-    async def forward_async(self, hidden, positions, mask, start: int, end: int) -> torch.Tensor:
+    async def forward_async(self, hidden, positions, mask, start: int, end: int,
+                            dtype: str | None = None) -> torch.Tensor:
         extra = [positions] + ([] if mask is None else [mask])
         block = start
         for attempt in range(self.policy.max_retries + 1):
             try:
-                for hop in await self.route(block, end):
+                for hop in await self.route(block, end, dtype=dtype):
+                    dtype = self.chain_dtype([hop])
                     frame = await self.swarm.request(
                         hop.peer_id, msg.FORWARD_HANDLER, {"type": "forward", "start": hop.start, "end": hop.end},
                         [hidden, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]))

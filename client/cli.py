@@ -13,6 +13,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
+    _add_local_args(generate)
     generate.set_defaults(run=_run_generate)
 
     chat = commands.add_parser("chat", help="chat with the model through the swarm")
@@ -21,6 +22,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--max-length", type=int, default=4096, help="longest conversation, in tokens")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--system", default=None, help="system prompt")
+    _add_local_args(chat)
     chat.set_defaults(run=_run_chat)
 
     _add_route_command(commands)
@@ -34,6 +36,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    _add_local_args(serve)
     serve.set_defaults(run=_run_serve)
 
 
@@ -62,7 +65,8 @@ def _run_route(args: argparse.Namespace) -> int:
         for peer_id, record in sorted(chain.records.items(), key=lambda item: (item[1].start, item[0])):
             ping = chain.costs.client_pings.get(peer_id)
             print(f"  {record.state.value:<8} blocks {record.start:>3}:{record.end:<3} "
-                  f"{record.public_name or 'unnamed':<20} {peer_id}  {record.inference_steps_per_s:8.1f} steps/s  "
+                  f"{record.public_name or 'unnamed':<20} {peer_id}  {record.dtype:>8} on {record.device:<4} "
+                  f"{record.inference_steps_per_s:8.1f} steps/s  "
                   f"cache {record.cache_tokens_left:>8}  ping {'-' if ping is None else f'{ping * 1e3:.1f} ms'}")
         hops = swarm.call(chain.route(cache_tokens=args.max_length))
         print("chosen chain (least expected time per step):")
@@ -109,6 +113,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
 
 
+def _add_local_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu",
+                        help="where embeddings and lm_head run on this machine: cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument("--mix-dtypes", action="store_true",
+                        help="let one chain combine nodes of different dtypes (default: each answer keeps to one)")
+
+
 def _load(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
@@ -119,7 +130,8 @@ def _load(args: argparse.Namespace):
     checkpoint = resolve_checkpoint(args.model, args.model_name)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
     model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), args.initial_peers,
-                                                            model_name=checkpoint.name)
+                                                            model_name=checkpoint.name, device=args.device,
+                                                            mix_dtypes=args.mix_dtypes)
     return tokenizer, model
 
 

@@ -1,7 +1,8 @@
 """The user's model: the transformers class of the checkpoint, with its decoder layers remote.
 
-Embeddings, final norm and lm_head load locally; a ``RemoteDecoder`` takes the base model's
-place and sends hidden states through a chain of nodes, so ``generate()``, logits processors and
+Embeddings, final norm and lm_head load locally (on the CPU, or a GPU with ``device=``); a
+``RemoteDecoder`` takes the base model's place and sends hidden states through a chain of nodes
+(they leave the local device as CPU tensors and come back to it), so ``generate()``, logits processors and
 sampling are transformers' own. Inside ``model.inference_session(...)`` several ``generate``
 calls continue one conversation: tokens the nodes already hold are not sent again.
 """
@@ -70,18 +71,20 @@ class RemoteDecoder(torch.nn.Module):
         prefix = session.position if session is not None else 0
         if position_ids is None:
             position_ids = torch.arange(prefix, prefix + hidden.shape[1]).unsqueeze(0)
-        position_ids = position_ids.expand(hidden.shape[0], -1).to(torch.int64).contiguous()
+        position_ids = position_ids.expand(hidden.shape[0], -1).to("cpu", torch.int64).contiguous()
         mask = None
         if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-            mask = attention_mask.to(torch.int64)  # padding present: the nodes need it
+            mask = attention_mask.to("cpu", torch.int64)  # padding present: the nodes need it
         with torch.no_grad():
+            wire = hidden.cpu()  # what the nodes get; they answer in the same dtype
             if session is None:
-                hidden = self.chain.forward(hidden, position_ids, mask)
+                out = self.chain.forward(wire, position_ids, mask)
             else:
-                hidden = session.step(hidden, position_ids, mask)
+                out = session.step(wire, position_ids, mask)
                 if input_ids is not None:
                     previous = session.token_ids if session.token_ids is not None else input_ids[:, :0]
                     session.token_ids = torch.cat([previous[:, :prefix], input_ids], dim=1)
+            hidden = out.to(hidden.device)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_ARG: past_key_values})
 
 
@@ -112,6 +115,10 @@ class DistributedModelMixin:
         if (kwargs.get("num_beams") or self.generation_config.num_beams or 1) != 1:
             raise BadRequest("beam search is not supported through the swarm yet; use num_beams=1")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        input_ids = None if input_ids is None else input_ids.to(self.device)  # the local part's device
+        for name in ("attention_mask", "inputs_embeds"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = kwargs[name].to(self.device)
         session = self._active_session
         if session is None:
             with self.inference_session(self._session_length(input_ids, kwargs)) as session:
@@ -164,17 +171,41 @@ class AutoDistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, model: str | None = None, initial_peers: Sequence[str] | None = None, *,
                         model_name: str | None = None, dtype: str | torch.dtype = torch.float32,
-                        request_timeout: float = 5.0, policy: FailoverPolicy | None = None, handoff: bool = True,
-                        swarm: SwarmConnection | None = None) -> PreTrainedModel:
+                        device: str | torch.device = "cpu", node_dtypes: Sequence[str] | None = None,
+                        mix_dtypes: bool = False, request_timeout: float = 5.0, policy: FailoverPolicy | None = None,
+                        handoff: bool = True, swarm: SwarmConnection | None = None) -> PreTrainedModel:
+        """The model whose decoder layers run through the swarm.
+
+        ``dtype``/``device``: of the local part (embeddings, final norm, lm_head); the CPU serves
+        people without a GPU. ``node_dtypes``: route only through nodes computing in these (None:
+        any). ``mix_dtypes``: let one chain combine nodes of different dtypes (off: each session
+        keeps to one dtype, the fastest available)."""
         checkpoint = resolve_checkpoint(model, model_name)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        unknown = set(node_dtypes or ()) - set(DTYPES)
+        if unknown:
+            raise BadRequest(f"node_dtypes {sorted(unknown)} are not dtypes nodes use; pick from {', '.join(DTYPES)}")
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
         policy = policy or FailoverPolicy(request_timeout=request_timeout)
-        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff)
-        return _build(checkpoint, chain, dtype)
+        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
+                            dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes)
+        return build_local_part(checkpoint, chain, dtype, _local_device(device))
 
 
-def _build(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dtype) -> PreTrainedModel:
+def _local_device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadRequest(f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadRequest(f"device {name!r}: this torch has no usable CUDA GPU; use device 'cpu'")
+    return device
+
+
+def build_local_part(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dtype,
+                     device: torch.device) -> PreTrainedModel:
+    """The checkpoint's ``*ForCausalLM`` with its embeddings, norm and lm_head on ``device`` and a
+    ``RemoteDecoder`` over ``chain`` in place of its decoder layers."""
     config = checkpoint.config
     base_cls = AutoModelForCausalLM._model_mapping[type(config)]
     dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedModelMixin, base_cls), {})
@@ -187,7 +218,7 @@ def _build(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dtype) -> Pr
     model.config = config
     tied = getattr(config, "tie_word_embeddings", False)
     names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if tied else ["lm_head.weight"])
-    weights = load_tensors(checkpoint.path, names, dtype)
+    weights = load_tensors(checkpoint.path, names, dtype, device)
     model.model.embed_tokens.load_state_dict({"weight": weights["model.embed_tokens.weight"]}, assign=True)
     model.model.norm.load_state_dict({"weight": weights["model.norm.weight"]}, assign=True)
     if tied:
@@ -200,7 +231,9 @@ def _build(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dtype) -> Pr
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
     else:
         model.generation_config = GenerationConfig.from_model_config(config)
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    loaded = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    leftover = [n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+                if n not in loaded]
     if leftover:
         raise BadRequest(f"{base_cls.__name__} has local weights Potluck does not load: {leftover[:5]}")
     return model.eval()

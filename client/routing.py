@@ -6,6 +6,10 @@ measured), running blocks i:j on ``s`` costs (j - i) times its per-block time (f
 speed) scaled by its load, and the client pays the last node's one-way latency back. Spans may
 overlap; a chain may enter a node part-way and leave it early. Banned, draining, joining and full
 nodes are skipped. A little random jitter spreads equal replicas over many clients.
+
+Nodes compute in different dtypes (bfloat16 GPUs beside float32 CPUs). Unless the client allows
+mixing, a chain keeps to one dtype: ``find_chain`` with ``dtypes={d}``, or the fastest of the
+single-dtype chains when no dtype is fixed yet.
 """
 from __future__ import annotations
 
@@ -56,12 +60,35 @@ class RouteCosts:
 
 
 def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: frozenset[str] = frozenset(),
-               cache_tokens: int = 0, costs: RouteCosts | None = None, rng: random.Random | None = None) -> list[Hop]:
-    """The fastest chain of hops covering blocks start:end; NoRoute naming uncovered blocks."""
+               cache_tokens: int = 0, costs: RouteCosts | None = None, rng: random.Random | None = None,
+               dtypes: frozenset[str] | None = None, mix_dtypes: bool = True) -> list[Hop]:
+    """The fastest chain of hops covering blocks start:end; NoRoute naming uncovered blocks.
+
+    ``dtypes``: only nodes computing in one of these (None: any). ``mix_dtypes=False``: every hop
+    in one dtype, the one whose chain is fastest."""
     costs = costs or RouteCosts()
     rng = rng or random.Random()
     usable = {p: r for p, r in records.items()
-              if r.state == NodeState.ONLINE and p not in banned and r.cache_tokens_left >= cache_tokens}
+              if r.state == NodeState.ONLINE and p not in banned and r.cache_tokens_left >= cache_tokens
+              and (dtypes is None or r.dtype in dtypes)}
+    if mix_dtypes or len({r.dtype for r in usable.values()}) <= 1:
+        return _search(usable, records, start, end, costs, rng)[1]
+    found = []
+    for dtype in sorted({r.dtype for r in usable.values()}):
+        try:
+            found.append(_search({p: r for p, r in usable.items() if r.dtype == dtype}, records, start, end, costs, rng))
+        except NoRoute:
+            continue
+    if not found:
+        raise NoRoute(f"no chain of nodes in a single dtype covers blocks {start}:{end} "
+                      f"(dtypes seen: {', '.join(sorted({r.dtype for r in usable.values()}))}); allow mixed dtypes "
+                      "to route through them")
+    return min(found, key=lambda cost_chain: cost_chain[0])[1]
+
+
+def _search(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], start: int, end: int, costs: RouteCosts,
+            rng: random.Random) -> tuple[float, list[Hop]]:
+    """Dijkstra over (block, previous node): the least expected time and its chain."""
     noise = {p: 1 + costs.jitter * (2 * rng.random() - 1) for p in usable}
     boundaries = sorted({r.start for r in usable.values()} | {r.end for r in usable.values()} | {end})
     best: dict[tuple[int, str | None], float] = {(start, None): 0.0}
@@ -73,7 +100,7 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
         if cost > best.get((block, prev), float("inf")):
             continue
         if block == end:
-            return _unwind(came_from, (block, prev))
+            return cost, _unwind(came_from, (block, prev))
         for peer, record in usable.items():
             if not record.start <= block < record.end:
                 continue
@@ -88,7 +115,7 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
                     best[state] = total
                     came_from[state] = ((block, prev), Hop(peer, block, exit_block, record))
                     heapq.heappush(queue, (total, exit_block, peer))
-    raise NoRoute(_describe_gap(usable, records, banned, start, end))
+    raise NoRoute(_describe_gap(usable, records, start, end))
 
 
 def _unwind(came_from, state) -> list[Hop]:
@@ -99,8 +126,7 @@ def _unwind(came_from, state) -> list[Hop]:
     return chain[::-1]
 
 
-def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], banned: frozenset[str],
-                  start: int, end: int) -> str:
+def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], start: int, end: int) -> str:
     covered = {b for r in usable.values() for b in range(r.start, r.end)}
     missing = [b for b in range(start, end) if b not in covered]
     if not missing:
@@ -110,7 +136,8 @@ def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord],
     while last + 1 in missing:
         last += 1
     return (f"no ONLINE node with room serves blocks {first}:{last + 1} (of {start}:{end}; "
-            f"{len(records)} nodes known, {len(banned)} banned)")
+            f"{len(records)} nodes known, {len(records) - len(usable)} not usable: banned, busy, joining, "
+            "leaving or in another dtype)")
 
 
 def explain(chain: list[Hop], records: dict[str, NodeRecord], costs: RouteCosts) -> list[str]:

@@ -82,7 +82,7 @@ class _StopWhen(StoppingCriteria):
         self.condition = condition
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.condition(), dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.condition(), dtype=torch.bool, device=input_ids.device)
 
 
 @contextlib.contextmanager

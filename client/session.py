@@ -288,7 +288,7 @@ class InferenceSession:
             return []
         full = _joined(first.history)
         hidden = await self.chain.forward_async(full.hidden, full.positions, full.mask, first.hop.start,
-                                                failed.hop.start)
+                                                failed.hop.start, self.chain.chain_dtype(self.hops))
         return [StepInputs(hidden, full.positions, full.mask)]
 
     async def _replay(self, hops: list[HopSession], history: list[StepInputs]) -> None:
@@ -313,7 +313,8 @@ class InferenceSession:
         """Route blocks start:end and open a session on each hop; unreachable nodes are banned
         and routed around (NoRoute once nothing is left)."""
         for attempt in range(self.chain.policy.max_retries + 1):
-            chain = await self.chain.route(start, end, self.max_length * (self.batch_size or 1))
+            chain = await self.chain.route(start, end, self.max_length * (self.batch_size or 1),
+                                           self.chain.chain_dtype(self.hops))  # a replacement keeps the dtype
             opened = []
             try:
                 for hop in chain:

@@ -17,12 +17,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_network_args(node)
     node.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
     node.add_argument("--public-name", default="", help="a name shown to users and on the health page")
-    node.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    node.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    node.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="weights and compute (default: bfloat16 on GPUs, float16 where the card lacks it, "
+                           "float32 on CPUs)")
+    node.add_argument("--device", default=None,
+                      help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
     node.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
     node.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD, help="seconds between announcements")
     node.add_argument("--cache-tokens", type=int, default=None, help="attention-cache budget in tokens")
-    node.add_argument("--cache-gib", type=float, default=1.0, help="cache budget in GiB when --cache-tokens is unset")
+    node.add_argument("--cache-gib", type=float, default=None,
+                      help="cache budget in GiB when --cache-tokens is unset (default: half the GPU memory free "
+                           "after loading, or 1 GiB on CPUs)")
     node.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens accepted in one message")
     node.add_argument("--drain-timeout", type=float, default=10.0,
                       help="seconds Ctrl-C waits for open sessions before going OFFLINE")
@@ -36,7 +41,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     swarm = commands.add_parser("swarm", help="start a bootstrap peer and N nodes on loopback")
     swarm.add_argument("model", nargs="?", default=None, help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
     swarm.add_argument("--nodes", type=int, default=3, help="how many nodes split the blocks evenly")
-    swarm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    swarm.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="the nodes' dtype (default: each node's own, as for potluck node)")
     swarm.add_argument("--model-name", default=None, help="the model's name in the swarm")
     swarm.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD)
     swarm.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
@@ -77,7 +83,7 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
     start, end = _parse_blocks(args.blocks)
     config = NodeConfig(
         model=args.model, start=start, end=end, initial_peers=initial_peers, public_name=args.public_name,
-        dtype=args.dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=args.dtype, device=args.device,
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,
         max_batch_tokens=args.max_batch_tokens, drain_timeout=args.drain_timeout, identity_path=args.identity_path,

@@ -20,10 +20,11 @@ from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
 from potluck.protocol.errors import (
-    BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeUnavailable, PotluckError,
+    BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeOutOfMemory, NodeUnavailable, PotluckError,
 )
 from potluck.protocol.span import BlockSpan
 
+from . import hardware
 from .compute import ComputeLane
 from .links import PushLinks
 from .sessions import Session, SessionTable
@@ -42,9 +43,9 @@ class BlockServicer:
     """Serves one span of blocks; owns the sessions opened on it."""
 
     def __init__(self, span: BlockSpan, compute: ComputeLane, sessions: SessionTable, limits: ServingLimits,
-                 dtype: torch.dtype, describe: Callable[[], dict[str, Any]], links: PushLinks):
+                 describe: Callable[[], dict[str, Any]], links: PushLinks):
         self.span, self.compute, self.sessions, self.limits = span, compute, sessions, limits
-        self.dtype, self.describe, self.links = dtype, describe, links
+        self.describe, self.links = describe, links
         self.hidden_size = span.config.hidden_size
         self.draining = False
         self.counters: Counter[str] = Counter()  # what was served, reported by info
@@ -157,11 +158,11 @@ class BlockServicer:
         prefix = session.check_room(request.start_from, new_tokens)
         hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, prefix)
         self._check_tokens(hidden)
-        out = await self.compute.run(session.step, self.span, hidden.to(self.dtype), positions, mask, prefix,
-                                     tokens=hidden.shape[0] * hidden.shape[1])
+        out = await self._compute(session.step, self.span, hidden, positions, mask, prefix,
+                                  tokens=hidden.shape[0] * hidden.shape[1])
         self.counters["steps"] += 1
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
-        out = out.to(hidden.dtype)
+        out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
         if not request.next:
             return {"type": "result", "length": session.length, "seq": request.seq}, (out,)
         following = request.next[0]
@@ -186,11 +187,20 @@ class BlockServicer:
             self._check_span(request.start, request.end)
             hidden, positions, mask = msg.check_step_tensors(frame.tensors, self.hidden_size, None, 0)
             self._check_tokens(hidden)
-            out = await self.compute.run(self.span, hidden.to(self.dtype), positions, mask, None,
-                                         request.start, request.end)
+            out = await self._compute(self.span, hidden, positions, mask, None, request.start, request.end)
             self.counters["forwards"] += 1
             return {"type": "result"}, (out.to(hidden.dtype),)
         raise BadRequest(f"{type(request).__name__} is not valid on this stream")
+
+    async def _compute(self, fn: Callable[..., torch.Tensor], *args, tokens: int | None = None) -> torch.Tensor:
+        """Run block work in the compute lane; running out of device memory fails this request only."""
+        try:
+            return await self.compute.run(fn, *args, tokens=tokens)
+        except torch.OutOfMemoryError:
+            hardware.free_after_error(self.span.device)
+            logger.warning("out of memory on %s (%s tokens); the request failed, the node goes on",
+                           self.span.device, tokens)
+            raise NodeOutOfMemory(f"the node ran out of {self.span.device.type} memory; try another node") from None
 
     def _check_span(self, start: int, end: int) -> None:
         if not (self.span.start <= start and end <= self.span.end):

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from hivemind.dht.node import DHTNode
@@ -22,6 +22,7 @@ from potluck.protocol.errors import BadRequest
 from potluck.protocol.network import p2p_options
 from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
 
+from . import hardware
 from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
@@ -40,14 +41,14 @@ class NodeConfig:
     end: int
     initial_peers: list[str] = field(default_factory=list)
     public_name: str = ""
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str | None = None  # None: hardware.default_dtype of the device
+    device: str | None = None  # None: the best there is (cuda, mps, cpu)
     model_name: str | None = None  # name in DHT keys (default: from the checkpoint)
     host_maddrs: list[str] = field(default_factory=list)
     announce_maddrs: list[str] = field(default_factory=list)
     announce_period: float = ANNOUNCE_PERIOD
     cache_tokens: int | None = None  # None: as many as fit in cache_gib
-    cache_gib: float = 1.0
+    cache_gib: float | None = None  # None: hardware.default_cache_gib (a share of free GPU memory, or 1 GiB)
     max_batch_tokens: int = 8192
     drain_timeout: float = 10.0  # seconds to wait for open sessions on shutdown
     identity_path: str | None = None
@@ -62,8 +63,8 @@ def cache_tokens_for(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype, gi
 
 
 class Node:
-    def __init__(self, config: NodeConfig, checkpoint: Checkpoint, p2p: P2P, dht: DHTNode):
-        self.config, self.checkpoint, self.p2p, self.dht = config, checkpoint, p2p, dht
+    def __init__(self, config: NodeConfig, checkpoint: Checkpoint, p2p: P2P, dht: DHTNode, device: torch.device):
+        self.config, self.checkpoint, self.p2p, self.dht, self.device = config, checkpoint, p2p, dht, device
         self.peer_id = p2p.peer_id.to_base58()
         info = ModelInfo(checkpoint.name, checkpoint.num_blocks, checkpoint.config.model_type,
                          checkpoint.config.hidden_size)
@@ -79,15 +80,18 @@ class Node:
 
     @classmethod
     async def create(cls, config: NodeConfig) -> "Node":
+        device = hardware.resolve_device(config.device)
+        config = replace(config, device=str(device), dtype=config.dtype or hardware.default_dtype(device))
         if config.dtype not in DTYPES:
             raise BadRequest(f"--dtype must be one of {', '.join(DTYPES)}")
+        hardware.prepare(device)
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
         options = p2p_options(config.initial_peers, config.host_maddrs, config.announce_maddrs)
         p2p = await P2P.create(identity_path=config.identity_path, **options)
         dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=False)
-        node = cls(config, checkpoint, p2p, dht)
+        node = cls(config, checkpoint, p2p, dht, device)
         try:
             await node._start()
         except BaseException:
@@ -98,22 +102,24 @@ class Node:
     async def _start(self) -> None:
         config, dtype = self.config, DTYPES[self.config.dtype]
         await self.announcer.announce(NodeState.JOINING)
-        logger.info("loading %s blocks %d:%d (%s) from %s", self.checkpoint.name, config.start, config.end,
-                    config.dtype, self.checkpoint.path)
-        span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, config.device,
+        logger.info("loading %s blocks %d:%d (%s on %s) from %s", self.checkpoint.name, config.start, config.end,
+                    config.dtype, self.device, self.checkpoint.path)
+        span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, self.device,
                                        sys.stderr.isatty())
-        self.rates = await asyncio.to_thread(measure, span, dtype, config.device)
-        tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, config.cache_gib)
+        self.rates = await asyncio.to_thread(measure, span)
+        gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
+        tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
         self.sessions = SessionTable(tokens, on_change=self.announcer.nudge)
         self.span = span
         limits = ServingLimits(max_batch_tokens=config.max_batch_tokens)
         self.links = PushLinks(self.p2p)
-        self.servicer = BlockServicer(span, self.compute, self.sessions, limits, dtype, self.describe, self.links)
+        self.servicer = BlockServicer(span, self.compute, self.sessions, limits, self.describe, self.links)
         await self.servicer.register(self.p2p)
         await self.announcer.announce(NodeState.ONLINE)
         self._own(self.announcer.run(before=self._before_announce))
-        logger.info("ONLINE: serving %s blocks %d:%d as %s%s; %.0f steps/s, %.0f tokens/s forward; cache %d tokens",
-                    self.checkpoint.name, config.start, config.end, self.peer_id,
+        logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %.0f tokens/s forward; "
+                    "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device, config.dtype,
+                    self.peer_id,
                     f" ({config.public_name})" if config.public_name else "", *self.rates, tokens)
 
     async def _before_announce(self) -> None:
@@ -121,8 +127,7 @@ class Node:
         idle periods (the figure taken at start may have been slowed by neighbours loading too)."""
         if not self.sessions.sessions and self._remeasures_left > 0:
             self._remeasures_left -= 1
-            dtype = DTYPES[self.config.dtype]
-            rates = await self.compute.run(measure, self.span, dtype, self.config.device)
+            rates = await self.compute.run(measure, self.span)
             self.rates = (max(self.rates[0], rates[0]), max(self.rates[1], rates[1]))  # noise only slows
         await self._measure_pings()
 
@@ -137,7 +142,7 @@ class Node:
         c = self.config
         return NodeRecord(
             model=self.checkpoint.name, start=c.start, end=c.end, state=state, public_name=c.public_name,
-            version=potluck.__version__, dtype=c.dtype, inference_steps_per_s=self.rates[0],
+            version=potluck.__version__, dtype=c.dtype, device=self.device.type, inference_steps_per_s=self.rates[0],
             forward_tokens_per_s=self.rates[1], cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             active_sessions=len(self.sessions.sessions) if self.sessions else 0,
             max_batch_tokens=c.max_batch_tokens, pings=self.pings,
@@ -146,7 +151,7 @@ class Node:
     def describe(self) -> dict:
         record = self.record(self.announcer.state)
         return {"peer_id": self.peer_id, "model": record.model, "start": record.start, "end": record.end,
-                "state": record.state.value, "version": record.version, "dtype": record.dtype,
+                "state": record.state.value, "version": record.version, "dtype": record.dtype, "device": record.device,
                 "cache_tokens_left": record.cache_tokens_left, "public_name": record.public_name}
 
     def _own(self, coro) -> None:

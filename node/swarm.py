@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 class SwarmConfig:
     model: str | None
     nodes: int
-    dtype: str = "float32"
+    dtype: str | None = None  # None: each node picks for its device
     model_name: str | None = None
     announce_period: float = 15.0
     startup_timeout: float = 600.0  # seconds for every node to come ONLINE
@@ -60,7 +60,8 @@ async def run_swarm(config: SwarmConfig, stop: asyncio.Event) -> int:
             children.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "potluck", "node", str(checkpoint.path), "--blocks", f"{start}:{end}",
                 "--initial-peers", maddr, "--model-name", checkpoint.name, "--public-name", f"local-{i}",
-                "--dtype", config.dtype, "--announce-period", str(config.announce_period), *config.node_args,
+                *(["--dtype", config.dtype] if config.dtype else []), "--announce-period", str(config.announce_period),
+                *config.node_args,
                 start_new_session=True, preexec_fn=_die_with_parent,  # Ctrl-C reaches nodes once, through us
             ))
         if not await _wait_online(dht, checkpoint.name, checkpoint.num_blocks, children, config, stop):

@@ -9,26 +9,34 @@ from transformers import DynamicCache
 from potluck.protocol.span import BlockSpan
 
 
-def measure(span: BlockSpan, dtype: torch.dtype, device: str, steps: int = 16, forward_tokens: int = 128,
-            repeats: int = 3) -> tuple[float, float]:
+def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3) -> tuple[float, float]:
     """Returns (one-token inference steps per second, forward tokens per second) through the span.
 
     Nodes often start while others load beside them; taking each figure's best repeat keeps a
     moment of contention from being announced as the node's speed."""
-    hidden = torch.randn(1, forward_tokens, span.config.hidden_size, dtype=dtype, device=device)
-    positions = torch.arange(forward_tokens, device=device).unsqueeze(0)
+    hidden = torch.randn(1, forward_tokens, span.config.hidden_size, dtype=span.dtype, device=span.device)
+    positions = torch.arange(forward_tokens, device=span.device).unsqueeze(0)
     span(hidden[:, :8], positions[:, :8], None, DynamicCache())  # warm-up
+    _synchronize(span.device)
     step_times = []
     cache = DynamicCache()
     span(hidden[:, :1], positions[:, :1], None, cache)
     for i in range(1, steps + 1):
         began = time.perf_counter()
         span(hidden[:, i:i + 1], positions[:, i:i + 1], None, cache)
+        _synchronize(span.device)
         step_times.append(time.perf_counter() - began)
     forward_times = []
     for _ in range(repeats):
         began = time.perf_counter()
         span(hidden, positions, None, None)
+        _synchronize(span.device)
         forward_times.append(time.perf_counter() - began)
     fastest_half = sorted(step_times)[: max(1, steps // 2)]
     return len(fastest_half) / sum(fastest_half), forward_tokens / min(forward_times)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timing covers the computation and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

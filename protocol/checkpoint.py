@@ -72,8 +72,10 @@ def tensor_files(path: Path) -> dict[str, Path]:
     return names
 
 
-def load_tensors(path: Path, names: list[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read only the named tensors, one at a time, cast to ``dtype`` on ``device``."""
+def load_tensors(path: Path, names: list[str], dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read only the named tensors, one at a time, each moved to ``device`` and cast there (so host
+    memory never holds more than one tensor, and the cast runs on the GPU when there is one)."""
     files = tensor_files(path)
     missing = [n for n in names if n not in files]
     if missing:
@@ -85,12 +87,12 @@ def load_tensors(path: Path, names: list[str], dtype: torch.dtype, device: str =
     for file, file_names in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in file_names:
-                tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                tensors[name] = f.get_tensor(name).to(device=device).to(dtype=dtype)
     return tensors
 
 
-def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: str = "cpu",
-              progress: bool = False) -> BlockSpan:
+def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
+              device: str | torch.device = "cpu", progress: bool = False) -> BlockSpan:
     """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked)."""
     if not 0 <= start < end <= checkpoint.num_blocks:
         raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
@@ -101,9 +103,13 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, 
         prefix = family.block_prefix.format(index)
         names = [n for n in files if n.startswith(prefix)]
         weights = load_tensors(checkpoint.path, names, dtype, device)
-        block = family.make_block(checkpoint.config, index)
-        block.load_state_dict({n[len(prefix):]: t for n, t in weights.items()}, strict=True, assign=True)
-        blocks.append(block.eval())
+        blocks.append(place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()}))
         logger.debug("loaded block %d (%d tensors)", index, len(names))
-    span = BlockSpan(checkpoint.config, family, start, blocks)
-    return span.to(device=device).eval()
+    return BlockSpan(checkpoint.config, family, start, blocks).eval()
+
+
+def place_block(config: PretrainedConfig, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Decoder layer ``index`` holding ``weights`` (names relative to the block) where they already are."""
+    block = family_of(config).make_block(config, index)
+    block.load_state_dict(weights, strict=True, assign=True)
+    return block.eval()

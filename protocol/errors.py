@@ -19,6 +19,7 @@ class ErrorCode(enum.IntEnum):
     MAX_LENGTH_EXCEEDED = 6
     CACHE_FULL = 7
     NODE_DRAINING = 8
+    OUT_OF_MEMORY = 9
     NODE_UNAVAILABLE = 20  # client side: the peer died, timed out or cannot be reached
     NO_ROUTE = 21  # client side: no ONLINE chain covers the blocks
 
@@ -92,6 +93,12 @@ class NodeDraining(PotluckError):
     code = ErrorCode.NODE_DRAINING
 
 
+class NodeOutOfMemory(PotluckError):
+    """The node's device ran out of memory during this request; the node itself keeps serving."""
+
+    code = ErrorCode.OUT_OF_MEMORY
+
+
 class NodeUnavailable(PotluckError):
     """A node died, hung past the timeout, or could not be reached."""
 
@@ -113,6 +120,7 @@ _BY_CODE: dict[ErrorCode, type[PotluckError]] = {
     ErrorCode.MAX_LENGTH_EXCEEDED: MaxLengthExceeded,
     ErrorCode.CACHE_FULL: CacheFull,
     ErrorCode.NODE_DRAINING: NodeDraining,
+    ErrorCode.OUT_OF_MEMORY: NodeOutOfMemory,
     ErrorCode.NODE_UNAVAILABLE: NodeUnavailable,
     ErrorCode.NO_ROUTE: NoRoute,
 }

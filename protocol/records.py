@@ -51,7 +51,8 @@ class NodeRecord:
     state: NodeState
     public_name: str = ""
     version: str = ""
-    dtype: str = "float32"
+    dtype: str = "float32"  # what the node computes in
+    device: str = "cpu"  # the kind of device it computes on: cpu, cuda or mps
     inference_steps_per_s: float = 0.0  # one-token steps through the whole span, measured at start
     forward_tokens_per_s: float = 0.0  # tokens/s of a long forward through the whole span
     cache_tokens_left: int = 0  # attention-cache tokens not yet reserved by sessions
@@ -75,6 +76,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "public_name": (str,),
     "version": (str,),
     "dtype": (str,),
+    "device": (str,),
     "inference_steps_per_s": (int, float),
     "forward_tokens_per_s": (int, float),
     "cache_tokens_left": (int,),

@@ -2,6 +2,8 @@
 
 Shared by nodes (which serve spans) and by tests and clients that check a node against a local
 replica. The attention cache is a transformers ``DynamicCache`` indexed by global block index.
+A span computes on its weights' device: inputs move there as they enter ``forward``, and every
+tensor it builds (masks, positions, rotary tables, caches) is made there.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ class BlockSpan(torch.nn.Module):
         super().__init__()
         self.config, self.start, self.end = config, start, start + len(blocks)
         self.blocks = torch.nn.ModuleList(blocks)
-        self.rotary = family.make_rotary(config)
+        weight = next(self.blocks.parameters())
+        self.device, self.dtype = weight.device, weight.dtype  # where and in what it computes
+        with torch.device(self.device):
+            self.rotary = family.make_rotary(config)
         self.windows = [family.window(config, i) for i in range(self.start, self.end)]
 
     def cache_length(self, cache: DynamicCache | None, start: int | None = None) -> int:
@@ -42,6 +47,10 @@ class BlockSpan(torch.nn.Module):
         start: int | None = None,  # run only blocks start:end of this span (default: all)
         end: int | None = None,
     ) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)  # from the wire: CPU, any float dtype
+        position_ids = position_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
         first = 0 if start is None else start - self.start
         last = len(self.blocks) if end is None else end - self.start
         prefix = self.cache_length(cache, first + self.start)
@@ -69,13 +78,14 @@ def causal_mask(
     total = prefix + length
     if length == 1 and attention_mask is None and (window is None or total <= window):
         return None
-    query = torch.arange(prefix, total).view(-1, 1)  # [T, 1] absolute query positions
-    key = torch.arange(total).view(1, -1)  # [1, prefix + T]
+    device = hidden.device
+    query = torch.arange(prefix, total, device=device).view(-1, 1)  # [T, 1] absolute query positions
+    key = torch.arange(total, device=device).view(1, -1)  # [1, prefix + T]
     allowed = key <= query
     if window is not None:
         allowed = allowed & (query - key < window)
     allowed = allowed.view(1, 1, length, total).expand(batch, 1, length, total)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool().view(batch, 1, 1, total)
-    zeros = torch.zeros((), dtype=hidden.dtype)
+    zeros = torch.zeros((), dtype=hidden.dtype, device=device)
     return torch.where(allowed, zeros, torch.finfo(hidden.dtype).min)

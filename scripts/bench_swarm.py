@@ -47,6 +47,73 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def make_llama_shape(folder: Path, blocks: int, hidden: int, vocab: int, dtype: torch.dtype, device: str,
+                     seed: int = 0) -> Path:
+    """Random weights in Llama-3.1-8B's shape (at hidden 4096: 32 heads of 128, 8 kv heads, MLP 14336),
+    initialised on ``device`` (fast on a GPU) and saved as a real checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, hidden // 128)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 7 // 2, num_hidden_layers=blocks,
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=vocab,
+                         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    del model
+    empty_device_cache(device)
+    return folder
+
+
+def physical_bound(path: Path, device: str) -> dict:
+    """What a token must cost at least on ``device``: the bytes of weights each step reads (every
+    block and the lm_head; an embedding lookup reads one row) over the measured memory bandwidth."""
+    from safetensors import safe_open
+
+    weight_bytes = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if "embed_tokens" not in name:
+                    weight_bytes += _tensor_bytes(f, name)
+    bandwidth = memory_bandwidth(device)
+    return {"weight_bytes_per_token": weight_bytes, "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "bound_ms": round(weight_bytes / bandwidth * 1e3, 3)}
+
+
+def _tensor_bytes(f, name: str) -> int:
+    """Bytes of one tensor in a safetensors file, from its header."""
+    tensor_slice = f.get_slice(name)
+    count = 1
+    for size in tensor_slice.get_shape():
+        count *= size
+    return count * {"BF16": 2, "F16": 2, "F32": 4}[tensor_slice.get_dtype()]
+
+
+def memory_bandwidth(device: str, mib: int = 1024, repeats: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (read + write), the figure weight reads are bound by."""
+    source = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * source.numel() * repeats / (time.perf_counter() - began)
+
+
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def empty_device_cache(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def peak_rss_mib(pid: int) -> float:
     """VmHWM (peak resident set) of a live process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

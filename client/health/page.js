@@ -108,7 +108,7 @@ function nodeRow(model, node, key) {
     el("td", {class: "num opt", title: `${node.forward_tokens_per_s.toFixed(0)} tokens/s forward`},
        fmt.rate(node.inference_steps_per_s) + " steps/s"),
     el("td", {class: "num opt"}, fmt.count(node.cache_tokens_left)),
-    el("td", {class: "opt"}, node.dtype),
+    el("td", {class: "opt"}, `${node.dtype} · ${node.device || "cpu"}`),
     el("td", {class: "opt"}, node.version || "–"),
     el("td", {class: "opt"}, node.connection || "–"),
     el("td", {class: "num opt", title: `record expires in ${fmt.ago(Math.max(0, node.expires_in_s - sinceUpdate()))}`},
@@ -128,7 +128,7 @@ function detailRow(node, names, columns) {
     ["throughput", fmt.rate(node.inference_steps_per_s) + " steps/s"],
     ["forward", node.forward_tokens_per_s.toFixed(0) + " tokens/s"], ["cache left", fmt.count(node.cache_tokens_left)],
     ["open sessions", String(node.active_sessions)],
-    ["tokens served", fmt.count(node.tokens_served)], ["dtype", node.dtype], ["version", node.version || "–"],
+    ["tokens served", fmt.count(node.tokens_served)], ["dtype", node.dtype], ["device", node.device || "cpu"], ["version", node.version || "–"],
     ["connection", node.connection || "not connected"], ["record age", fmt.ago(age(node))],
     ["expires in", fmt.ago(Math.max(0, node.expires_in_s - sinceUpdate()))],
   ];

@@ -8,9 +8,9 @@ from potluck.protocol.errors import NoRoute
 from potluck.protocol.records import NodeRecord, NodeState
 
 
-def node(start, end, speed=10.0, state=NodeState.ONLINE, cache=1000, pings=None, sessions=0):
+def node(start, end, speed=10.0, state=NodeState.ONLINE, cache=1000, pings=None, sessions=0, dtype="float32"):
     return NodeRecord(model="m", start=start, end=end, state=state, inference_steps_per_s=speed,
-                      cache_tokens_left=cache, pings=pings or {}, active_sessions=sessions)
+                      cache_tokens_left=cache, pings=pings or {}, active_sessions=sessions, dtype=dtype)
 
 
 def route(records, costs=None, **kwargs):
@@ -73,3 +73,20 @@ def test_offline_banned_and_full_nodes_are_avoided():
 def test_gap_names_the_missing_blocks():
     with pytest.raises(NoRoute, match="blocks 3:6"):
         route({"a": node(0, 3), "c": node(6, 8), "b": node(3, 6)}, banned=frozenset({"b"}))
+
+
+def test_a_chain_keeps_to_one_dtype_unless_mixing_is_allowed():
+    records = {"gpu-a": node(0, 4, speed=1000, dtype="bfloat16"), "cpu-b": node(4, 8, speed=100),
+               "cpu-a": node(0, 4, speed=50), "gpu-b": node(4, 8, speed=20, dtype="bfloat16")}
+    # mixed, the fastest hops win; kept to one dtype, the faster of the float32 and bfloat16 chains
+    assert route(records) == [("gpu-a", 0, 4), ("cpu-b", 4, 8)]
+    assert route(records, mix_dtypes=False) == [("cpu-a", 0, 4), ("cpu-b", 4, 8)]
+    assert route(records, mix_dtypes=False, dtypes=frozenset({"bfloat16"})) == [("gpu-a", 0, 4), ("gpu-b", 4, 8)]
+
+
+def test_no_single_dtype_chain_says_how_to_allow_mixing():
+    records = {"gpu": node(0, 4, dtype="bfloat16"), "cpu": node(4, 8)}
+    with pytest.raises(NoRoute, match="allow mixed dtypes"):
+        route(records, mix_dtypes=False)
+    with pytest.raises(NoRoute, match="blocks 0:4"):
+        route(records, dtypes=frozenset({"float32"}))

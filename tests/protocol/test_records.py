@@ -7,9 +7,15 @@ from potluck.protocol.records import ModelInfo, NodeRecord, NodeState, pack, unp
 
 
 def test_node_record_round_trip():
-    record = NodeRecord(model="m", start=2, end=5, state=NodeState.ONLINE, public_name="bob",
-                        inference_steps_per_s=100.0, cache_tokens_left=4096, pings={"peer": 0.01})
+    record = NodeRecord(model="m", start=2, end=5, state=NodeState.ONLINE, public_name="bob", dtype="bfloat16",
+                        device="cuda", inference_steps_per_s=100.0, cache_tokens_left=4096, pings={"peer": 0.01})
     assert unpack_node_record(pack(record)) == record
+
+
+def test_a_record_from_before_devices_reads_as_cpu():
+    fields = msgpack.unpackb(pack(NodeRecord(model="m", start=0, end=1, state=NodeState.ONLINE)))
+    del fields["device"]
+    assert unpack_node_record(msgpack.packb(fields)).device == "cpu"
 
 
 def test_unknown_fields_are_ignored():

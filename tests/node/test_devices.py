@@ -1,0 +1,118 @@
+"""A node computes on its span's device: wire inputs (CPU) move there, outputs leave only when encoded.
+
+The span's weights sit on another device than the CPU (see ``tests/devices.py``), and every
+operation is checked for tensors on two devices, as CUDA does; this is what crashed GPU nodes
+at start (a mask built on the CPU) before the span owned its device.
+"""
+import asyncio
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from devices import OTHER_DEVICE, StrictDevices
+from potluck.node import hardware
+from potluck.node.compute import ComputeLane
+from potluck.node.handlers import BlockServicer, ServingLimits
+from potluck.node.sessions import SessionTable
+from potluck.node.throughput import measure
+from potluck.protocol import messages as msg
+from potluck.protocol.checkpoint import load_span, resolve_checkpoint
+from potluck.protocol.errors import BadRequest, NodeOutOfMemory
+
+NEXT_PEER = "12D3KooWDfTd9ci767jyAkmad5szzT29RZdRsVJbgmqAhNnUAK2G"
+
+
+def span_on_other_device(checkpoint_path, start=0, end=4, dtype=torch.float32):
+    return load_span(resolve_checkpoint(str(checkpoint_path)), start, end, dtype, OTHER_DEVICE)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_span_steps_stay_on_its_device(family, tiny_checkpoints):
+    span = span_on_other_device(tiny_checkpoints[family], dtype=torch.bfloat16)
+    hidden = torch.randn(2, 5, 64)  # float32 from the wire
+    positions = torch.arange(5).expand(2, -1)
+    padding = torch.ones(2, 8, dtype=torch.int64)
+    padding[0, :2] = 0
+    cache = DynamicCache()
+    with StrictDevices():
+        out = span(hidden, positions, padding[:, :5], cache)  # prefill with a padding mask
+        assert (out.device, out.dtype) == (OTHER_DEVICE, torch.bfloat16)
+        out = span(hidden[:, :1], positions[:, :1] + 5, None, cache)  # one decoding step, no mask
+        out = span(hidden[:, :2], positions[:, :2] + 6, padding, cache)  # two tokens on top of a cache
+        span.truncate(cache, 6)
+        out = span(hidden, positions, None, None, 1, 3)  # a forward through part of the span
+    assert out.device == OTHER_DEVICE and span.cache_length(cache) == 6
+    assert span.rotary.inv_freq.device == OTHER_DEVICE
+
+
+def test_speed_measurement_runs_on_the_span_device(tiny_checkpoints):
+    span = span_on_other_device(tiny_checkpoints["llama"])
+    with StrictDevices():
+        steps, tokens = measure(span, steps=2, forward_tokens=8, repeats=1)
+    assert steps > 0 and tokens > 0
+
+
+class CapturedPushes:
+    def __init__(self):
+        self.pushed = []
+
+    async def push(self, peer_id, meta, tensors):
+        self.pushed.append((peer_id, meta, tensors))
+
+
+def test_handlers_step_and_hand_off_on_the_span_device(tiny_checkpoints):
+    span = span_on_other_device(tiny_checkpoints["llama"], 0, 8)
+    links = CapturedPushes()
+    servicer = BlockServicer(span, ComputeLane(inline_tokens=10**6), SessionTable(1000), ServingLimits(),
+                             describe=dict, links=links)
+    opened = {}
+
+    async def exchange():
+        ask = lambda meta, *tensors: servicer._inference_request(msg.Frame(meta, tensors), opened, None)  # noqa: E731
+        await ask({"type": "open", "session_id": "s", "start": 0, "end": 8, "max_length": 32, "batch_size": 1})
+        wire = (torch.randn(1, 6, 64), torch.arange(6).unsqueeze(0))  # as decoded from a frame: CPU
+        meta, (out,) = await ask({"type": "step", "session_id": "s", "start_from": None, "seq": 1}, *wire)
+        handed = await ask({"type": "step", "session_id": "s", "start_from": 6, "seq": 2,
+                            "next": [{"peer_id": NEXT_PEER, "session_id": "n"}]},
+                           torch.randn(1, 1, 64), torch.tensor([[6]]))
+        return meta, out, handed
+
+    with StrictDevices():
+        meta, out, handed = asyncio.run(exchange())
+    assert meta["type"] == "result" and out.device == OTHER_DEVICE  # encode_frame moves it to the CPU
+    assert handed is None and len(links.pushed) == 1
+    peer, push_meta, tensors = links.pushed[0]
+    assert (peer, push_meta["session_id"], push_meta["start_from"]) == (NEXT_PEER, "n", 6)
+    assert tensors[0].device == OTHER_DEVICE and tensors[1].device.type == "cpu"
+
+
+def test_out_of_memory_fails_the_request_not_the_node(tiny_checkpoints):
+    span = span_on_other_device(tiny_checkpoints["llama"], 0, 8)
+    servicer = BlockServicer(span, ComputeLane(), SessionTable(1000), ServingLimits(), describe=dict,
+                             links=CapturedPushes())
+
+    def exhausted(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    async def attempt():
+        with pytest.raises(NodeOutOfMemory, match="ran out of meta memory"):
+            await servicer._compute(exhausted, tokens=1)
+        return await servicer._compute(lambda: "still serving", tokens=1)
+
+    assert asyncio.run(attempt()) == "still serving"
+
+
+def test_hardware_defaults_on_a_cpu_only_machine(monkeypatch):
+    assert hardware.resolve_device(None) == torch.device("cpu") or torch.cuda.is_available()
+    assert hardware.default_dtype(torch.device("cpu")) == "float32"
+    assert hardware.default_cache_gib(torch.device("cpu")) == hardware.CPU_CACHE_GIB
+    with pytest.raises(BadRequest, match="--device"):
+        hardware.resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BadRequest, match="pass --device cpu"):
+        hardware.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert hardware.default_dtype(torch.device("cuda", 0)) == "float16"  # e.g. a T4 or a V100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert hardware.default_dtype(torch.device("cuda", 0)) == "bfloat16"
