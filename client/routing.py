@@ -80,6 +80,7 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
         except NoRoute:
             continue
     if not found:
+        _search(usable, records, start, end, costs, rng)  # raises, naming the gap, if mixing would not help
         raise NoRoute(f"no chain of nodes in a single dtype covers blocks {start}:{end} "
                       f"(dtypes seen: {', '.join(sorted({r.dtype for r in usable.values()}))}); allow mixed dtypes "
                       "to route through them")

@@ -90,3 +90,6 @@ def test_no_single_dtype_chain_says_how_to_allow_mixing():
         route(records, mix_dtypes=False)
     with pytest.raises(NoRoute, match="blocks 0:4"):
         route(records, dtypes=frozenset({"float32"}))
+    records["cpu"] = node(0, 4)
+    with pytest.raises(NoRoute, match="serves blocks 4:8"):  # mixing would not help: say what is missing
+        route(records, mix_dtypes=False)
