@@ -114,7 +114,11 @@ class InferenceSession:
         if self.batch_size is None:
             self.batch_size = hidden.shape[0]
         start_from = self.position if self._rewound else None
-        out = self.chain.swarm.call(self._step(StepInputs(hidden, positions, mask), start_from))
+        try:
+            out = self.chain.swarm.call(self._step(StepInputs(hidden, positions, mask), start_from))
+        except BaseException:
+            self._rewound = True  # some hops may hold this step's tokens: the next step re-sends from position
+            raise
         self.position, self._rewound = self.position + hidden.shape[1], False
         return out
 

@@ -1,0 +1,59 @@
+"""InferenceSession step by step against a local span, over in-memory streams (tests/memory_swarm.py)."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from memory_swarm import MemorySwarm
+from potluck.client.chain import FailoverPolicy
+from potluck.client.session import InferenceSession
+from potluck.protocol.checkpoint import load_span, resolve_checkpoint
+from potluck.protocol.errors import BadRequest
+
+
+@pytest.fixture
+def swarm(tiny_checkpoints):
+    swarm = MemorySwarm()
+    swarm.add_node("a", tiny_checkpoints["llama"], 0, 4)
+    swarm.add_node("b", tiny_checkpoints["llama"], 4, 8)
+    yield swarm
+    swarm.close()
+
+
+def local_steps(checkpoint_path, steps):
+    """What the whole model's blocks give for each step, with one cache."""
+    span, cache = load_span(resolve_checkpoint(str(checkpoint_path)), 0, 8, torch.float32), DynamicCache()
+    return [span(hidden, positions, None, cache) for hidden, positions in steps]
+
+
+@pytest.mark.parametrize("handoff", [False, True])
+def test_a_failed_step_leaves_the_session_in_step(swarm, tiny_checkpoints, handoff):
+    """A step that fails after the first hop appended its tokens: the next step must not append on
+    top of them (the session re-sends from its position, and every node rewinds there)."""
+    hidden = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(0))
+    steps = [(hidden[:, :5], torch.arange(5).unsqueeze(0)), (hidden[:, 5:6], torch.tensor([[5]])),
+             (hidden[:, 6:7], torch.tensor([[6]]))]
+    expected = local_steps(tiny_checkpoints["llama"], steps)
+    first, second = (swarm.servicers[p] for p, r in sorted(swarm.records.items(), key=lambda item: item[1].start))
+    first_step, second_step, asked_first, asked_second = first._step, second._step, [], []
+
+    async def recording(session, request, tensors):
+        asked_first.append(request.start_from)
+        return await first_step(session, request, tensors)
+
+    async def fail_the_second_step(session, request, tensors):  # the first decoding step, on the second hop
+        asked_second.append(request.start_from)
+        if len(asked_second) == 2:
+            raise BadRequest("injected after the first hop")  # not retriable: the step fails
+        return await second_step(session, request, tensors)
+
+    first._step, second._step = recording, fail_the_second_step
+    chain = swarm.chain(8, FailoverPolicy(request_timeout=2.0, backoff=0.0), handoff=handoff)
+    with InferenceSession(chain, max_length=16) as session:
+        assert torch.allclose(session.step(*steps[0]), expected[0], atol=1e-5)
+        with pytest.raises(BadRequest, match="injected"):
+            session.step(*steps[1])
+        assert session.position == 5
+        got = [session.step(*steps[1]), session.step(*steps[2])]
+    assert torch.allclose(got[0], expected[1], atol=1e-5) and torch.allclose(got[1], expected[2], atol=1e-5)
+    assert asked_first == [None, None, 5, None]  # after the failure: rewind to 5, where the session stands
+    assert len(asked_second) == 4
