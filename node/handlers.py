@@ -22,7 +22,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol.errors import (
     BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeOutOfMemory, NodeUnavailable, PotluckError,
 )
-from potluck.protocol.span import BlockSpan
+from .span import BlockSpan
 
 from . import hardware
 from .compute import ComputeLane

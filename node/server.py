@@ -17,7 +17,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 import potluck
-from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_span, resolve_checkpoint
+from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.network import p2p_options
 from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
@@ -29,6 +29,7 @@ from .handlers import BlockServicer, ServingLimits
 from .links import PushLinks
 from .pings import measure_pings
 from .sessions import SessionTable
+from .span import load_span
 from .throughput import measure
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, UnknownSession
 from potluck.protocol.messages import OpenSession
-from potluck.protocol.span import BlockSpan
+from .span import BlockSpan
 
 logger = logging.getLogger(__name__)
 

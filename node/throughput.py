@@ -6,7 +6,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from potluck.protocol.span import BlockSpan
+from .span import BlockSpan
 
 
 def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3) -> tuple[float, float]:

@@ -1,7 +1,7 @@
-"""Which checkpoint a model name means, and loading parts of it tensor by tensor.
+"""Which checkpoint a model name means, and reading parts of it tensor by tensor.
 
-Nodes load only their span of blocks and clients only the embeddings, final norm and lm_head, so
-nobody's peak memory follows the whole model. A model is named in DHT keys by ``model_name``:
+Nodes read only their span of blocks (``potluck.node.span.load_span``) and clients only the
+embeddings, final norm and lm_head, so nobody's peak memory follows the whole model. A model is named in DHT keys by ``model_name``:
 the folder name of a local checkpoint, or the HF id of one in the local HF cache.
 """
 from __future__ import annotations
@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from .default_model import DEFAULT_MODEL, ensure_default_model
 from .errors import BadRequest
 from .families import family_of
-from .span import BlockSpan
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,27 +87,3 @@ def load_tensors(path: Path, names: list[str], dtype: torch.dtype,
             for name in file_names:
                 tensors[name] = f.get_tensor(name).to(device=device).to(dtype=dtype)
     return tensors
-
-
-def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
-              device: str | torch.device = "cpu", progress: bool = False) -> BlockSpan:
-    """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked)."""
-    if not 0 <= start < end <= checkpoint.num_blocks:
-        raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
-    family = family_of(checkpoint.config)
-    files = tensor_files(checkpoint.path)
-    blocks = []
-    for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
-        prefix = family.block_prefix.format(index)
-        names = [n for n in files if n.startswith(prefix)]
-        weights = load_tensors(checkpoint.path, names, dtype, device)
-        blocks.append(place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()}))
-        logger.debug("loaded block %d (%d tensors)", index, len(names))
-    return BlockSpan(checkpoint.config, family, start, blocks).eval()
-
-
-def place_block(config: PretrainedConfig, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Decoder layer ``index`` holding ``weights`` (names relative to the block) where they already are."""
-    block = family_of(config).make_block(config, index)
-    block.load_state_dict(weights, strict=True, assign=True)
-    return block.eval()

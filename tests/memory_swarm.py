@@ -19,7 +19,8 @@ from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.sessions import SessionTable
 from potluck.protocol import messages as msg
-from potluck.protocol.checkpoint import load_span, resolve_checkpoint
+from potluck.node.span import load_span
+from potluck.protocol.checkpoint import resolve_checkpoint
 from potluck.protocol.errors import NodeUnavailable
 from potluck.protocol.records import NodeRecord, NodeState
 

@@ -6,7 +6,8 @@ from transformers import DynamicCache
 from memory_swarm import MemorySwarm
 from potluck.client.chain import FailoverPolicy
 from potluck.client.session import InferenceSession
-from potluck.protocol.checkpoint import load_span, resolve_checkpoint
+from potluck.node.span import load_span
+from potluck.protocol.checkpoint import resolve_checkpoint
 from potluck.protocol.errors import BadRequest
 
 

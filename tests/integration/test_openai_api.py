@@ -1,6 +1,5 @@
 """`potluck serve` against a real local swarm, driven by the official `openai` package."""
 import asyncio
-import json
 import shutil
 import subprocess
 import threading

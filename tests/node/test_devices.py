@@ -17,7 +17,8 @@ from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.sessions import SessionTable
 from potluck.node.throughput import measure
 from potluck.protocol import messages as msg
-from potluck.protocol.checkpoint import load_span, resolve_checkpoint
+from potluck.node.span import load_span
+from potluck.protocol.checkpoint import resolve_checkpoint
 from potluck.protocol.errors import BadRequest, NodeOutOfMemory
 
 NEXT_PEER = "12D3KooWDfTd9ci767jyAkmad5szzT29RZdRsVJbgmqAhNnUAK2G"

@@ -1,16 +1,23 @@
-"""What a span of blocks computes: the decoder layers start:end, called as transformers calls them.
+"""What a span of blocks computes: the decoder layers start:end, called as transformers calls them,
+and how a node loads one from a checkpoint.
 
-Shared by nodes (which serve spans) and by tests and clients that check a node against a local
-replica. The attention cache is a transformers ``DynamicCache`` indexed by global block index.
-A span computes on its weights' device: inputs move there as they enter ``forward``, and every
+Only nodes compute spans (tests check them against the transformers model). The attention cache
+is a transformers ``DynamicCache`` indexed by global block index. A span computes on its weights' device: inputs move there as they enter ``forward``, and every
 tensor it builds (masks, positions, rotary tables, caches) is made there.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache, PretrainedConfig
 
-from .families import CACHE_ARG, Family
+from potluck.protocol.checkpoint import Checkpoint, load_tensors, tensor_files
+from potluck.protocol.errors import BadRequest
+from potluck.protocol.families import CACHE_ARG, Family, family_of
+
+logger = logging.getLogger(__name__)
 
 
 class BlockSpan(torch.nn.Module):
@@ -89,3 +96,27 @@ def causal_mask(
         allowed = allowed & attention_mask.bool().view(batch, 1, 1, total)
     zeros = torch.zeros((), dtype=hidden.dtype, device=device)
     return torch.where(allowed, zeros, torch.finfo(hidden.dtype).min)
+
+
+def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
+              device: str | torch.device = "cpu", progress: bool = False) -> BlockSpan:
+    """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked)."""
+    if not 0 <= start < end <= checkpoint.num_blocks:
+        raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
+    family = family_of(checkpoint.config)
+    files = tensor_files(checkpoint.path)
+    blocks = []
+    for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
+        prefix = family.block_prefix.format(index)
+        names = [n for n in files if n.startswith(prefix)]
+        weights = load_tensors(checkpoint.path, names, dtype, device)
+        blocks.append(place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()}))
+        logger.debug("loaded block %d (%d tensors)", index, len(names))
+    return BlockSpan(checkpoint.config, family, start, blocks).eval()
+
+
+def place_block(config: PretrainedConfig, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Decoder layer ``index`` holding ``weights`` (names relative to the block) where they already are."""
+    block = family_of(config).make_block(config, index)
+    block.load_state_dict(weights, strict=True, assign=True)
+    return block.eval()

@@ -3,8 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from potluck.protocol.checkpoint import load_span, resolve_checkpoint
-from potluck.protocol.span import causal_mask
+import potluck.node.span as span_module
+from potluck.node.span import causal_mask, load_span
+from potluck.protocol.checkpoint import resolve_checkpoint
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -70,3 +71,16 @@ def test_sliding_window_mask_limits_attention():
     assert allowed[0].tolist() == [False, False, True, True, True, True, False, False]  # query at position 5
     assert allowed[2].tolist() == [False] * 4 + [True] * 4  # query at position 7
     assert causal_mask(torch.zeros(1, 1, 8), prefix=7, attention_mask=None, window=None) is None
+
+
+def test_span_loads_only_its_blocks(tiny_checkpoints, monkeypatch):
+    checkpoint = resolve_checkpoint(str(tiny_checkpoints["mistral"]))
+    loaded = []
+    real = span_module.load_tensors
+    monkeypatch.setattr(span_module, "load_tensors",
+                        lambda path, names, *a, **k: loaded.extend(names) or real(path, names, *a, **k))
+    span = load_span(checkpoint, 2, 4, torch.float32)
+    assert loaded and all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in loaded)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path)
+    expected = model.model.layers[3].state_dict()
+    assert all(torch.equal(t, expected[n]) for n, t in span.blocks[1].state_dict().items())
