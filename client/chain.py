@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from potluck.protocol import messages as msg
+from potluck.protocol import replies
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
 from potluck.protocol.records import NodeRecord, NodeState
@@ -73,12 +74,10 @@ class RemoteChain:
         """Round trips from this client to every ONLINE node, for routing."""
         for peer_id, record in list(self.records.items()):
             if record.state == NodeState.ONLINE and peer_id not in self.banned:
-                began = time.perf_counter()
                 try:
-                    await self.swarm.request(peer_id, msg.INFO_HANDLER, {"type": "info"}, timeout=2.0)
+                    _, self.costs.client_pings[peer_id] = await self.swarm.info(peer_id, timeout=2.0)
                 except PotluckError:
                     continue
-                self.costs.client_pings[peer_id] = time.perf_counter() - began
 
     def ban(self, peer_id: str, reason: str) -> None:
         logger.warning("banning node %s for %.0f s: %s", peer_id, self.policy.ban_time, reason)
@@ -136,7 +135,7 @@ class RemoteChain:
                 for hop in await self.route(block, end, dtype=dtype):
                     dtype = self.chain_dtype([hop])
                     frame = await self.swarm.request(
-                        hop.peer_id, msg.FORWARD_HANDLER, {"type": "forward", "start": hop.start, "end": hop.end},
+                        hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
                         [hidden, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]))
                     hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
                 return hidden
@@ -149,9 +148,11 @@ class RemoteChain:
 
 
 def expect_hidden(frame: msg.Frame, hop: Hop, shape: torch.Size) -> torch.Tensor:
-    """The hidden states a node answered with; a malformed answer counts as a failed node."""
-    msg.raise_if_error(frame, hop.peer_id)
-    if frame.meta.get("type") != "result" or len(frame.tensors) != 1 or frame.tensors[0].shape != shape:
+    """The hidden states a node answered with (a result, or the output of a hand-off it could not
+    make); anything else, or the wrong shape, counts as a failed node."""
+    reply = replies.parse_reply(frame, hop.peer_id)
+    if not isinstance(reply, (replies.Result, replies.HandoffFailed)) or len(frame.tensors) != 1 \
+            or frame.tensors[0].shape != shape:
         raise NodeUnavailable(f"node {hop.peer_id} (blocks {hop.start}:{hop.end}) sent a malformed answer "
-                              f"{frame.meta.get('type')!r:.40}", hop.peer_id)
+                              f"({type(reply).__name__})", hop.peer_id)
     return frame.tensors[0]

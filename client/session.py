@@ -16,6 +16,7 @@ client redo that step hop by hop (nodes rewind to the step's start, so a redo is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from potluck.protocol import messages as msg
+from potluck.protocol import replies
 from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
 
 from .chain import RemoteChain, expect_hidden
@@ -149,22 +151,21 @@ class InferenceSession:
     async def _handoff_step(self, inputs: StepInputs, start_from: int | None, prefix: int) -> torch.Tensor:
         first, last = self._hops[0], self._hops[-1]
         hops = list(self._hops)
-        meta = {"type": "step", "session_id": first.session_id, "start_from": start_from,
-                "next": [{"peer_id": h.hop.peer_id, "session_id": h.session_id} for h in hops[1:]]}
+        step = msg.Step(first.session_id, start_from, tuple(msg.NextHop(h.hop.peer_id, h.session_id) for h in hops[1:]))
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
         timeout = self.chain.timeout_for([h.hop for h in hops], tokens)
-        await self._send(first, meta, inputs)
+        await self._send(first, step, inputs)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             source, frame = await self._receive(None, deadline, hops)
-            kind = frame.meta.get("type")
-            if source is last and kind == "result":
+            reply = replies.parse_reply(frame, source.hop.peer_id)
+            if source is last and isinstance(reply, replies.Result):
                 out = expect_hidden(frame, last.hop, inputs.hidden.shape)
                 break
-            if kind == "handoff_failed" and source is not last:  # carry on from the next hop ourselves
+            if isinstance(reply, replies.HandoffFailed) and source is not last:  # carry on from the next hop
                 index = hops.index(source)
                 self._direct_links.add((source.hop.peer_id, hops[index + 1].hop.peer_id))
-                hidden = expect_hidden(msg.Frame({"type": "result"}, frame.tensors), source.hop, inputs.hidden.shape)
+                hidden = expect_hidden(frame, source.hop, inputs.hidden.shape)
                 first.remember(inputs, prefix)
                 for hop_session in hops[1:index + 1]:
                     hop_session.history_known = False
@@ -180,8 +181,7 @@ class InferenceSession:
         redo replaces them at once instead of waiting out another timeout on each."""
         async def probe(hop_session: HopSession) -> None:
             try:
-                await self.chain.swarm.request(hop_session.hop.peer_id, msg.INFO_HANDLER, {"type": "info"},
-                                               timeout=self.chain.policy.probe_timeout)
+                await self.chain.swarm.info(hop_session.hop.peer_id, timeout=self.chain.policy.probe_timeout)
             except PotluckError as error:
                 hop_session.failed = error
 
@@ -205,22 +205,23 @@ class InferenceSession:
         return inputs.hidden
 
     async def _send_step(self, hop_session: HopSession, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
-        meta = {"type": "step", "session_id": hop_session.session_id, "start_from": start_from}
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
-        await self._send(hop_session, meta, inputs)
+        await self._send(hop_session, msg.Step(hop_session.session_id, start_from), inputs)
         deadline = asyncio.get_running_loop().time() + self.chain.timeout_for([hop_session.hop], tokens)
         _, frame = await self._receive(hop_session, deadline, [hop_session])
         return expect_hidden(frame, hop_session.hop, inputs.hidden.shape)
 
-    async def _send(self, hop_session: HopSession, meta: dict, inputs: StepInputs | None) -> None:
+    async def _send(self, hop_session: HopSession, request: msg.OpenSession | msg.Step,
+                    inputs: StepInputs | None) -> None:
         if hop_session.failed is not None:
             raise hop_session.failed
-        self._seq += 1
-        meta["seq"] = self._seq
+        self._seq += 1  # answers echo it; an answer to an earlier attempt is dropped
+        if isinstance(request, msg.Step):
+            request = dataclasses.replace(request, seq=self._seq)
         tensors = () if inputs is None else [inputs.hidden, inputs.positions] + (
             [] if inputs.mask is None else [inputs.mask])
         try:
-            await msg.write_frame(hop_session.writer, meta, tensors)
+            await msg.write_frame(hop_session.writer, request.to_meta(), tensors)
         except (ConnectionError, OSError) as e:
             raise NodeUnavailable(f"{hop_session.describe()} failed: {type(e).__name__} {e}",
                                   hop_session.hop.peer_id) from None
@@ -338,12 +339,13 @@ class InferenceSession:
                                                             self.chain.policy.request_timeout)
         hop_session = HopSession(hop, uuid.uuid4().hex, reader, writer)
         hop_session.reading = asyncio.create_task(self._read_forever(hop_session))
-        meta = {"type": "open", "session_id": hop_session.session_id, "start": hop.start, "end": hop.end,
-                "max_length": self.max_length, "batch_size": self.batch_size or 1}
+        request = msg.OpenSession(hop_session.session_id, hop.start, hop.end, self.max_length, self.batch_size or 1)
         try:
-            await self._send(hop_session, meta, None)
+            await self._send(hop_session, request, None)
             deadline = asyncio.get_running_loop().time() + self.chain.policy.request_timeout
-            await self._receive(hop_session, deadline, [hop_session])
+            _, frame = await self._receive(hop_session, deadline, [hop_session])
+            if not isinstance(replies.parse_reply(frame, hop.peer_id), replies.Opened):
+                raise NodeUnavailable(f"{hop_session.describe()} did not confirm the session", hop.peer_id)
         except BaseException:
             hop_session.close()
             raise

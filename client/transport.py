@@ -17,7 +17,8 @@ from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
 from potluck.protocol.errors import NodeUnavailable, NoRoute
-from potluck.protocol.network import INITIAL_PEERS_ENV, p2p_options
+from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm
+from potluck.protocol.replies import Info, request_info
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,18 +40,7 @@ class SwarmConnection:
         self.p2p, self.dht = self.call(self._connect(), connect_timeout)
 
     async def _connect(self) -> tuple[P2P, DHTNode]:
-        options = p2p_options(self.initial_peers)
-        try:
-            p2p = await P2P.create(**options)
-        except Exception as e:  # hivemind's P2PDaemonError and friends: say what to check
-            raise NodeUnavailable(f"cannot join the swarm through {', '.join(self.initial_peers)}: {e} "
-                                  f"(is the initial peer running and reachable?)") from None
-        try:
-            dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=True)
-        except BaseException:
-            await p2p.shutdown()
-            raise
-        return p2p, dht
+        return await join_swarm(self.initial_peers, client_mode=True)
 
     def own(self, task: asyncio.Task) -> None:
         """Keep a background task on this loop until it ends or the connection closes."""
@@ -73,6 +63,10 @@ class SwarmConnection:
     async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0) -> msg.Frame:
         """One request on a fresh stream (info, forward); raises the node's typed error if it sent one."""
         return await msg.call_once(self.p2p, peer_id, handler, meta, tensors, timeout)
+
+    async def info(self, peer_id: str, timeout: float) -> tuple[Info, float]:
+        """A node's info reply and its round trip."""
+        return await request_info(self.p2p, peer_id, timeout)
 
     def close(self) -> None:
         if not self.loop.is_running():

@@ -8,17 +8,14 @@ from typing import Sequence
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from potluck.protocol.network import INITIAL_PEERS_ENV, p2p_options
+from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm
 
 logger = logging.getLogger(__name__)
 
 
 async def start_bootstrap(initial_peers: Sequence[str] = (), host_maddrs: Sequence[str] = (),
                           identity_path: str | None = None) -> tuple[P2P, DHTNode]:
-    options = p2p_options(initial_peers, host_maddrs)
-    p2p = await P2P.create(identity_path=identity_path, **options)
-    dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=False)
-    return p2p, dht
+    return await join_swarm(initial_peers, host_maddrs, identity_path=identity_path)
 
 
 async def initial_peers_line(p2p: P2P) -> str:

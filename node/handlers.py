@@ -19,6 +19,7 @@ import torch
 from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
+from potluck.protocol import replies
 from potluck.protocol.errors import (
     BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeOutOfMemory, NodeUnavailable, PotluckError,
 )
@@ -44,6 +45,7 @@ class BlockServicer:
 
     def __init__(self, span: BlockSpan, compute: ComputeLane, sessions: SessionTable, limits: ServingLimits,
                  describe: Callable[[], dict[str, Any]], links: PushLinks):
+        """``describe()``: the node's own fields of an info reply (peer id, model, span, state...)."""
         self.span, self.compute, self.sessions, self.limits = span, compute, sessions, limits
         self.describe, self.links = describe, links
         self.hidden_size = span.config.hidden_size
@@ -122,8 +124,8 @@ class BlockServicer:
             opened[request.session_id] = self.sessions.open(request)
             self._client_streams[request.session_id] = writer
             self.counters["sessions_opened"] += 1
-            return {"type": "opened", "session_id": request.session_id}, ()
-        if isinstance(request, msg.Step) and frame.meta.get("type") == "step":
+            return replies.Opened(request.session_id).to_meta(), ()
+        if isinstance(request, msg.Step):
             session = opened.get(request.session_id) or self.sessions.get(request.session_id)
             if request.session_id not in opened:
                 raise BadRequest(f"session {request.session_id} belongs to another stream")
@@ -133,13 +135,13 @@ class BlockServicer:
             opened.pop(request.session_id, None)
             self.sessions.close(request.session_id)
             self._client_streams.pop(request.session_id, None)
-            return {"type": "closed", "session_id": request.session_id}, ()
+            return replies.Closed(request.session_id).to_meta(), ()
         raise BadRequest(f"{type(request).__name__} is not valid on an inference stream")
 
     async def _push_request(self, frame: msg.Frame) -> Reply | None:
         """A step handed off by the previous node: errors go to the session's client, not back."""
         request = msg.parse_request(frame.meta)
-        if not isinstance(request, msg.Step) or frame.meta.get("type") != "push":
+        if not isinstance(request, msg.Push):
             raise BadRequest("only push steps are valid on a push stream")
         session = self.sessions.get(request.session_id)
         client = self._client_streams.get(request.session_id)
@@ -153,7 +155,7 @@ class BlockServicer:
             await msg.write_frame(client, *reply)
         return None
 
-    async def _step(self, session: Session, request: msg.Step, tensors) -> Reply | None:
+    async def _step(self, session: Session, request: msg.Step | msg.Push, tensors) -> Reply | None:
         new_tokens = tensors[0].shape[1] if tensors and tensors[0].ndim == 3 else 0
         prefix = session.check_room(request.start_from, new_tokens)
         hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, prefix)
@@ -164,16 +166,14 @@ class BlockServicer:
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
         out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
         if not request.next:
-            return {"type": "result", "length": session.length, "seq": request.seq}, (out,)
+            return replies.Result(session.length, request.seq).to_meta(), (out,)
         following = request.next[0]
-        meta = {"type": "push", "session_id": following.session_id, "start_from": prefix,
-                "next": msg.next_meta(request.next[1:]), "seq": request.seq}
+        push = msg.Push(following.session_id, prefix, request.next[1:], request.seq)
         try:
-            await self.links.push(following.peer_id, meta, [out, *tensors[1:]])
+            await self.links.push(following.peer_id, push.to_meta(), [out, *tensors[1:]])
         except NodeUnavailable as e:  # the client carries on from here itself
             self.counters["handoff_failures"] += 1
-            return {"type": "handoff_failed", "peer_id": following.peer_id, "reason": str(e),
-                    "length": session.length, "seq": request.seq}, (out,)
+            return replies.HandoffFailed(following.peer_id, str(e), session.length, request.seq).to_meta(), (out,)
         self.counters["pushes_sent"] += 1
         return None
 
@@ -181,15 +181,15 @@ class BlockServicer:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.InfoRequest):
             counters = {**self.counters, "compute_seconds": self.compute.busy_seconds}
-            return {"type": "info", **self.describe(), "counters": counters,
-                    "open_sessions": len(self.sessions.sessions)}, ()
+            return replies.Info(**self.describe(), open_sessions=len(self.sessions.sessions),
+                                counters=counters).to_meta(), ()
         if isinstance(request, msg.Forward):
             self._check_span(request.start, request.end)
             hidden, positions, mask = msg.check_step_tensors(frame.tensors, self.hidden_size, None, 0)
             self._check_tokens(hidden)
             out = await self._compute(self.span, hidden, positions, mask, None, request.start, request.end)
             self.counters["forwards"] += 1
-            return {"type": "result"}, (out.to(hidden.dtype),)
+            return replies.Result().to_meta(), (out.to(hidden.dtype),)
         raise BadRequest(f"{type(request).__name__} is not valid on this stream")
 
     async def _compute(self, fn: Callable[..., torch.Tensor], *args, tokens: int | None = None) -> torch.Tensor:

@@ -5,15 +5,13 @@ round trip. Measured each announce period with an info request on a fresh stream
 """
 from __future__ import annotations
 
-import time
-
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from potluck.protocol import messages as msg
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.errors import PotluckError
 from potluck.protocol.records import NodeState
+from potluck.protocol.replies import request_info
 
 MAX_PEERS = 16  # pinged per period; neighbours of our span first
 
@@ -25,10 +23,8 @@ async def measure_pings(p2p: P2P, dht: DHTNode, self_id: str, model: str, num_bl
     peers.sort(key=lambda p: (records[p].start != end and records[p].end != start, p))  # neighbours first
     pings = {}
     for peer_id in peers[:MAX_PEERS]:
-        began = time.perf_counter()
         try:
-            await msg.call_once(p2p, peer_id, msg.INFO_HANDLER, {"type": "info"}, timeout=timeout)
+            _, pings[peer_id] = await request_info(p2p, peer_id, timeout)
         except PotluckError:
             continue
-        pings[peer_id] = round(time.perf_counter() - began, 6)
-    return pings
+    return {peer_id: round(rtt, 6) for peer_id, rtt in pings.items()}

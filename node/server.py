@@ -19,7 +19,7 @@ from hivemind.p2p import P2P
 import potluck
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest
-from potluck.protocol.network import p2p_options
+from potluck.protocol.network import join_swarm
 from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
 
 from . import hardware
@@ -89,9 +89,8 @@ class Node:
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
-        options = p2p_options(config.initial_peers, config.host_maddrs, config.announce_maddrs)
-        p2p = await P2P.create(identity_path=config.identity_path, **options)
-        dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=False)
+        p2p, dht = await join_swarm(config.initial_peers, config.host_maddrs, config.announce_maddrs,
+                                    config.identity_path)
         node = cls(config, checkpoint, p2p, dht, device)
         try:
             await node._start()

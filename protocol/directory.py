@@ -1,7 +1,8 @@
 """Reading the swarm's records from the DHT: the model index and the node records of each block.
 
-Shared by every reader (clients, the local swarm launcher, the health dashboard). One batched
-``get_many`` reads all blocks of a model; malformed or foreign records are skipped, not trusted.
+Shared by every reader (clients, nodes measuring pings, the local swarm launcher, the health
+dashboard). One batched ``get_many`` reads all blocks of a model; malformed or foreign records are
+skipped, not trusted; of a node's records under several blocks the latest-expiring one counts.
 """
 from __future__ import annotations
 
@@ -10,39 +11,56 @@ from typing import Any
 
 from hivemind.dht.node import DHTNode
 
-from .records import MODEL_INDEX_KEY, ModelInfo, NodeRecord, block_key, unpack_model_info, unpack_node_record
+from .records import ModelInfo, NodeRecord, block_key, unpack_model_info, unpack_node_record
 
 logger = logging.getLogger(__name__)
 
 
-def _subkey_values(entry: Any) -> dict[str, Any]:
-    """{subkey: raw value} of a dictionary DHT value (None or a non-dictionary value gives {})."""
-    if entry is None or not hasattr(entry.value, "items"):
-        return {}
-    return {str(subkey): item.value for subkey, item in entry.value.items()}
+Found = dict[str, dict[str, tuple[NodeRecord, float]]]  # model -> peer id -> (record, its expiration time)
 
 
-async def read_models(dht: DHTNode) -> dict[str, ModelInfo]:
-    """Every model announced in the swarm, by name."""
-    found = await dht.get(MODEL_INDEX_KEY, latest=True)
+async def read_block_records(dht: DHTNode, model: str, num_blocks: int) -> dict[str, NodeRecord]:
+    """The latest record of every node serving some block of ``model``, by peer id (base58)."""
+    info = ModelInfo(model, num_blocks, "", 0)  # only the name and block count matter here
+    entries = await dht.get_many(block_keys(info), sufficient_expiration_time=float("inf"))
+    return {peer_id: record for peer_id, (record, _) in parse_entries(entries, {model: info}).get(model, {}).items()}
+
+
+def block_keys(info: ModelInfo) -> list[str]:
+    return [block_key(info.name, block) for block in range(info.num_blocks)]
+
+
+def parse_index(entry: Any) -> dict[str, ModelInfo]:
+    """The model index from a DHT answer: name -> ModelInfo, malformed entries skipped."""
     models = {}
-    for name, raw in _subkey_values(found).items():
+    for name, (raw, _) in _subkey_items(entry).items():
         info = unpack_model_info(raw)
         if info is not None and info.name == name:
             models[name] = info
     return models
 
 
-async def read_block_records(dht: DHTNode, model: str, num_blocks: int) -> dict[str, NodeRecord]:
-    """The latest record of every node serving some block of ``model``, by peer id (base58)."""
-    keys = [block_key(model, i) for i in range(num_blocks)]
-    found = await dht.get_many(keys, sufficient_expiration_time=float("inf"))
-    records: dict[str, NodeRecord] = {}
-    for key in keys:
-        for peer_id, raw in _subkey_values(found.get(key)).items():
-            record = unpack_node_record(raw)
-            if record is None or record.model != model or record.end > num_blocks:
-                logger.debug("skipping a malformed record of %s under %s", peer_id, key)
-                continue
-            records[peer_id] = record
-    return records
+def parse_entries(entries: dict[str, Any], models: dict[str, ModelInfo]) -> Found:
+    """model -> peer id -> (latest valid record, its expiration) from a ``get_many`` answer over
+    block keys; a record that is malformed, of another model or past the model's end is skipped."""
+    found: Found = {}
+    for model, info in models.items():
+        records: dict[str, tuple[NodeRecord, float]] = {}
+        for key in block_keys(info):
+            for peer_id, (raw, expiration) in _subkey_items(entries.get(key)).items():
+                record = unpack_node_record(raw)
+                if record is None or record.model != model or record.end > info.num_blocks:
+                    logger.debug("skipping a malformed record of %s under %s", peer_id, key)
+                    continue
+                if peer_id not in records or expiration > records[peer_id][1]:
+                    records[peer_id] = (record, expiration)
+        if records:
+            found[model] = records
+    return found
+
+
+def _subkey_items(entry: Any) -> dict[str, tuple[Any, float]]:
+    """{subkey: (raw value, expiration)} of a dictionary DHT value; {} for anything else."""
+    if entry is None or not hasattr(entry.value, "items"):
+        return {}
+    return {str(subkey): (item.value, item.expiration_time) for subkey, item in entry.value.items()}

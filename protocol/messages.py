@@ -147,6 +147,10 @@ class OpenSession:
     max_length: int  # tokens reserved in the node's cache, per sequence
     batch_size: int
 
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "open", "session_id": self.session_id, "start": self.start, "end": self.end,
+                "max_length": self.max_length, "batch_size": self.batch_size}
+
 
 @dataclass(frozen=True)
 class NextHop:
@@ -159,7 +163,7 @@ class Step:
     """Run new tokens through the session's blocks; tensors: hidden [B, T, H], position_ids [B, T],
     optionally attention_mask [B, prefix + T] (1 = attend, 0 = padding).
 
-    With ``next`` (hand-off), the node pushes its output to the first of them as a ``push`` step
+    With ``next`` (hand-off), the node pushes its output to the first of them as a ``Push``
     carrying the rest, and the last node of the chain answers the client; without, it answers."""
 
     session_id: str
@@ -167,10 +171,32 @@ class Step:
     next: tuple[NextHop, ...] = ()
     seq: int | None = None  # the client's number for this attempt, echoed in the answer
 
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "step", "session_id": self.session_id, "start_from": self.start_from,
+                "next": next_meta(self.next), "seq": self.seq}
+
+
+@dataclass(frozen=True)
+class Push:
+    """A step handed on by the previous node of a chain (tensors as in Step); its answer goes to
+    the stream the session was opened on, not back to the pushing node."""
+
+    session_id: str
+    start_from: int  # where the step starts in the session's cache: pushes always say
+    next: tuple[NextHop, ...] = ()
+    seq: int | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "push", "session_id": self.session_id, "start_from": self.start_from,
+                "next": next_meta(self.next), "seq": self.seq}
+
 
 @dataclass(frozen=True)
 class CloseSession:
     session_id: str
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "close", "session_id": self.session_id}
 
 
 @dataclass(frozen=True)
@@ -180,13 +206,17 @@ class Forward:
     start: int
     end: int
 
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "forward", "start": self.start, "end": self.end}
+
 
 @dataclass(frozen=True)
 class InfoRequest:
-    pass
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "info"}
 
 
-Request = OpenSession | Step | CloseSession | Forward | InfoRequest
+Request = OpenSession | Step | Push | CloseSession | Forward | InfoRequest
 
 
 def parse_request(meta: dict[str, Any]) -> Request:
@@ -197,10 +227,11 @@ def parse_request(meta: dict[str, Any]) -> Request:
         if end <= start:
             raise BadRequest(f"empty span {start}:{end}")
         return OpenSession(_session_id(meta), start, end, _int(meta, "max_length", 1), _int(meta, "batch_size", 1))
-    if kind in ("step", "push"):
+    if kind == "step":
         start_from = None if meta.get("start_from") is None else _int(meta, "start_from", 0)
-        seq = None if meta.get("seq") is None else _int(meta, "seq", 0)
-        return Step(_session_id(meta), start_from, _next_hops(meta.get("next", [])), seq)
+        return Step(_session_id(meta), start_from, _next_hops(meta.get("next", [])), _seq(meta))
+    if kind == "push":
+        return Push(_session_id(meta), _int(meta, "start_from", 0), _next_hops(meta.get("next", [])), _seq(meta))
     if kind == "close":
         return CloseSession(_session_id(meta))
     if kind == "forward":
@@ -211,6 +242,10 @@ def parse_request(meta: dict[str, Any]) -> Request:
     if kind == "info":
         return InfoRequest()
     raise BadRequest(f"unknown request type {kind!r:.40}")
+
+
+def _seq(meta: dict[str, Any]) -> int | None:
+    return None if meta.get("seq") is None else _int(meta, "seq", 0)
 
 
 def _int(meta: dict[str, Any], name: str, minimum: int) -> int:

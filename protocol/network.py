@@ -1,4 +1,6 @@
-"""How every peer joins the libp2p network: listen addresses and NAT settings.
+"""How every peer joins the libp2p network and the DHT: listen addresses, NAT settings, and
+``join_swarm``, the one place a P2P daemon and a DHT node are created (nodes, bootstrap peers,
+clients and the dashboard alike; record validators belong there).
 
 A peer whose initial peers (or listen addresses) are all loopback is part of a local swarm: it
 binds to 127.0.0.1 and keeps NAT port mapping (UPnP multicast) off. Only a peer joining a real
@@ -9,6 +11,11 @@ from __future__ import annotations
 import ipaddress
 import os
 from typing import Any, Sequence
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from .errors import NodeUnavailable
 
 INITIAL_PEERS_ENV = "POTLUCK_INITIAL_PEERS"
 LOOPBACK_MADDR = "/ip4/127.0.0.1/tcp/0"
@@ -44,3 +51,22 @@ def p2p_options(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None 
     if announce_maddrs:
         options["announce_maddrs"] = list(announce_maddrs)
     return options
+
+
+async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
+                     announce_maddrs: Sequence[str] | None = None, identity_path: str | None = None,
+                     client_mode: bool = False) -> tuple[P2P, DHTNode]:
+    """Start this peer's P2P daemon and DHT node. ``client_mode``: read and store records but serve
+    none (clients, the dashboard). An initial peer that cannot be reached raises NodeUnavailable."""
+    options = p2p_options(initial_peers, host_maddrs, announce_maddrs)
+    try:
+        p2p = await P2P.create(identity_path=identity_path, **options)
+    except Exception as e:  # hivemind's P2PDaemonError and friends: say what to check
+        raise NodeUnavailable(f"cannot join the swarm through {', '.join(initial_peers) or 'no initial peer'}: {e} "
+                              "(is the initial peer running and reachable?)") from None
+    try:
+        dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=client_mode)
+    except BaseException:
+        await p2p.shutdown()
+        raise
+    return p2p, dht

@@ -19,6 +19,7 @@ from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.sessions import SessionTable
 from potluck.protocol import messages as msg
+from potluck.protocol import replies
 from potluck.node.span import load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
 from potluck.protocol.errors import NodeUnavailable
@@ -90,8 +91,9 @@ class MemorySwarm:
     def add_node(self, name: str, checkpoint_path, start: int, end: int, speed: float = 100.0) -> str:
         span = load_span(resolve_checkpoint(str(checkpoint_path)), start, end, torch.float32)
         peer = peer_id(name)
+        describe = lambda: {"peer_id": peer, "model": "m", "start": start, "end": end, "state": "online"}  # noqa: E731
         self.servicers[peer] = BlockServicer(span, ComputeLane(), SessionTable(100_000), ServingLimits(),
-                                             describe=lambda: {"peer_id": peer}, links=MemoryLinks(self))
+                                             describe=describe, links=MemoryLinks(self))
         self.records[peer] = NodeRecord(model="m", start=start, end=end, state=NodeState.ONLINE, public_name=name,
                                         inference_steps_per_s=speed, forward_tokens_per_s=speed * 100,
                                         cache_tokens_left=100_000)
@@ -138,6 +140,10 @@ class MemorySwarm:
         frame = msg.decode_payload(msg.encode_frame(meta, tensors)[msg.HEADER_BYTES:])
         reply_meta, reply_tensors = await servicer._serve_safely(servicer._single_request, frame)
         return msg.raise_if_error(msg.Frame(reply_meta, tuple(reply_tensors)), peer)
+
+    async def info(self, peer: str, timeout: float) -> tuple[replies.Info, float]:
+        frame = await self.request(peer, msg.INFO_HANDLER, msg.InfoRequest().to_meta(), timeout=timeout)
+        return replies.parse_reply(frame, peer), 0.0
 
     def close(self) -> None:
         async def stop() -> None:

@@ -14,15 +14,13 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from hivemind.utils import get_dht_time
 
-from potluck.protocol import messages as msg
 from potluck.protocol.errors import PotluckError
-from potluck.protocol.records import (
-    MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState, block_key, unpack_model_info, unpack_node_record,
-)
+from potluck.protocol.directory import Found, block_keys, parse_entries, parse_index
+from potluck.protocol.records import MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState
 
 from ..transport import SwarmConnection
 
@@ -79,7 +77,6 @@ class CrawlSettings:
     forget_after: float = 300.0  # seconds after expiry a stale record is dropped from the view
 
 
-Found = dict[str, dict[str, tuple[NodeRecord, float]]]  # model -> peer id -> (record, expiration)
 
 
 def merge(previous: SwarmState, index: dict[str, ModelInfo], found: Found, now: float,
@@ -109,39 +106,6 @@ def merge(previous: SwarmState, index: dict[str, ModelInfo], found: Found, now: 
         if views:
             merged[model] = views
     return merged
-
-
-def parse_entries(entries: dict[str, Any], models: dict[str, ModelInfo]) -> Found:
-    """model -> peer id -> (latest valid record, its expiration) from a ``get_many`` answer."""
-    found: Found = {}
-    for model, info in models.items():
-        records: dict[str, tuple[NodeRecord, float]] = {}
-        for block in range(info.num_blocks):
-            for peer_id, (raw, expiration) in _subkey_items(entries.get(block_key(model, block))).items():
-                record = unpack_node_record(raw)
-                if record is None or record.model != model or record.end > info.num_blocks:
-                    continue  # malformed or foreign: not trusted
-                if peer_id not in records or expiration > records[peer_id][1]:
-                    records[peer_id] = (record, expiration)
-        if records:
-            found[model] = records
-    return found
-
-
-def parse_index(entry: Any) -> dict[str, ModelInfo]:
-    models = {}
-    for name, (raw, _) in _subkey_items(entry).items():
-        info = unpack_model_info(raw)
-        if info is not None and info.name == name:
-            models[name] = info
-    return models
-
-
-def _subkey_items(entry: Any) -> dict[str, tuple[Any, float]]:
-    """{subkey: (raw value, expiration)} of a dictionary DHT value; {} for anything else."""
-    if entry is None or not hasattr(entry.value, "items"):
-        return {}
-    return {str(subkey): (item.value, item.expiration_time) for subkey, item in entry.value.items()}
 
 
 class Crawler:
@@ -200,12 +164,12 @@ class Crawler:
     async def _read(self, previous: SwarmState) -> tuple[dict[str, ModelInfo], dict]:
         """The model index and block records: one batched read for the models already known."""
         known = dict(previous.models)
-        keys = [MODEL_INDEX_KEY] + [block_key(m, b) for m, info in known.items() for b in range(info.num_blocks)]
+        keys = [MODEL_INDEX_KEY] + [key for info in known.values() for key in block_keys(info)]
         entries = await self.swarm.dht.get_many(keys, sufficient_expiration_time=float("inf"))
         index = parse_index(entries.get(MODEL_INDEX_KEY))
         new = {m: info for m, info in index.items() if known.get(m) != info}
         if new:  # a model we had not seen: read its blocks too
-            more = [block_key(m, b) for m, info in new.items() for b in range(info.num_blocks)]
+            more = [key for info in new.values() for key in block_keys(info)]
             entries = {**entries, **await self.swarm.dht.get_many(more, sufficient_expiration_time=float("inf"))}
         return index, parse_entries(entries, {**known, **index})
 
@@ -225,17 +189,13 @@ class Crawler:
 
     async def _probe_one(self, peer_id: str, gate: asyncio.Semaphore) -> tuple[float, int | None] | None:
         async with gate:
-            began = time.perf_counter()
             try:
-                frame = await self.swarm.request(peer_id, msg.INFO_HANDLER, {"type": "info"},
-                                                 timeout=self.settings.probe_timeout)
+                info, elapsed = await self.swarm.info(peer_id, timeout=self.settings.probe_timeout)
             except PotluckError as e:
                 logger.debug("probe of %s failed: %s", peer_id, e)
                 return None
-            elapsed = time.perf_counter() - began
-            counters = frame.meta.get("counters")
-            tokens = counters.get("tokens", 0) if isinstance(counters, dict) else None  # absent until it computes
-            return elapsed, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
+            tokens = info.counters.get("tokens")  # absent until the node computes
+            return elapsed, int(tokens) if tokens is not None else None
 
     async def _relayed(self) -> dict[str, bool]:
         """peer id -> whether our connection to it goes only through a relay (/p2p-circuit)."""

@@ -9,7 +9,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from potluck.client.health.crawler import NodeView, SwarmState, merge, parse_entries
+from potluck.client.health.crawler import NodeView, SwarmState, merge
+from potluck.protocol.directory import parse_entries
 from potluck.client.health.server import HealthServer
 from potluck.client.health.view import block_counts, metrics_text, state_json, status, synthetic_state
 from potluck.protocol.records import ModelInfo, NodeRecord, NodeState, block_key, pack

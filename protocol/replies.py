@@ -1,0 +1,130 @@
+"""What nodes answer: one frozen dataclass per reply, built by nodes and parsed by clients.
+
+A reply travels as a frame whose metadata is ``reply.to_meta()`` (errors travel as
+``messages.error_meta``); ``parse_reply`` checks a frame against the reply schemas, like
+``messages.parse_request`` does for requests, and raises the peer's typed error for an error
+frame. A reply that matches no schema means a broken node: ``NodeUnavailable``, so the client
+fails over instead of guessing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import NodeUnavailable
+from .messages import INFO_HANDLER, Frame, InfoRequest, call_once, raise_if_error
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An inference session is open on the node."""
+
+    session_id: str
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "opened", "session_id": self.session_id}
+
+
+@dataclass(frozen=True)
+class Closed:
+    session_id: str
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "closed", "session_id": self.session_id}
+
+
+@dataclass(frozen=True)
+class Result:
+    """Hidden states out of the node's blocks (the frame's one tensor): of a step, a push that
+    ended the chain, or a forward (``length`` None: no session)."""
+
+    length: int | None = None  # tokens the session's cache holds after the step
+    seq: int | None = None  # the step attempt answered
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "result", "length": self.length, "seq": self.seq}
+
+
+@dataclass(frozen=True)
+class HandoffFailed:
+    """The node ran the step but could not push it on: its output (the frame's one tensor) goes
+    back to the client, which carries on from ``peer_id`` itself."""
+
+    peer_id: str  # the next node, which could not be reached
+    reason: str
+    length: int
+    seq: int | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "handoff_failed", "peer_id": self.peer_id, "reason": self.reason, "length": self.length,
+                "seq": self.seq}
+
+
+@dataclass(frozen=True)
+class Info:
+    """A node's answer to an info request: what it serves and what it has done."""
+
+    peer_id: str
+    model: str
+    start: int
+    end: int
+    state: str
+    version: str = ""
+    dtype: str = ""
+    device: str = ""
+    cache_tokens_left: int = 0
+    public_name: str = ""
+    open_sessions: int = 0
+    counters: dict[str, float] = field(default_factory=dict)  # requests, tokens, errors... since start
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": "info", **dataclasses.asdict(self)}
+
+
+Reply = Opened | Closed | Result | HandoffFailed | Info
+_KINDS: dict[str, type] = {"opened": Opened, "closed": Closed, "result": Result, "handoff_failed": HandoffFailed,
+                           "info": Info}
+_INT_OR_NONE = (int, type(None))
+_TYPES: dict[str, tuple[type, ...]] = {
+    "session_id": (str,), "peer_id": (str,), "reason": (str,), "model": (str,), "state": (str,), "version": (str,),
+    "dtype": (str,), "device": (str,), "public_name": (str,), "start": (int,), "end": (int,),
+    "cache_tokens_left": (int,), "open_sessions": (int,), "length": _INT_OR_NONE, "seq": _INT_OR_NONE,
+    "counters": (dict,),
+}
+
+
+def parse_reply(frame: Frame, peer_id: str | None = None) -> Reply:
+    """The typed reply in ``frame``; the peer's own typed error if it answered with one."""
+    raise_if_error(frame, peer_id)
+    meta = frame.meta
+    cls = _KINDS.get(meta.get("type"))
+    if cls is None:
+        raise NodeUnavailable(f"node {peer_id} sent an unknown reply type {meta.get('type')!r:.40}", peer_id)
+    values = {}
+    for item in dataclasses.fields(cls):
+        if item.name not in meta:
+            if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
+                raise NodeUnavailable(f"node {peer_id} sent a {meta['type']} reply without {item.name!r}", peer_id)
+            continue
+        value = meta[item.name]
+        if not isinstance(value, _TYPES[item.name]) or isinstance(value, bool):
+            raise NodeUnavailable(f"node {peer_id} sent a {meta['type']} reply with a bad {item.name!r}: "
+                                  f"{value!r:.40}", peer_id)
+        values[item.name] = value
+    if cls is Info:
+        values["counters"] = {str(k): v for k, v in values.get("counters", {}).items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return cls(**values)
+
+
+async def request_info(p2p, peer_id: str, timeout: float) -> tuple[Info, float]:
+    """A node's info and the round trip it took (on a fresh stream, as a new peer would see it)."""
+    began = time.perf_counter()
+    frame = await call_once(p2p, peer_id, INFO_HANDLER, InfoRequest().to_meta(), timeout=timeout)
+    elapsed = time.perf_counter() - began
+    info = parse_reply(frame, peer_id)
+    if not isinstance(info, Info):
+        raise NodeUnavailable(f"node {peer_id} answered an info request with {type(info).__name__}", peer_id)
+    return info, elapsed
