@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable, TypeVar
 
 import torch
 
@@ -23,6 +24,7 @@ from .routing import Hop, RouteCosts, find_chain
 from .transport import SwarmConnection
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -130,20 +132,31 @@ class RemoteChain:
                             dtype: str | None = None) -> torch.Tensor:
         extra = [positions] + ([] if mask is None else [mask])
         block = start
-        for attempt in range(self.policy.max_retries + 1):
+
+        async def rest_of_the_chain() -> torch.Tensor:  # from the first block not yet computed
+            nonlocal hidden, block, dtype
+            for hop in await self.route(block, end, dtype=dtype):
+                dtype = self.chain_dtype([hop])
+                frame = await self.swarm.request(
+                    hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
+                    [hidden, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]))
+                hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
+            return hidden
+
+        return await self.retrying(rest_of_the_chain)
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` until it works. A retriable failure bans the node that caused it and backs
+        off (doubling) before the next try; a failure that is not retriable, names no node, or is
+        the last the policy allows is raised."""
+        for tries in range(self.policy.max_retries + 1):
             try:
-                for hop in await self.route(block, end, dtype=dtype):
-                    dtype = self.chain_dtype([hop])
-                    frame = await self.swarm.request(
-                        hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
-                        [hidden, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]))
-                    hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
-                return hidden
-            except PotluckError as e:
-                if not e.retriable or e.peer_id is None or attempt == self.policy.max_retries:
+                return await attempt()
+            except PotluckError as error:
+                if not error.retriable or error.peer_id is None or tries == self.policy.max_retries:
                     raise
-                self.ban(e.peer_id, str(e))
-                await asyncio.sleep(self.policy.backoff * 2**attempt)
+                self.ban(error.peer_id, str(error))
+                await asyncio.sleep(self.policy.backoff * 2**tries)
         raise AssertionError("unreachable")
 
 

@@ -265,7 +265,8 @@ class InferenceSession:
         self.chain.ban(failed.hop.peer_id, str(error))
         failed.close()
         history = failed.history if failed.history_known else await self._rebuild_history(failed)
-        for attempt in range(self.chain.policy.max_retries + 1):
+
+        async def rebuilt_replacement() -> list[HopSession]:
             try:
                 replacement = await self._open_chain(failed.hop.start, failed.hop.end)
             except NoRoute as no_route:
@@ -273,13 +274,14 @@ class InferenceSession:
                               failed.hop.peer_id) from error
             try:
                 await self._replay(replacement, history)
-                break
             except PotluckError as replay_error:
                 for hop_session in replacement:
                     hop_session.close()
-                if not replay_error.retriable or attempt == self.chain.policy.max_retries:
-                    raise
-                self.chain.ban(replay_error.peer_id or replacement[0].hop.peer_id, str(replay_error))
+                replay_error.peer_id = replay_error.peer_id or replacement[0].hop.peer_id
+                raise
+            return replacement
+
+        replacement = await self.chain.retrying(rebuilt_replacement)
         self._hops[index:index + 1] = replacement
         self.failovers += 1
         logger.info("replaced node %s (blocks %d:%d) with %s", failed.hop.peer_id, failed.hop.start, failed.hop.end,
@@ -317,22 +319,20 @@ class InferenceSession:
     async def _open_chain(self, start: int, end: int) -> list[HopSession]:
         """Route blocks start:end and open a session on each hop; unreachable nodes are banned
         and routed around (NoRoute once nothing is left)."""
-        for attempt in range(self.chain.policy.max_retries + 1):
+        async def opened_chain() -> list[HopSession]:
             chain = await self.chain.route(start, end, self.max_length * (self.batch_size or 1),
                                            self.chain.chain_dtype(self.hops))  # a replacement keeps the dtype
             opened = []
             try:
                 for hop in chain:
                     opened.append(await self._open_hop(hop))
-                return opened
-            except PotluckError as error:
+            except BaseException:
                 for hop_session in opened:
                     hop_session.close()
-                if not error.retriable or error.peer_id is None or attempt == self.chain.policy.max_retries:
-                    raise
-                self.chain.ban(error.peer_id, str(error))
-                await asyncio.sleep(self.chain.policy.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+                raise
+            return opened
+
+        return await self.chain.retrying(opened_chain)
 
     async def _open_hop(self, hop: Hop) -> HopSession:
         reader, writer = await self.chain.swarm.open_stream(hop.peer_id, msg.INFERENCE_HANDLER,

@@ -58,3 +58,20 @@ def test_a_failed_step_leaves_the_session_in_step(swarm, tiny_checkpoints, hando
     assert torch.allclose(got[0], expected[1], atol=1e-5) and torch.allclose(got[1], expected[2], atol=1e-5)
     assert asked_first == [None, None, 5, None]  # after the failure: rewind to 5, where the session stands
     assert len(asked_second) == 4
+
+
+@pytest.mark.parametrize("handoff", [False, True])
+def test_a_dead_node_is_replaced_and_its_cache_replayed(swarm, tiny_checkpoints, handoff):
+    replica = swarm.add_node("c", tiny_checkpoints["llama"], 4, 8, speed=1.0)  # slower: routed only as a spare
+    hidden = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(1))
+    steps = [(hidden[:, :6], torch.arange(6).unsqueeze(0))] + [
+        (hidden[:, t:t + 1], torch.tensor([[t]])) for t in range(6, 9)]
+    expected = local_steps(tiny_checkpoints["llama"], steps)
+    chain = swarm.chain(8, handoff=handoff)
+    with InferenceSession(chain, max_length=16) as session:
+        got = [session.step(*steps[0]), session.step(*steps[1])]
+        dead = session.hops[1].peer_id
+        swarm.kill(dead)
+        got += [session.step(*steps[2]), session.step(*steps[3])]
+        assert session.failovers == 1 and session.hops[1].peer_id == replica and dead in chain.banned
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))

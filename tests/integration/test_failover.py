@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 from potluck import AutoDistributedModelForCausalLM
 from potluck.client.chain import FailoverPolicy
 from potluck.client.transport import SwarmConnection
+from potluck.protocol.messages import Step
 
 SPANS = ["0:4", "4:8", "0:4", "4:8"]  # two replicas of each span
 
@@ -76,9 +77,9 @@ def test_node_killed_in_the_middle_of_the_prefill(handoff, replicated):
     with remote.inference_session(max_length=64) as session:
         send = session._send
 
-        async def kill_second_hop_once_the_first_has_the_prefill(hop_session, meta, inputs):
-            await send(hop_session, meta, inputs)
-            if meta["type"] == "step" and session.position == 0 and hop_session is session._hops[0]:
+        async def kill_second_hop_once_the_first_has_the_prefill(hop_session, request, inputs):
+            await send(hop_session, request, inputs)
+            if isinstance(request, Step) and session.position == 0 and hop_session is session._hops[0]:
                 if not session.failovers:
                     hit(swarm, stopped, session._hops[1].hop.peer_id, "SIGKILL")
 
