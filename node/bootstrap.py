@@ -5,29 +5,17 @@ import asyncio
 import logging
 from typing import Sequence
 
-from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
-
 from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm
 
 logger = logging.getLogger(__name__)
 
 
-async def start_bootstrap(initial_peers: Sequence[str] = (), host_maddrs: Sequence[str] = (),
-                          identity_path: str | None = None) -> tuple[P2P, DHTNode]:
-    return await join_swarm(initial_peers, host_maddrs, identity_path=identity_path)
-
-
-async def initial_peers_line(p2p: P2P) -> str:
-    maddrs = await p2p.get_visible_maddrs()
-    return f"{INITIAL_PEERS_ENV}={maddrs[0]}"
-
-
 async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None,
                         stop: asyncio.Event) -> None:
-    p2p, dht = await start_bootstrap(initial_peers, host_maddrs, identity_path)
+    p2p, dht = await join_swarm(initial_peers, host_maddrs, identity_path=identity_path)
     try:
-        print(await initial_peers_line(p2p), flush=True)
+        maddrs = await p2p.get_visible_maddrs()
+        print(f"{INITIAL_PEERS_ENV}={maddrs[0]}", flush=True)
         logger.info("bootstrap peer listening; other peers join with the line above")
         await stop.wait()
     finally:

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from bench_swarm import LocalSwarm
+from bench_swarm import bench_swarm
 from potluck.client.chain import FailoverPolicy
 from potluck.client.model import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
-from potluck.protocol import messages as msg
 
 logger = logging.getLogger("bench")
 SPANS = [(0, 4), (4, 8), (0, 4), (4, 8)]  # two replicas of each span
@@ -47,10 +46,10 @@ class TokenClock(LogitsProcessor):
 
 
 def one_fault(path: Path, ids: torch.Tensor, expected: torch.Tensor, how: str, logs: Path, threads: int) -> dict:
-    swarm, conn, frozen = LocalSwarm(logs, threads), None, []
+    swarm, conn, frozen = bench_swarm(logs, threads), None, []
     try:
         maddr = swarm.start_dht()
-        pids = dict(swarm.start_nodes(path, SPANS, maddr))
+        pids = {peer: swarm.nodes[peer].pid for peer in swarm.start_nodes(path, SPANS, name="bench")}
         conn = SwarmConnection([maddr])
         model = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=conn)
         with model.inference_session(max_length=ids.shape[1] + 64) as session:
@@ -76,10 +75,10 @@ def one_fault(path: Path, ids: torch.Tensor, expected: torch.Tensor, how: str, l
 
 
 def replica_share(path: Path, ids: torch.Tensor, logs: Path, threads: int, clients: int = 16) -> dict:
-    swarm, conn = LocalSwarm(logs, threads), None
+    swarm, conn = bench_swarm(logs, threads), None
     try:
         maddr = swarm.start_dht()
-        nodes = swarm.start_nodes(path, SPANS, maddr, "--announce-period", str(ANNOUNCE_PERIOD))
+        nodes = swarm.start_nodes(path, SPANS, "--announce-period", str(ANNOUNCE_PERIOD), name="bench")
         conn = SwarmConnection([maddr])
         models = [AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=conn) for _ in range(clients)]
         outputs: dict[int, torch.Tensor] = {}
@@ -95,9 +94,9 @@ def replica_share(path: Path, ids: torch.Tensor, logs: Path, threads: int, clien
         for t in threads_:
             t.join(300)
         opened = {}
-        for (peer, _), (start, end) in zip(nodes, SPANS):
-            info = conn.call(conn.request(peer, msg.INFO_HANDLER, {"type": "info"}))
-            opened.setdefault(f"{start}:{end}", []).append(info.meta["counters"].get("sessions_opened", 0))
+        for peer, (start, end) in zip(nodes, SPANS):
+            info, _ = conn.call(conn.info(peer, timeout=30))
+            opened.setdefault(f"{start}:{end}", []).append(int(info.counters.get("sessions_opened", 0)))
     finally:
         if conn is not None:
             conn.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from bench_swarm import LocalSwarm
+from bench_swarm import bench_swarm
 from potluck.client.model import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 
@@ -63,10 +63,10 @@ def run_http(path: Path, args, workdir: Path) -> dict:
     from potluck.protocol.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(str(path))
-    swarm, conn, serve = LocalSwarm(workdir, args.node_threads), None, None
+    swarm, conn, serve = bench_swarm(workdir, args.node_threads), None, None
     try:
         maddr = swarm.start_dht()
-        swarm.start_nodes(path, split_evenly(checkpoint.num_blocks, 2), maddr)
+        swarm.start_nodes(path, split_evenly(checkpoint.num_blocks, 2), name="bench")
         serve = subprocess.Popen([sys.executable, "-m", "potluck", "serve", str(path), "--port", "0",
                                   "--initial-peers", maddr], stdout=subprocess.PIPE,
                                  stderr=open(workdir / "serve.log", "w"), text=True)

@@ -1,15 +1,12 @@
 """Helpers for ``scripts/bench``: a tiny checkpoint, a loopback swarm of real processes, peak RSS, step timing.
 
-Every process a ``LocalSwarm`` starts (and the p2pd daemons those start) is stopped by ``stop()``:
-SIGINT, then SIGKILL after a timeout. Children also get SIGTERM if the bench itself dies.
+Swarms are the package's ``LocalSwarm`` (potluck.node.local_swarm): every process it starts (and
+the p2pd daemons those start) is stopped by ``stop()``, and children get SIGTERM if the bench dies.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +17,8 @@ import psutil
 import torch
 
 from potluck.client.session import InferenceSession
+from potluck.node.local_swarm import LocalSwarm, make_tiny_checkpoint
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 logger = logging.getLogger("bench")
 
 FULL_MODEL_PEAK = """
@@ -37,14 +34,8 @@ print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split
 
 def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     """A random fp32 Llama (8 blocks, hidden 256, vocab 32000) saved as a real checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512,
-                         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
-    return folder
+    return make_tiny_checkpoint("llama", folder, hidden=256, layers=8, vocab=32000, heads=8, kv_heads=8,
+                                intermediate=1024, seed=seed)
 
 
 def make_llama_shape(folder: Path, blocks: int, hidden: int, vocab: int, dtype: torch.dtype, device: str,
@@ -170,75 +161,9 @@ def timed_forward(module: torch.nn.Module) -> Iterator[dict[str, float]]:
             hook.remove()
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the bench dies without stopping us (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-class LocalSwarm:
-    """A `potluck dht` bootstrap peer and `potluck node` processes on loopback."""
-
-    def __init__(self, logs: Path, node_threads: int):
-        self.logs, self.node_threads = logs, node_threads
-        self.processes: list[subprocess.Popen] = []
-
-    def start_dht(self, timeout: float = 60) -> str:
-        proc, log = self._spawn("dht", ["dht", "--host-maddrs", LOOPBACK])
-        found = self._wait_for(proc, log, r"POTLUCK_INITIAL_PEERS=(\S+)", timeout)
-        return found.group(1)
-
-    def start_nodes(self, model: Path, spans: list[tuple[int, int]], maddr: str, *extra: str,
-                    timeout: float = 300) -> list[tuple[str, int]]:
-        """Start one node per span at once; wait until each logs ONLINE. Returns (peer id, pid) per node."""
-        started = [self._spawn(f"node{i}-{a}_{b}", ["node", str(model), "--blocks", f"{a}:{b}", "--initial-peers",
-                                                      maddr, "--public-name", f"bench{i}-{a}_{b}",
-                                                      "--num-threads", str(self.node_threads), *extra])
-                   for i, (a, b) in enumerate(spans)]
-        return [(self._wait_for(proc, log, r"ONLINE: serving .* as (\w+)", timeout).group(1), proc.pid)
-                for proc, log in started]
-
-    def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
-        log = self.logs / f"{name}.log"
-        with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "potluck", *args], stdout=f, stderr=f,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-        self.processes.append(proc)
-        return proc, log
-
-    @staticmethod
-    def _wait_for(proc: subprocess.Popen, log: Path, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = re.search(pattern, log.read_text())
-            if found:
-                return found
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"{log.stem} did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
-
-    def stop(self, timeout: float = 15) -> None:
-        """SIGINT every process, SIGKILL what is left after ``timeout``, then any daemon they left behind."""
-        descendants = []
-        for proc in self.processes:
-            try:
-                descendants += psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in self.processes:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("pid %d did not stop in %.0f s; killing it", proc.pid, timeout)
-                proc.kill()
-                proc.wait()
-        kill_all(descendants)
-        self.processes.clear()
+def bench_swarm(logs: Path, node_threads: int) -> LocalSwarm:
+    """The package's local swarm launcher, with each node limited to ``node_threads`` torch threads."""
+    return LocalSwarm(logs, node_args=["--num-threads", str(node_threads)])
 
 
 def kill_all(processes: list[psutil.Process]) -> None:

@@ -26,7 +26,7 @@ def swarm_factory(tmp_path_factory):
     swarms: list[LocalSwarm] = []
 
     def make() -> LocalSwarm:
-        swarm = LocalSwarm(tmp_path_factory.mktemp("swarm"))
+        swarm = LocalSwarm(tmp_path_factory.mktemp("swarm"), node_args=["--num-threads", "1"])
         swarms.append(swarm)
         swarm.start_dht()
         return swarm

@@ -194,8 +194,7 @@ class Crawler:
             except PotluckError as e:
                 logger.debug("probe of %s failed: %s", peer_id, e)
                 return None
-            tokens = info.counters.get("tokens")  # absent until the node computes
-            return elapsed, int(tokens) if tokens is not None else None
+            return elapsed, int(info.counters.get("tokens", 0))  # absent until the node computes
 
     async def _relayed(self) -> dict[str, bool]:
         """peer id -> whether our connection to it goes only through a relay (/p2p-circuit)."""

@@ -1,0 +1,171 @@
+"""A local swarm of real processes: a `potluck dht` bootstrap peer and `potluck node`s on loopback.
+
+The one launcher behind `potluck swarm`, the tests and the benchmarks. Each child's output goes
+to a log file (and, with ``echo``, to this process's stderr); a node counts as started once it
+logs ONLINE. Children get SIGTERM if this process dies without stopping them (Linux), and
+``stop`` sends SIGINT (nodes drain), then SIGKILL after a timeout, then kills any daemon they
+left behind. ``make_tiny_checkpoint`` makes the random models tests and benchmarks run on.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from potluck.protocol.network import INITIAL_PEERS_ENV, LOOPBACK_MADDR
+
+logger = logging.getLogger(__name__)
+ONLINE_LINE = re.compile(r"ONLINE: serving .* as (\w+)")
+
+
+class SwarmStartError(RuntimeError):
+    """A child exited or did not come up in time; the message ends with its last log lines."""
+
+
+class Child:
+    """One child process whose output lines are kept, logged and searched as they arrive."""
+
+    def __init__(self, name: str, args: Sequence[str], log: Path | None, echo: bool):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "potluck", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, start_new_session=True,  # Ctrl-C reaches children once, via stop()
+            preexec_fn=_die_with_parent)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._pump = threading.Thread(target=self._read, args=(log, echo), name=f"potluck-{name}", daemon=True)
+        self._pump.start()
+
+    def _read(self, log: Path | None, echo: bool) -> None:
+        with open(log, "w") if log is not None else contextlib.nullcontext() as file:
+            for line in self.proc.stdout:
+                if file is not None:
+                    file.write(line)
+                    file.flush()
+                if echo:
+                    sys.stderr.write(line)
+                with self._changed:
+                    self.lines.append(line)
+                    self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern, timeout: float, abort: threading.Event) -> re.Match:
+        """The first output line matching ``pattern``; SwarmStartError if the child exits first,
+        the time runs out or the launch is aborted."""
+        deadline, seen = time.monotonic() + timeout, 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if found := pattern.search(line):
+                        return found
+                seen = len(self.lines)
+                if abort.is_set():
+                    raise SwarmStartError(f"{self.name}: start aborted")
+                if not self._pump.is_alive() or time.monotonic() > deadline:
+                    why = f"exited with {self.proc.poll()}" if self.proc.poll() is not None else f"not up in {timeout:.0f} s"
+                    raise SwarmStartError(f"{self.name} {why}:\n{''.join(self.lines[-40:])}")
+                self._changed.wait(0.2)
+
+
+class LocalSwarm:
+    """Start with ``start_dht()``, then ``start_nodes(...)`` as often as needed; ``stop()`` ends all."""
+
+    def __init__(self, logs: Path | None = None, *, echo: bool = False, node_args: Sequence[str] = ()):
+        self.logs, self.echo, self.node_args = logs, echo, list(node_args)
+        self.children: list[Child] = []
+        self.initial_peers: list[str] = []
+        self.nodes: dict[str, subprocess.Popen] = {}  # peer id -> its process
+        self._abort = threading.Event()
+
+    def start_dht(self, timeout: float = 60) -> str:
+        """A bootstrap peer on loopback; returns its multiaddr (also in ``initial_peers``)."""
+        child = self._spawn("dht", ["dht", "--host-maddrs", LOOPBACK_MADDR])
+        found = child.wait_for(re.compile(rf"{INITIAL_PEERS_ENV}=(\S+)"), timeout, self._abort)
+        self.initial_peers = [found.group(1)]
+        return found.group(1)
+
+    def start_nodes(self, model: Path, spans: Sequence[str | tuple[int, int]], *extra: str,
+                    timeout: float = 300, name: str | None = None) -> list[str]:
+        """One node per span, started together; waits until each logs ONLINE and returns their peer ids.
+        Nodes are named ``{name}-{start}_{end}-{n}`` (default name: the model folder's)."""
+        started = []
+        for span in spans:
+            start, end = span.split(":") if isinstance(span, str) else span
+            node_name = f"{name or Path(model).name}-{start}_{end}-{len(self.children)}"
+            args = ["node", str(model), "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
+                    "--public-name", node_name, *self.node_args, *extra]
+            started.append(self._spawn(node_name, args))
+        peers = []
+        for child in started:
+            peer = child.wait_for(ONLINE_LINE, timeout, self._abort).group(1)
+            self.nodes[peer] = child.proc
+            peers.append(peer)
+        return peers
+
+    def exited(self) -> list[str]:
+        """Names of the children that are no longer running."""
+        return [c.name for c in self.children if c.proc.poll() is not None]
+
+    def abort(self) -> None:
+        """Make a start that is waiting (in another thread) give up at once."""
+        self._abort.set()
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        log = None if self.logs is None else self.logs / f"{name}.log"
+        child = Child(name, args, log, self.echo)
+        self.children.append(child)
+        return child
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGINT every child (nodes drain), SIGKILL what is left after ``timeout``, then whatever
+        is left in each child's process group (the p2pd daemon of a killed node)."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGINT)
+        for child in self.children:
+            try:
+                child.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", child.name, timeout)
+                child.proc.kill()
+                child.proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)  # each child leads its own group (new session)
+        self.children.clear()
+
+
+def make_tiny_checkpoint(family: str, folder: Path, *, hidden: int = 64, layers: int = 8, vocab: int = 1000,
+                         heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, seed: int = 0) -> Path:
+    """A random checkpoint of ``family`` (llama, mistral, qwen2, qwen3), saved as a real one is
+    (config.json + safetensors), for tests and benchmarks."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        family, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=512,
+        tie_word_embeddings=False, **({"head_dim": hidden // heads} if family == "qwen3" else {}),
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the launcher dies without stopping us (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
