@@ -51,26 +51,26 @@ def _run_route(args: argparse.Namespace) -> int:
     from potluck.protocol.checkpoint import resolve_checkpoint
     from potluck.protocol.network import initial_peers_from_env
 
-    from .chain import RemoteChain
+    from .swarm_view import SwarmView
     from .routing import explain
     from .transport import SwarmConnection
 
     checkpoint = resolve_checkpoint(args.model, args.model_name)
     swarm = SwarmConnection(initial_peers_from_env(args.initial_peers))
     try:
-        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks)
-        swarm.call(chain.refresh())
-        swarm.call(chain.measure_pings())
-        print(f"{checkpoint.name}: {checkpoint.num_blocks} blocks, {len(chain.records)} nodes known")
-        for peer_id, record in sorted(chain.records.items(), key=lambda item: (item[1].start, item[0])):
-            ping = chain.costs.client_pings.get(peer_id)
+        view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks)
+        swarm.call(view.refresh())
+        swarm.call(view.measure_pings())
+        print(f"{checkpoint.name}: {checkpoint.num_blocks} blocks, {len(view.records)} nodes known")
+        for peer_id, record in sorted(view.records.items(), key=lambda item: (item[1].start, item[0])):
+            ping = view.costs.client_pings.get(peer_id)
             print(f"  {record.state.value:<8} blocks {record.start:>3}:{record.end:<3} "
                   f"{record.public_name or 'unnamed':<20} {peer_id}  {record.dtype:>8} on {record.device:<4} "
                   f"{record.inference_steps_per_s:8.1f} steps/s  "
                   f"cache {record.cache_tokens_left:>8}  ping {'-' if ping is None else f'{ping * 1e3:.1f} ms'}")
-        hops = swarm.call(chain.route(cache_tokens=args.max_length))
+        hops = swarm.call(view.route(cache_tokens=args.max_length))
         print("chosen chain (least expected time per step):")
-        for line in explain(hops, chain.records, chain.costs):
+        for line in explain(hops, view.records, view.costs):
             print("  " + line)
     finally:
         swarm.close()
@@ -86,7 +86,7 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
     from .serving import TextGenerator
 
     tokenizer, model = await asyncio.to_thread(_load, args)
-    generator = TextGenerator(model, tokenizer, model.chain.model)
+    generator = TextGenerator(model, tokenizer, model.swarm_view.model)
     server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key), host=args.host, port=args.port,
                                            log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve())
@@ -102,7 +102,7 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
         server.should_exit = True
         await serving
         generator.close()
-        await asyncio.to_thread(model.chain.swarm.close)
+        await asyncio.to_thread(model.swarm_view.swarm.close)
     return 0
 
 
@@ -115,7 +115,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_local_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu",
-                        help="where embeddings and lm_head run on this machine: cpu, cuda, cuda:N or mps (default: cpu)")
+                        help="where embeddings and lm_head run on this machine: cpu, cuda, cuda:N or mps "
+                             "(default: cpu)")
     parser.add_argument("--mix-dtypes", action="store_true",
                         help="let one chain combine nodes of different dtypes (default: each answer keeps to one)")
 

@@ -24,7 +24,7 @@ from potluck.protocol.errors import BadRequest
 from potluck.protocol.families import CACHE_ARG
 from potluck.protocol.network import initial_peers_from_env
 
-from .chain import FailoverPolicy, RemoteChain
+from .swarm_view import FailoverPolicy, SwarmView
 from .session import InferenceSession
 from .transport import SwarmConnection
 
@@ -57,9 +57,9 @@ class RemoteCache(Cache):
 class RemoteDecoder(torch.nn.Module):
     """Replaces the base model (e.g. LlamaModel): embeddings → remote blocks → final norm."""
 
-    def __init__(self, embed_tokens: torch.nn.Module, norm: torch.nn.Module, chain: RemoteChain):
+    def __init__(self, embed_tokens: torch.nn.Module, norm: torch.nn.Module, view: SwarmView):
         super().__init__()
-        self.embed_tokens, self.norm, self.chain = embed_tokens, norm, chain
+        self.embed_tokens, self.norm, self.view = embed_tokens, norm, view
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
                 **kwargs) -> BaseModelOutputWithPast:
@@ -78,7 +78,7 @@ class RemoteDecoder(torch.nn.Module):
         with torch.no_grad():
             wire = hidden.cpu()  # what the nodes get; they answer in the same dtype
             if session is None:
-                out = self.chain.forward(wire, position_ids, mask)
+                out = self.view.forward(wire, position_ids, mask)
             else:
                 out = session.step(wire, position_ids, mask)
                 if input_ids is not None:
@@ -91,7 +91,7 @@ class RemoteDecoder(torch.nn.Module):
 class DistributedModelMixin:
     """Mixed into the checkpoint's ``*ForCausalLM`` class by ``AutoDistributedModelForCausalLM``."""
 
-    chain: RemoteChain
+    swarm_view: SwarmView  # the swarm of this model as this client sees it: records, bans, routes
     _local: threading.local  # the active session is per thread, so threads can share one model
 
     @property
@@ -104,7 +104,7 @@ class DistributedModelMixin:
         ``max_length`` tokens."""
         if self._active_session is not None:
             raise BadRequest("an inference session is already active on this model in this thread")
-        with InferenceSession(self.chain, max_length) as session:
+        with InferenceSession(self.swarm_view, max_length) as session:
             self._local.session = session
             try:
                 yield session
@@ -187,9 +187,9 @@ class AutoDistributedModelForCausalLM:
             raise BadRequest(f"node_dtypes {sorted(unknown)} are not dtypes nodes use; pick from {', '.join(DTYPES)}")
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
         policy = policy or FailoverPolicy(request_timeout=request_timeout)
-        chain = RemoteChain(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
-                            dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes)
-        return build_local_part(checkpoint, chain, dtype, _local_device(device))
+        view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
+                          dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes)
+        return build_local_part(checkpoint, view, dtype, _local_device(device))
 
 
 def _local_device(name: str | torch.device) -> torch.device:
@@ -202,10 +202,10 @@ def _local_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def build_local_part(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dtype,
+def build_local_part(checkpoint: Checkpoint, view: SwarmView, dtype: torch.dtype,
                      device: torch.device) -> PreTrainedModel:
     """The checkpoint's ``*ForCausalLM`` with its embeddings, norm and lm_head on ``device`` and a
-    ``RemoteDecoder`` over ``chain`` in place of its decoder layers."""
+    ``RemoteDecoder`` over ``view`` in place of its decoder layers."""
     config = checkpoint.config
     base_cls = AutoModelForCausalLM._model_mapping[type(config)]
     dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedModelMixin, base_cls), {})
@@ -225,8 +225,8 @@ def build_local_part(checkpoint: Checkpoint, chain: RemoteChain, dtype: torch.dt
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
         model.lm_head.load_state_dict({"weight": weights["lm_head.weight"]}, assign=True)
-    model.model = RemoteDecoder(model.model.embed_tokens, model.model.norm, chain)
-    model.chain, model._local = chain, threading.local()
+    model.model = RemoteDecoder(model.model.embed_tokens, model.model.norm, view)
+    model.swarm_view, model._local = view, threading.local()
     if (checkpoint.path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
     else:

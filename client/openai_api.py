@@ -106,7 +106,8 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict:
         try:
-            await run_in_threadpool(generator.model.chain.swarm.call, generator.model.chain.route())
+            view = generator.model.swarm_view
+            await run_in_threadpool(view.swarm.call, view.route())
             served = [{"id": generator.name, "object": "model", "created": 0, "owned_by": "potluck"}]
         except PotluckError:
             served = []  # not every block has a live node right now

@@ -76,7 +76,8 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
     found = []
     for dtype in sorted({r.dtype for r in usable.values()}):
         try:
-            found.append(_search({p: r for p, r in usable.items() if r.dtype == dtype}, records, start, end, costs, rng))
+            same_dtype = {p: r for p, r in usable.items() if r.dtype == dtype}
+            found.append(_search(same_dtype, records, start, end, costs, rng))
         except NoRoute:
             continue
     if not found:

@@ -7,11 +7,16 @@ node fails (stream error, timeout, typed refusal), it bans the node, routes a re
 that hop's blocks, replays those inputs to rebuild the cache there, and carries on, so the user
 gets the same tokens as without the fault. All hops of a step run in one coroutine.
 
-Hand-off: with ``chain.handoff`` on, a step goes to the first node only, each node pushes its
+Hand-off: with ``SwarmView.handoff`` on, a step goes to the first node only, each node pushes its
 output to the next, and the last one answers the client: one message out and one back per step.
 The client then knows only the first hop's inputs; a failed later hop gets its history rebuilt
 by a cache-less forward through the hops before it. Any trouble in a hand-off step makes the
 client redo that step hop by hop (nodes rewind to the step's start, so a redo is idempotent).
+
+Counting tokens: ``position`` is what the nodes hold for the session; a step starts there
+(``step_start``) and tells each node ``start_from``: None to append after what it holds, or a
+number to rewind to first (after a rewind or a failed step). A node's ``Session.cached`` counts its
+cache; a hop's ``history_tokens`` counts the inputs this client kept to rebuild it.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
 
-from .chain import RemoteChain, expect_hidden
+from .swarm_view import SwarmView, expect_hidden
 from .routing import Hop
 
 logger = logging.getLogger(__name__)
@@ -37,7 +42,7 @@ logger = logging.getLogger(__name__)
 class StepInputs:
     hidden: torch.Tensor  # [B, T, H] new tokens' hidden states entering a hop
     positions: torch.Tensor  # [B, T]
-    mask: torch.Tensor | None  # [B, prefix + T] or None (no padding)
+    mask: torch.Tensor | None  # [B, step start + T] or None (no padding)
 
 
 @dataclass
@@ -49,19 +54,19 @@ class HopSession:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     history: list[StepInputs] = field(default_factory=list)  # what the node's cache was built from
-    held: int = 0  # tokens in ``history``
+    history_tokens: int = 0  # tokens in ``history``
     history_known: bool = True  # False once a hand-off step fed this hop without the client seeing it
     failed: PotluckError | None = None  # the stream broke while the client waited on another hop
     reading: asyncio.Task | None = None  # copies frames from the stream into the session's inbox
 
-    def remember(self, inputs: StepInputs, start_from: int) -> None:
-        if start_from < self.held:  # a rewind: drop the tail
-            self.history = _cut(self.history, start_from)
+    def remember(self, inputs: StepInputs, step_start: int) -> None:
+        if step_start < self.history_tokens:  # a rewind: drop the tail
+            self.history = _cut(self.history, step_start)
         self.history.append(inputs)
-        self.held = start_from + inputs.hidden.shape[1]
+        self.history_tokens = step_start + inputs.hidden.shape[1]
 
     def rebuilt_from(self, inputs: StepInputs) -> None:
-        self.history, self.held, self.history_known = [inputs], inputs.hidden.shape[1], True
+        self.history, self.history_tokens, self.history_known = [inputs], inputs.hidden.shape[1], True
 
     def describe(self) -> str:
         return f"node {self.hop.peer_id} ({self.hop.record.public_name or 'unnamed'}, blocks {self.hop.start}:{self.hop.end})"
@@ -77,8 +82,8 @@ class InferenceSession:
 
     Use as a context manager; the nodes free the session's cache when it closes."""
 
-    def __init__(self, chain: RemoteChain, max_length: int):
-        self.chain, self.max_length = chain, max_length
+    def __init__(self, view: SwarmView, max_length: int):
+        self.view, self.max_length = view, max_length
         self.position = 0  # tokens the nodes hold
         self.token_ids: torch.Tensor | None = None  # [B, >= position] ids so far; the first `position` are cached
         self.batch_size: int | None = None
@@ -117,7 +122,7 @@ class InferenceSession:
             self.batch_size = hidden.shape[0]
         start_from = self.position if self._rewound else None
         try:
-            out = self.chain.swarm.call(self._step(StepInputs(hidden, positions, mask), start_from))
+            out = self.view.swarm.call(self._step(StepInputs(hidden, positions, mask), start_from))
         except BaseException:
             self._rewound = True  # some hops may hold this step's tokens: the next step re-sends from position
             raise
@@ -128,11 +133,11 @@ class InferenceSession:
         if self._inbox is None:
             self._inbox = asyncio.Queue()
         if not self._hops:
-            self._hops = await self._open_chain(0, self.chain.num_blocks)
-        prefix = self.position if start_from is None else start_from
+            self._hops = await self._open_chain(0, self.view.num_blocks)
+        step_start = self.position if start_from is None else start_from
         if self._can_hand_off():
             try:
-                return await self._handoff_step(inputs, start_from, prefix)
+                return await self._handoff_step(inputs, start_from, step_start)
             except PotluckError as error:
                 if not error.retriable:
                     raise
@@ -140,20 +145,20 @@ class InferenceSession:
                 logger.info("hand-off step failed (%s); redoing it hop by hop", error)
                 if error.peer_id is None:  # a timeout somewhere along the chain: find who hangs
                     await self._probe_hops()
-                start_from = prefix  # nodes that already took this step rewind and take it again
-        return await self._hop_by_hop(inputs, start_from, prefix, 0)
+                start_from = step_start  # nodes that already took this step rewind and take it again
+        return await self._hop_by_hop(inputs, start_from, step_start, 0)
 
     def _can_hand_off(self) -> bool:
         pairs = zip(self._hops, self._hops[1:])
-        return self.chain.handoff and len(self._hops) > 1 and not any(
+        return self.view.handoff and len(self._hops) > 1 and not any(
             (a.hop.peer_id, b.hop.peer_id) in self._direct_links for a, b in pairs)
 
-    async def _handoff_step(self, inputs: StepInputs, start_from: int | None, prefix: int) -> torch.Tensor:
+    async def _handoff_step(self, inputs: StepInputs, start_from: int | None, step_start: int) -> torch.Tensor:
         first, last = self._hops[0], self._hops[-1]
         hops = list(self._hops)
         step = msg.Step(first.session_id, start_from, tuple(msg.NextHop(h.hop.peer_id, h.session_id) for h in hops[1:]))
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
-        timeout = self.chain.timeout_for([h.hop for h in hops], tokens)
+        timeout = self.view.timeout_for([h.hop for h in hops], tokens)
         await self._send(first, step, inputs)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -166,12 +171,12 @@ class InferenceSession:
                 index = hops.index(source)
                 self._direct_links.add((source.hop.peer_id, hops[index + 1].hop.peer_id))
                 hidden = expect_hidden(frame, source.hop, inputs.hidden.shape)
-                first.remember(inputs, prefix)
+                first.remember(inputs, step_start)
                 for hop_session in hops[1:index + 1]:
                     hop_session.history_known = False
-                return await self._hop_by_hop(StepInputs(hidden, inputs.positions, inputs.mask), start_from, prefix,
+                return await self._hop_by_hop(StepInputs(hidden, inputs.positions, inputs.mask), start_from, step_start,
                                               index + 1)
-        first.remember(inputs, prefix)
+        first.remember(inputs, step_start)
         for hop_session in hops[1:]:
             hop_session.history_known = False
         return out
@@ -181,13 +186,14 @@ class InferenceSession:
         redo replaces them at once instead of waiting out another timeout on each."""
         async def probe(hop_session: HopSession) -> None:
             try:
-                await self.chain.swarm.info(hop_session.hop.peer_id, timeout=self.chain.policy.probe_timeout)
+                await self.view.swarm.info(hop_session.hop.peer_id, timeout=self.view.policy.probe_timeout)
             except PotluckError as error:
                 hop_session.failed = error
 
         await asyncio.gather(*(probe(h) for h in self._hops))
 
-    async def _hop_by_hop(self, inputs: StepInputs, start_from: int | None, prefix: int, index: int) -> torch.Tensor:
+    async def _hop_by_hop(self, inputs: StepInputs, start_from: int | None, step_start: int,
+                          index: int) -> torch.Tensor:
         failures = 0
         while index < len(self._hops):
             hop_session = self._hops[index]
@@ -195,11 +201,11 @@ class InferenceSession:
                 hidden = await self._send_step(hop_session, inputs, start_from)
             except PotluckError as error:
                 failures += 1
-                if not error.retriable or failures > self.chain.policy.max_retries:
+                if not error.retriable or failures > self.view.policy.max_retries:
                     raise
                 await self._replace(index, error)
                 continue  # the same step, now on the replacement hops
-            hop_session.remember(inputs, prefix)
+            hop_session.remember(inputs, step_start)
             inputs = StepInputs(hidden, inputs.positions, inputs.mask)
             index += 1
         return inputs.hidden
@@ -207,7 +213,7 @@ class InferenceSession:
     async def _send_step(self, hop_session: HopSession, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
         await self._send(hop_session, msg.Step(hop_session.session_id, start_from), inputs)
-        deadline = asyncio.get_running_loop().time() + self.chain.timeout_for([hop_session.hop], tokens)
+        deadline = asyncio.get_running_loop().time() + self.view.timeout_for([hop_session.hop], tokens)
         _, frame = await self._receive(hop_session, deadline, [hop_session])
         return expect_hidden(frame, hop_session.hop, inputs.hidden.shape)
 
@@ -262,7 +268,7 @@ class InferenceSession:
     async def _replace(self, index: int, error: PotluckError) -> None:
         """Swap hop ``index`` for a fresh chain over its blocks, rebuilt from that hop's history."""
         failed = self._hops[index]
-        self.chain.ban(failed.hop.peer_id, str(error))
+        self.view.ban(failed.hop.peer_id, str(error))
         failed.close()
         history = failed.history if failed.history_known else await self._rebuild_history(failed)
 
@@ -281,7 +287,7 @@ class InferenceSession:
                 raise
             return replacement
 
-        replacement = await self.chain.retrying(rebuilt_replacement)
+        replacement = await self.view.retrying(rebuilt_replacement)
         self._hops[index:index + 1] = replacement
         self.failovers += 1
         logger.info("replaced node %s (blocks %d:%d) with %s", failed.hop.peer_id, failed.hop.start, failed.hop.end,
@@ -294,8 +300,8 @@ class InferenceSession:
         if not first.history:
             return []
         full = _joined(first.history)
-        hidden = await self.chain.forward_async(full.hidden, full.positions, full.mask, first.hop.start,
-                                                failed.hop.start, self.chain.chain_dtype(self.hops))
+        hidden = await self.view.forward_async(full.hidden, full.positions, full.mask, first.hop.start,
+                                                failed.hop.start, self.view.chain_dtype(self.hops))
         return [StepInputs(hidden, full.positions, full.mask)]
 
     async def _replay(self, hops: list[HopSession], history: list[StepInputs]) -> None:
@@ -320,8 +326,8 @@ class InferenceSession:
         """Route blocks start:end and open a session on each hop; unreachable nodes are banned
         and routed around (NoRoute once nothing is left)."""
         async def opened_chain() -> list[HopSession]:
-            chain = await self.chain.route(start, end, self.max_length * (self.batch_size or 1),
-                                           self.chain.chain_dtype(self.hops))  # a replacement keeps the dtype
+            chain = await self.view.route(start, end, self.max_length * (self.batch_size or 1),
+                                           self.view.chain_dtype(self.hops))  # a replacement keeps the dtype
             opened = []
             try:
                 for hop in chain:
@@ -332,24 +338,24 @@ class InferenceSession:
                 raise
             return opened
 
-        return await self.chain.retrying(opened_chain)
+        return await self.view.retrying(opened_chain)
 
     async def _open_hop(self, hop: Hop) -> HopSession:
-        reader, writer = await self.chain.swarm.open_stream(hop.peer_id, msg.INFERENCE_HANDLER,
-                                                            self.chain.policy.request_timeout)
+        reader, writer = await self.view.swarm.open_stream(hop.peer_id, msg.INFERENCE_HANDLER,
+                                                            self.view.policy.request_timeout)
         hop_session = HopSession(hop, uuid.uuid4().hex, reader, writer)
         hop_session.reading = asyncio.create_task(self._read_forever(hop_session))
         request = msg.OpenSession(hop_session.session_id, hop.start, hop.end, self.max_length, self.batch_size or 1)
         try:
             await self._send(hop_session, request, None)
-            deadline = asyncio.get_running_loop().time() + self.chain.policy.request_timeout
+            deadline = asyncio.get_running_loop().time() + self.view.policy.request_timeout
             _, frame = await self._receive(hop_session, deadline, [hop_session])
             if not isinstance(replies.parse_reply(frame, hop.peer_id), replies.Opened):
                 raise NodeUnavailable(f"{hop_session.describe()} did not confirm the session", hop.peer_id)
         except BaseException:
             hop_session.close()
             raise
-        self.chain.costs.local_sessions[hop.peer_id] = self.chain.costs.local_sessions.get(hop.peer_id, 0) + 1
+        self.view.costs.local_sessions[hop.peer_id] = self.view.costs.local_sessions.get(hop.peer_id, 0) + 1
         return hop_session
 
     def close(self) -> None:
@@ -357,12 +363,12 @@ class InferenceSession:
             return
         self.closed = True
         if self._hops:
-            self.chain.swarm.call(self._close(), timeout=self.chain.policy.request_timeout)
+            self.view.swarm.call(self._close(), timeout=self.view.policy.request_timeout)
 
     async def _close(self) -> None:
         for hop_session in self._hops:
             hop_session.close()  # the node closes the stream's sessions when it ends
-            sessions = self.chain.costs.local_sessions
+            sessions = self.view.costs.local_sessions
             sessions[hop_session.hop.peer_id] = max(0, sessions.get(hop_session.hop.peer_id, 1) - 1)
         self._hops.clear()
 

@@ -157,23 +157,23 @@ class BlockServicer:
 
     async def _step(self, session: Session, request: msg.Step | msg.Push, tensors) -> Reply | None:
         new_tokens = tensors[0].shape[1] if tensors and tensors[0].ndim == 3 else 0
-        prefix = session.check_room(request.start_from, new_tokens)
-        hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, prefix)
+        start = session.step_start(request.start_from, new_tokens)
+        hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, start)
         self._check_tokens(hidden)
-        out = await self._compute(session.step, self.span, hidden, positions, mask, prefix,
+        out = await self._compute(session.step, self.span, hidden, positions, mask, start,
                                   tokens=hidden.shape[0] * hidden.shape[1])
         self.counters["steps"] += 1
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
         out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
         if not request.next:
-            return replies.Result(session.length, request.seq).to_meta(), (out,)
+            return replies.Result(session.cached, request.seq).to_meta(), (out,)
         following = request.next[0]
-        push = msg.Push(following.session_id, prefix, request.next[1:], request.seq)
+        push = msg.Push(following.session_id, start, request.next[1:], request.seq)
         try:
             await self.links.push(following.peer_id, push.to_meta(), [out, *tensors[1:]])
         except NodeUnavailable as e:  # the client carries on from here itself
             self.counters["handoff_failures"] += 1
-            return replies.HandoffFailed(following.peer_id, str(e), session.length, request.seq).to_meta(), (out,)
+            return replies.HandoffFailed(following.peer_id, str(e), session.cached, request.seq).to_meta(), (out,)
         self.counters["pushes_sent"] += 1
         return None
 

@@ -72,7 +72,8 @@ class Child:
                 if abort.is_set():
                     raise SwarmStartError(f"{self.name}: start aborted")
                 if not self._pump.is_alive() or time.monotonic() > deadline:
-                    why = f"exited with {self.proc.poll()}" if self.proc.poll() is not None else f"not up in {timeout:.0f} s"
+                    code = self.proc.poll()
+                    why = f"exited with {code}" if code is not None else f"not up in {timeout:.0f} s"
                     raise SwarmStartError(f"{self.name} {why}:\n{''.join(self.lines[-40:])}")
                 self._changed.wait(0.2)
 

@@ -30,7 +30,7 @@ from .links import PushLinks
 from .pings import measure_pings
 from .sessions import SessionTable
 from .span import load_span
-from .throughput import measure
+from .throughput import Speed, measure
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Node:
         self.links: PushLinks | None = None
         self.sessions: SessionTable | None = None
         self.compute = ComputeLane()
-        self.rates = (0.0, 0.0)  # (steps/s, forward tokens/s) measured at start
+        self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self._remeasures_left = 3  # idle periods that re-measure speed; later ones leave an idle node idle
         self._tasks: set[asyncio.Task] = set()
@@ -106,7 +106,7 @@ class Node:
                     config.dtype, self.device, self.checkpoint.path)
         span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, self.device,
                                        sys.stderr.isatty())
-        self.rates = await asyncio.to_thread(measure, span)
+        self.speed = await asyncio.to_thread(measure, span)
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
         self.sessions = SessionTable(tokens, on_change=self.announcer.nudge)
@@ -120,15 +120,15 @@ class Node:
         logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %.0f tokens/s forward; "
                     "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device, config.dtype,
                     self.peer_id,
-                    f" ({config.public_name})" if config.public_name else "", *self.rates, tokens)
+                    f" ({config.public_name})" if config.public_name else "", self.speed.steps_per_s,
+                    self.speed.forward_tokens_per_s, tokens)
 
     async def _before_announce(self) -> None:
         """Refresh what the record says about speed: pings always; throughput in the first few
         idle periods (the figure taken at start may have been slowed by neighbours loading too)."""
         if not self.sessions.sessions and self._remeasures_left > 0:
             self._remeasures_left -= 1
-            rates = await self.compute.run(measure, self.span)
-            self.rates = (max(self.rates[0], rates[0]), max(self.rates[1], rates[1]))  # noise only slows
+            self.speed = self.speed.best_of(await self.compute.run(measure, self.span))
         await self._measure_pings()
 
     async def _measure_pings(self) -> None:
@@ -142,8 +142,9 @@ class Node:
         c = self.config
         return NodeRecord(
             model=self.checkpoint.name, start=c.start, end=c.end, state=state, public_name=c.public_name,
-            version=potluck.__version__, dtype=c.dtype, device=self.device.type, inference_steps_per_s=self.rates[0],
-            forward_tokens_per_s=self.rates[1], cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
+            version=potluck.__version__, dtype=c.dtype, device=self.device.type,
+            inference_steps_per_s=self.speed.steps_per_s, forward_tokens_per_s=self.speed.forward_tokens_per_s,
+            cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             active_sessions=len(self.sessions.sessions) if self.sessions else 0,
             max_batch_tokens=c.max_batch_tokens, pings=self.pings,
         )

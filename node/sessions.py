@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class Session:
     request: OpenSession
     cache: DynamicCache = field(default_factory=DynamicCache)
-    length: int = 0  # tokens in the cache
+    cached: int = 0  # tokens in the cache
     opened_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -36,25 +36,26 @@ class Session:
     def reserved(self) -> int:
         return self.request.max_length * self.request.batch_size
 
-    def check_room(self, start_from: int | None, new_tokens: int) -> int:
-        """The prefix length this step runs on top of; raises if it would not fit."""
-        prefix = self.length if start_from is None else start_from
-        if prefix > self.length:
-            raise MaxLengthExceeded(f"cannot rewind session {self.id} to {prefix}: it holds {self.length} tokens")
-        if prefix + new_tokens > self.request.max_length:
+    def step_start(self, start_from: int | None, new_tokens: int) -> int:
+        """Where in the cache a step begins (``start_from``, or after what it holds); raises if the
+        step would not fit or rewinds past the cache's end."""
+        start = self.cached if start_from is None else start_from
+        if start > self.cached:
+            raise MaxLengthExceeded(f"cannot rewind session {self.id} to {start}: it holds {self.cached} tokens")
+        if start + new_tokens > self.request.max_length:
             raise MaxLengthExceeded(
                 f"session {self.id} reserved max_length={self.request.max_length}; "
-                f"{prefix} + {new_tokens} new tokens would exceed it (open the session with a larger max_length)"
+                f"{start} + {new_tokens} new tokens would exceed it (open the session with a larger max_length)"
             )
-        return prefix
+        return start
 
     def step(self, span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor,
-             mask: torch.Tensor | None, prefix: int) -> torch.Tensor:
-        """Runs on the compute thread: rewind if asked, then append the new tokens."""
-        if prefix < self.length:
-            span.truncate(self.cache, prefix)
+             mask: torch.Tensor | None, start: int) -> torch.Tensor:
+        """Runs on the compute thread: rewind to ``start`` if the cache holds more, then append."""
+        if start < self.cached:
+            span.truncate(self.cache, start)
         out = span(hidden, positions, mask, self.cache, self.request.start, self.request.end)
-        self.length = prefix + hidden.shape[1]
+        self.cached = start + hidden.shape[1]
         return out
 
 

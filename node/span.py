@@ -2,8 +2,9 @@
 and how a node loads one from a checkpoint.
 
 Only nodes compute spans (tests check them against the transformers model). The attention cache
-is a transformers ``DynamicCache`` indexed by global block index. A span computes on its weights' device: inputs move there as they enter ``forward``, and every
-tensor it builds (masks, positions, rotary tables, caches) is made there.
+is a transformers ``DynamicCache`` indexed by global block index. A span computes on its weights'
+device: inputs move there as they enter ``forward``, and every tensor it builds (masks, positions,
+rotary tables, caches) is made there.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -9,8 +10,20 @@ from transformers import DynamicCache
 from .span import BlockSpan
 
 
-def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3) -> tuple[float, float]:
-    """Returns (one-token inference steps per second, forward tokens per second) through the span.
+@dataclass(frozen=True)
+class Speed:
+    """How fast a node runs its whole span, as its record announces."""
+
+    steps_per_s: float = 0.0  # one-token inference steps per second
+    forward_tokens_per_s: float = 0.0  # tokens per second of a long cache-less forward
+
+    def best_of(self, other: "Speed") -> "Speed":
+        """Each figure's better value: contention only ever slows a measurement down."""
+        return Speed(max(self.steps_per_s, other.steps_per_s), max(self.forward_tokens_per_s, other.forward_tokens_per_s))
+
+
+def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3) -> Speed:
+    """How fast one-token steps and a long forward run through the span.
 
     Nodes often start while others load beside them; taking each figure's best repeat keeps a
     moment of contention from being announced as the node's speed."""
@@ -33,7 +46,7 @@ def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats
         _synchronize(span.device)
         forward_times.append(time.perf_counter() - began)
     fastest_half = sorted(step_times)[: max(1, steps // 2)]
-    return len(fastest_half) / sum(fastest_half), forward_tokens / min(forward_times)
+    return Speed(len(fastest_half) / sum(fastest_half), forward_tokens / min(forward_times))
 
 
 def _synchronize(device: torch.device) -> None:

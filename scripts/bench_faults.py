@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from bench_swarm import bench_swarm
-from potluck.client.chain import FailoverPolicy
+from potluck.client.swarm_view import FailoverPolicy
 from potluck.client.model import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 

@@ -1,7 +1,7 @@
 """Nodes and a client in one process, joined by in-memory streams instead of libp2p.
 
 The node side is the real ``BlockServicer`` (handlers, sessions, compute lane) over a real span;
-the client side is the real ``RemoteChain``/``InferenceSession``. Only the transport is replaced:
+the client side is the real ``SwarmView``/``InferenceSession``. Only the transport is replaced:
 ``MemorySwarm`` offers what they use of ``SwarmConnection`` (a loop in a thread, streams, single
 requests) and of ``PushLinks``, with frames encoded and decoded as on the wire. For unit tests
 that need to see inside a step or inject a fault at an exact point.
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from potluck.client.chain import FailoverPolicy, RemoteChain
+from potluck.client.swarm_view import FailoverPolicy, SwarmView
 from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.sessions import SessionTable
@@ -99,12 +99,12 @@ class MemorySwarm:
                                         cache_tokens_left=100_000)
         return peer
 
-    def chain(self, num_blocks: int, policy: FailoverPolicy | None = None, handoff: bool = True) -> RemoteChain:
-        chain = RemoteChain(self, "m", num_blocks, policy or FailoverPolicy(request_timeout=2.0, backoff=0.0),
+    def view(self, num_blocks: int, policy: FailoverPolicy | None = None, handoff: bool = True) -> SwarmView:
+        view = SwarmView(self, "m", num_blocks, policy or FailoverPolicy(request_timeout=2.0, backoff=0.0),
                             handoff, refresh_period=1e9)
-        chain.records, chain._refreshed_at = dict(self.records), time.monotonic()
-        chain.costs.jitter = 0.0
-        return chain
+        view.records, view._refreshed_at = dict(self.records), time.monotonic()
+        view.costs.jitter = 0.0
+        return view
 
     def kill(self, peer: str) -> None:
         """The node dies: its streams break and it cannot be reached any more."""
@@ -119,7 +119,7 @@ class MemorySwarm:
             raise NodeUnavailable(f"node {peer} cannot be reached", peer)
         return self.servicers[peer]
 
-    # --- what RemoteChain and InferenceSession use of SwarmConnection ---------------------------
+    # --- what SwarmView and InferenceSession use of SwarmConnection ---------------------------
 
     def call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

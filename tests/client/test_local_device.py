@@ -8,7 +8,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from devices import OTHER_DEVICE
-from potluck.client.chain import RemoteChain
+from potluck.client.swarm_view import SwarmView
 from potluck.client.model import RemoteCache, build_local_part
 from potluck.protocol.checkpoint import resolve_checkpoint
 
@@ -30,8 +30,8 @@ class WireSession:
 
 def test_local_part_keeps_its_device_and_speaks_cpu_to_the_wire(tiny_checkpoints):
     checkpoint = resolve_checkpoint(str(tiny_checkpoints["qwen2"]))
-    chain = RemoteChain(swarm=None, model=checkpoint.name, num_blocks=checkpoint.num_blocks)
-    model = build_local_part(checkpoint, chain, torch.float32, OTHER_DEVICE)
+    view = SwarmView(swarm=None, model=checkpoint.name, num_blocks=checkpoint.num_blocks)
+    model = build_local_part(checkpoint, view, torch.float32, OTHER_DEVICE)
     assert model.device == OTHER_DEVICE and model.lm_head.weight.device == OTHER_DEVICE
     session = WireSession()
     ids = torch.randint(0, 1000, (2, 7)).to(OTHER_DEVICE)

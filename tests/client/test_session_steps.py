@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache
 
 from memory_swarm import MemorySwarm
-from potluck.client.chain import FailoverPolicy
+from potluck.client.swarm_view import FailoverPolicy
 from potluck.client.session import InferenceSession
 from potluck.node.span import load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
@@ -48,8 +48,8 @@ def test_a_failed_step_leaves_the_session_in_step(swarm, tiny_checkpoints, hando
         return await second_step(session, request, tensors)
 
     first._step, second._step = recording, fail_the_second_step
-    chain = swarm.chain(8, FailoverPolicy(request_timeout=2.0, backoff=0.0), handoff=handoff)
-    with InferenceSession(chain, max_length=16) as session:
+    view = swarm.view(8, FailoverPolicy(request_timeout=2.0, backoff=0.0), handoff=handoff)
+    with InferenceSession(view, max_length=16) as session:
         assert torch.allclose(session.step(*steps[0]), expected[0], atol=1e-5)
         with pytest.raises(BadRequest, match="injected"):
             session.step(*steps[1])
@@ -67,11 +67,11 @@ def test_a_dead_node_is_replaced_and_its_cache_replayed(swarm, tiny_checkpoints,
     steps = [(hidden[:, :6], torch.arange(6).unsqueeze(0))] + [
         (hidden[:, t:t + 1], torch.tensor([[t]])) for t in range(6, 9)]
     expected = local_steps(tiny_checkpoints["llama"], steps)
-    chain = swarm.chain(8, handoff=handoff)
-    with InferenceSession(chain, max_length=16) as session:
+    view = swarm.view(8, handoff=handoff)
+    with InferenceSession(view, max_length=16) as session:
         got = [session.step(*steps[0]), session.step(*steps[1])]
         dead = session.hops[1].peer_id
         swarm.kill(dead)
         got += [session.step(*steps[2]), session.step(*steps[3])]
-        assert session.failovers == 1 and session.hops[1].peer_id == replica and dead in chain.banned
+        assert session.failovers == 1 and session.hops[1].peer_id == replica and dead in view.banned
     assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))

@@ -141,7 +141,7 @@ def test_two_clients_at_the_same_time(setup, tiny_checkpoints):
         thread.start()
     for thread in threads:
         thread.join(120)
-    other.chain.swarm.close()
+    other.swarm_view.swarm.close()
     for i, ids in enumerate(prompts):
         assert torch.equal(results[i], local.generate(ids, max_new_tokens=24, do_sample=False))
 

@@ -47,7 +47,7 @@ def test_default_model_matches_local(default_swarm):
         with torch.no_grad():
             assert (remote(ids).logits - local(ids).logits).abs().max() < 1e-4
     finally:
-        remote.chain.swarm.close()
+        remote.swarm_view.swarm.close()
     assert torch.equal(got, expected)
     assert "Paris" in tokenizer.decode(got[0])
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from potluck import AutoDistributedModelForCausalLM
-from potluck.client.chain import FailoverPolicy
+from potluck.client.swarm_view import FailoverPolicy
 from potluck.client.transport import SwarmConnection
 from potluck.protocol.messages import Step
 
@@ -71,7 +71,7 @@ def test_node_lost_after_the_tenth_token(how, replicated):
 @pytest.mark.parametrize("handoff", [True, False])
 def test_node_killed_in_the_middle_of_the_prefill(handoff, replicated):
     swarm, remote, local, stopped = replicated
-    remote.chain.handoff = handoff
+    remote.swarm_view.handoff = handoff
     ids = prompt(seed=1, length=40)
     expected = local.generate(ids, max_new_tokens=16, do_sample=False)
     with remote.inference_session(max_length=64) as session:
@@ -104,7 +104,7 @@ def test_session_survives_between_generate_calls_and_forward_too(replicated):
 def test_every_session_on_a_killed_node_finishes_on_the_replicas(replicated, tiny_checkpoints):
     swarm, remote, local, stopped = replicated
     models = [remote] + [AutoDistributedModelForCausalLM.from_pretrained(
-        str(tiny_checkpoints["llama"]), swarm=remote.chain.swarm, policy=remote.chain.policy) for _ in range(3)]
+        str(tiny_checkpoints["llama"]), swarm=remote.swarm_view.swarm, policy=remote.swarm_view.policy) for _ in range(3)]
     prompts = [prompt(seed=10 + i) for i in range(len(models))]
     sessions = [m.inference_session(max_length=64) for m in models]
     opened = [s.__enter__() for s in sessions]

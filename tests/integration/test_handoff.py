@@ -54,13 +54,13 @@ def test_one_message_each_way_per_step(setup):
 def test_same_tokens_with_and_without_handoff(setup):
     connection, peers, remote, local, path = setup
     ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
-    remote.chain.handoff = False
+    remote.swarm_view.handoff = False
     try:
         before = counters(connection, peers)
         direct = remote.generate(ids, max_new_tokens=12, do_sample=False)
         delta = {n: v - before.get(n, 0) for n, v in counters(connection, peers).items()}
     finally:
-        remote.chain.handoff = True
+        remote.swarm_view.handoff = True
     assert delta.get("pushes_sent", 0) == 0 and delta["client_messages"] == 3 * 12 + 3  # steps on 3 hops, opens
     assert torch.equal(remote.generate(ids, max_new_tokens=12, do_sample=False), direct)
     assert torch.equal(direct, local.generate(ids, max_new_tokens=12, do_sample=False))
@@ -70,8 +70,8 @@ def test_nodes_publish_pings_and_route_explains_the_chain(setup):
     connection, peers, remote, local, path = setup
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        connection.call(remote.chain.refresh())
-        records = remote.chain.records
+        connection.call(remote.swarm_view.refresh())
+        records = remote.swarm_view.records
         if all(set(peers) - {p} <= set(records[p].pings) for p in peers):
             break
         time.sleep(1)

@@ -50,8 +50,8 @@ def test_span_steps_stay_on_its_device(family, tiny_checkpoints):
 def test_speed_measurement_runs_on_the_span_device(tiny_checkpoints):
     span = span_on_other_device(tiny_checkpoints["llama"])
     with StrictDevices():
-        steps, tokens = measure(span, steps=2, forward_tokens=8, repeats=1)
-    assert steps > 0 and tokens > 0
+        speed = measure(span, steps=2, forward_tokens=8, repeats=1)
+    assert speed.steps_per_s > 0 and speed.forward_tokens_per_s > 0
 
 
 class CapturedPushes:

@@ -30,10 +30,10 @@ def test_unknown_and_duplicate_sessions():
 
 def test_steps_may_not_pass_max_length_or_rewind_forward():
     session = SessionTable(1000).open(open_request(max_length=10))
-    assert session.check_room(None, 10) == 0
-    session.length = 8
+    assert session.step_start(None, 10) == 0
+    session.cached = 8
     with pytest.raises(MaxLengthExceeded):
-        session.check_room(None, 3)
-    assert session.check_room(4, 6) == 4
+        session.step_start(None, 3)
+    assert session.step_start(4, 6) == 4
     with pytest.raises(MaxLengthExceeded, match="rewind"):
-        session.check_room(9, 1)
+        session.step_start(9, 1)

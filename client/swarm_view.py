@@ -1,6 +1,6 @@
 """The client's view of one model's swarm: node records, bans, pings, routes and forward passes.
 
-``RemoteChain`` refreshes the records and the client's pings to nodes in the background, keeps
+``SwarmView`` refreshes the records and the client's pings to nodes in the background, keeps
 a ban list of nodes that failed recently, and routes with ``routing.find_chain``. Cache-less
 forward passes retry a failed hop on a replacement, with backoff, before giving up.
 """
@@ -38,7 +38,7 @@ class FailoverPolicy:
 
 
 @dataclass
-class RemoteChain:
+class SwarmView:
     swarm: SwarmConnection
     model: str
     num_blocks: int
