@@ -75,15 +75,15 @@ def test_node_killed_in_the_middle_of_the_prefill(handoff, replicated):
     ids = prompt(seed=1, length=40)
     expected = local.generate(ids, max_new_tokens=16, do_sample=False)
     with remote.inference_session(max_length=64) as session:
-        send = session._send
+        send = session.streams.send
 
         async def kill_second_hop_once_the_first_has_the_prefill(hop_session, request, inputs):
             await send(hop_session, request, inputs)
-            if isinstance(request, Step) and session.position == 0 and hop_session is session._hops[0]:
+            if isinstance(request, Step) and session.position == 0 and hop_session is session.hop_sessions[0]:
                 if not session.failovers:
-                    hit(swarm, stopped, session._hops[1].hop.peer_id, "SIGKILL")
+                    hit(swarm, stopped, session.hop_sessions[1].hop.peer_id, "SIGKILL")
 
-        session._send = kill_second_hop_once_the_first_has_the_prefill
+        session.streams.send = kill_second_hop_once_the_first_has_the_prefill
         got = remote.generate(ids, max_new_tokens=16, do_sample=False)
         assert session.failovers == 1
     assert torch.equal(got, expected)

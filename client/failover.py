@@ -1,0 +1,98 @@
+"""Failover of one inference session: a failed hop is replaced and its cache rebuilt elsewhere.
+
+The client bans the failed node, routes a fresh chain for exactly that hop's blocks (in the
+session's dtype), and replays the inputs the failed node had received, in chunks each new node
+accepts, so its cache is what the failed one held. A hop fed by hand-off has no inputs on the
+client: they are rebuilt by a cache-less forward of the first hop's inputs through the blocks
+before it. ``probe`` finds which hops of a chain hang after a hand-off step timed out.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from potluck.protocol.errors import NoRoute, PotluckError
+
+from .hops import HopSession, HopStreams, StepInputs, joined
+
+if TYPE_CHECKING:
+    from .session import InferenceSession
+
+logger = logging.getLogger(__name__)
+
+
+async def replace_hop(session: InferenceSession, index: int, error: PotluckError) -> None:
+    """Swap hop ``index`` for a fresh chain over its blocks, rebuilt from that hop's history."""
+    failed = session.hop_sessions[index]
+    session.view.ban(failed.hop.peer_id, str(error))
+    session.streams.close(failed)
+    history = failed.history if failed.history_known else await rebuild_history(session, failed)
+
+    async def rebuilt_replacement() -> list[HopSession]:
+        try:
+            replacement = await session.open_chain(failed.hop.start, failed.hop.end)
+        except NoRoute as no_route:
+            raise NoRoute(f"{no_route}, after node {failed.hop.peer_id} failed: {error}",
+                          failed.hop.peer_id) from error
+        try:
+            await replay(session.streams, replacement, history)
+        except PotluckError as replay_error:
+            for hop_session in replacement:
+                session.streams.close(hop_session)
+            replay_error.peer_id = replay_error.peer_id or replacement[0].hop.peer_id
+            raise
+        return replacement
+
+    replacement = await session.view.retrying(rebuilt_replacement)
+    session.hop_sessions[index:index + 1] = replacement
+    session.failovers += 1
+    logger.info("replaced node %s (blocks %d:%d) with %s", failed.hop.peer_id, failed.hop.start, failed.hop.end,
+                ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement))
+
+
+async def rebuild_history(session: InferenceSession, failed: HopSession) -> list[StepInputs]:
+    """What a hop fed by hand-off had received: the first hop's inputs, run without a cache
+    through the blocks before it."""
+    first = session.hop_sessions[0]
+    if not first.history:
+        return []
+    full = joined(first.history)
+    hidden = await session.view.forward_async(full.hidden, full.positions, full.mask, first.hop.start,
+                                              failed.hop.start, session.view.chain_dtype(session.hops))
+    return [StepInputs(hidden, full.positions, full.mask)]
+
+
+async def replay(streams: HopStreams, hops: list[HopSession], history: list[StepInputs]) -> None:
+    """Rebuild the caches of new hops from the inputs the failed hop had received, in chunks
+    each node accepts (its announced ``max_batch_tokens``)."""
+    if not history:
+        return
+    full = joined(history)
+    batch, length = full.hidden.shape[:2]
+    for hop_session in hops:
+        accepted = hop_session.hop.record.max_batch_tokens  # 0: the node announced no limit
+        limit = max(1, accepted // batch) if accepted else length
+        outputs = []
+        for offset in range(0, length, limit):
+            chunk = StepInputs(full.hidden[:, offset:offset + limit], full.positions[:, offset:offset + limit],
+                               None if full.mask is None else full.mask[:, :offset + limit])
+            outputs.append(await streams.step(hop_session, chunk, offset))
+        hop_session.rebuilt_from(full)
+        full = StepInputs(torch.cat(outputs, 1), full.positions, full.mask)
+
+
+async def probe(session: InferenceSession) -> None:
+    """Ask every hop for its info at once; mark those that do not answer as failed, so a redo
+    replaces them at once instead of waiting out another timeout on each."""
+    view = session.view
+
+    async def probe_one(hop_session: HopSession) -> None:
+        try:
+            await view.swarm.info(hop_session.hop.peer_id, timeout=view.policy.probe_timeout)
+        except PotluckError as error:
+            hop_session.failed = error
+
+    await asyncio.gather(*(probe_one(h) for h in session.hop_sessions))

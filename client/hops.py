@@ -1,0 +1,177 @@
+"""The streams of one inference session to the nodes of its chain, and what each hop was sent.
+
+An open hop is a ``HopSession``: a long-lived stream to one node (a new stream per message costs
+far more than a round trip on an open one) and the inputs the node's cache was built from.
+``HopStreams`` opens hops, sends requests numbered by attempt (``seq``) and receives answers: a
+task per stream copies frames into one inbox, so one coroutine can wait on any hop of a chain;
+an answer to an attempt given up on is dropped, and a stream that breaks marks its hop failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from potluck.protocol import messages as msg
+from potluck.protocol import replies
+from potluck.protocol.errors import NodeUnavailable, PotluckError
+
+from .routing import Hop
+from .swarm_view import SwarmView, expect_hidden
+
+
+@dataclass
+class StepInputs:
+    hidden: torch.Tensor  # [B, T, H] new tokens' hidden states entering a hop
+    positions: torch.Tensor  # [B, T]
+    mask: torch.Tensor | None  # [B, step start + T] or None (no padding)
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+
+@dataclass
+class HopSession:
+    """One hop of the chain: a stream to a node, and the inputs it has received so far."""
+
+    hop: Hop
+    session_id: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    history: list[StepInputs] = field(default_factory=list)  # what the node's cache was built from
+    history_tokens: int = 0  # tokens in ``history``
+    history_known: bool = True  # False once a hand-off step fed this hop without the client seeing it
+    failed: PotluckError | None = None  # the stream broke while the client waited on another hop
+    reading: asyncio.Task | None = None  # copies frames from the stream into the inbox
+
+    def remember(self, inputs: StepInputs, step_start: int) -> None:
+        if step_start < self.history_tokens:  # a rewind: drop the tail
+            self.history = cut(self.history, step_start)
+        self.history.append(inputs)
+        self.history_tokens = step_start + inputs.hidden.shape[1]
+
+    def rebuilt_from(self, inputs: StepInputs) -> None:
+        self.history, self.history_tokens, self.history_known = [inputs], inputs.hidden.shape[1], True
+
+    def describe(self) -> str:
+        name = self.hop.record.public_name or "unnamed"
+        return f"node {self.hop.peer_id} ({name}, blocks {self.hop.start}:{self.hop.end})"
+
+    def close(self) -> None:
+        if self.reading is not None:
+            self.reading.cancel()
+        self.writer.close()
+
+
+class HopStreams:
+    """Opens hops on nodes and carries one session's requests and answers over their streams."""
+
+    def __init__(self, view: SwarmView):
+        self.view = view
+        self.inbox: asyncio.Queue = asyncio.Queue()  # (hop session, frame or error) from every stream
+        self.seq = 0  # numbers each attempt; answers to earlier attempts are dropped
+
+    async def open(self, hop: Hop, max_length: int, batch_size: int) -> HopSession:
+        """A session on ``hop``'s node, reserving ``max_length x batch_size`` cache tokens there."""
+        reader, writer = await self.view.swarm.open_stream(hop.peer_id, msg.INFERENCE_HANDLER,
+                                                           self.view.policy.request_timeout)
+        hop_session = HopSession(hop, uuid.uuid4().hex, reader, writer)
+        hop_session.reading = asyncio.create_task(self._read_forever(hop_session))
+        try:
+            await self.send(hop_session, msg.OpenSession(hop_session.session_id, hop.start, hop.end, max_length,
+                                                         batch_size), None)
+            deadline = asyncio.get_running_loop().time() + self.view.policy.request_timeout
+            _, frame = await self.receive(hop_session, deadline, [hop_session])
+            if not isinstance(replies.parse_reply(frame, hop.peer_id), replies.Opened):
+                raise NodeUnavailable(f"{hop_session.describe()} did not confirm the session", hop.peer_id)
+        except BaseException:
+            hop_session.close()
+            raise
+        sessions = self.view.costs.local_sessions  # routing counts this client's load on each node
+        sessions[hop.peer_id] = sessions.get(hop.peer_id, 0) + 1
+        return hop_session
+
+    def close(self, hop_session: HopSession) -> None:
+        """End a hop's stream (the node then frees its session)."""
+        hop_session.close()
+        sessions = self.view.costs.local_sessions
+        sessions[hop_session.hop.peer_id] = max(0, sessions.get(hop_session.hop.peer_id, 1) - 1)
+
+    async def step(self, hop_session: HopSession, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
+        """One step on one hop, answered by that hop: its output hidden states."""
+        await self.send(hop_session, msg.Step(hop_session.session_id, start_from), inputs)
+        deadline = asyncio.get_running_loop().time() + self.view.timeout_for([hop_session.hop], inputs.tokens)
+        _, frame = await self.receive(hop_session, deadline, [hop_session])
+        return expect_hidden(frame, hop_session.hop, inputs.hidden.shape)
+
+    async def send(self, hop_session: HopSession, request: msg.OpenSession | msg.Step,
+                   inputs: StepInputs | None) -> None:
+        if hop_session.failed is not None:
+            raise hop_session.failed
+        self.seq += 1  # answers echo it; an answer to an earlier attempt is dropped
+        if isinstance(request, msg.Step):
+            request = dataclasses.replace(request, seq=self.seq)
+        tensors = () if inputs is None else [inputs.hidden, inputs.positions] + (
+            [] if inputs.mask is None else [inputs.mask])
+        try:
+            await msg.write_frame(hop_session.writer, request.to_meta(), tensors)
+        except (ConnectionError, OSError) as e:
+            raise NodeUnavailable(f"{hop_session.describe()} failed: {type(e).__name__} {e}",
+                                  hop_session.hop.peer_id) from None
+
+    async def receive(self, expected: HopSession | None, deadline: float,
+                      waiting_on: list[HopSession]) -> tuple[HopSession, msg.Frame]:
+        """The next frame from ``expected`` (None: from any hop in ``waiting_on``) answering the
+        latest attempt. An error from a hop we wait on is raised; frames from other hops are
+        dropped, their failures noted on the hop; running past ``deadline`` is NodeUnavailable."""
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):  # no extra task per wait, unlike wait_for
+                    source, item = await self.inbox.get()
+            except TimeoutError:
+                who = expected.describe() if expected is not None else "the chain"
+                raise NodeUnavailable(f"{who} did not answer in time",
+                                      expected.hop.peer_id if expected is not None else None) from None
+            if source not in waiting_on:
+                if isinstance(item, PotluckError):
+                    source.failed = item
+                continue
+            if isinstance(item, PotluckError):
+                raise item
+            if item.meta.get("seq", self.seq) != self.seq:
+                continue  # the answer to an attempt we gave up on
+            if expected is None or source is expected:
+                return source, msg.raise_if_error(item, source.hop.peer_id)
+
+    async def _read_forever(self, hop_session: HopSession) -> None:
+        try:
+            while True:
+                self.inbox.put_nowait((hop_session, await msg.read_frame(hop_session.reader)))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, PotluckError) as e:
+            error = NodeUnavailable(f"{hop_session.describe()} failed: {type(e).__name__} {e}".rstrip(),
+                                    hop_session.hop.peer_id)
+            hop_session.failed = error
+            self.inbox.put_nowait((hop_session, error))
+
+
+def joined(history: list[StepInputs]) -> StepInputs:
+    """A history of steps as one step over all its tokens."""
+    return StepInputs(torch.cat([s.hidden for s in history], 1), torch.cat([s.positions for s in history], 1),
+                      history[-1].mask)
+
+
+def cut(history: list[StepInputs], length: int) -> list[StepInputs]:
+    """The first ``length`` tokens of a history of steps."""
+    kept, total = [], 0
+    for step in history:
+        if total >= length:
+            break
+        take = min(step.hidden.shape[1], length - total)
+        mask = None if step.mask is None else step.mask[:, :total + take]
+        kept.append(StepInputs(step.hidden[:, :take], step.positions[:, :take], mask))
+        total += take
+    return kept
