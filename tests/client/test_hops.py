@@ -1,0 +1,71 @@
+"""Hop streams: answers matched to attempts, broken streams noticed, hung nodes timed out."""
+import asyncio
+
+import pytest
+import torch
+
+from memory_swarm import peer_id, stream_pair
+from potluck.client.hops import HopSession, HopStreams, StepInputs, cut, joined
+from potluck.client.routing import Hop
+from potluck.client.swarm_view import FailoverPolicy, SwarmView
+from potluck.protocol import messages as msg
+from potluck.protocol.errors import NodeUnavailable
+from potluck.protocol.records import NodeRecord, NodeState
+from potluck.protocol.replies import Result
+
+
+def hop_with_node(streams: HopStreams, name: str):
+    """A hop whose far end the test plays by hand: returns (hop session, node reader, node writer)."""
+    (reader, writer), (node_reader, node_writer) = stream_pair()
+    record = NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE, public_name=name)
+    hop_session = HopSession(Hop(peer_id(name), 0, 4, record), "s", reader, writer)
+    hop_session.reading = asyncio.ensure_future(streams._read_forever(hop_session))
+    return hop_session, node_reader, node_writer
+
+
+def inputs(tokens=1):
+    return StepInputs(torch.zeros(1, tokens, 4), torch.arange(tokens).unsqueeze(0), None)
+
+
+def streams():
+    return HopStreams(SwarmView(None, "m", 4, FailoverPolicy(request_timeout=0.3, slack=0.0)))
+
+
+def test_a_late_answer_to_an_abandoned_attempt_is_dropped():
+    async def exchange():
+        hops = streams()
+        hop_session, node_reader, node_writer = hop_with_node(hops, "a")
+        first = asyncio.ensure_future(hops.step(hop_session, inputs(), None))
+        await asyncio.sleep(0.35)  # the node is slow: the client gives up on attempt 1
+        with pytest.raises(NodeUnavailable, match="did not answer in time"):
+            await first
+        redo = asyncio.ensure_future(hops.step(hop_session, inputs(), 0))
+        frames = [await msg.read_frame(node_reader) for _ in range(2)]
+        assert [f.meta["seq"] for f in frames] == [1, 2] and frames[1].meta["start_from"] == 0
+        await msg.write_frame(node_writer, Result(1, 1).to_meta(), [torch.full((1, 1, 4), 1.0)])  # too late
+        await msg.write_frame(node_writer, Result(1, 2).to_meta(), [torch.full((1, 1, 4), 2.0)])
+        return await redo
+
+    assert torch.equal(asyncio.run(exchange()), torch.full((1, 1, 4), 2.0))
+
+
+def test_a_stream_that_breaks_while_waiting_elsewhere_fails_its_hop():
+    async def exchange():
+        hops = streams()
+        a, _, _ = hop_with_node(hops, "a")
+        b, _, b_writer = hop_with_node(hops, "b")
+        b_writer.close()  # node b dies while the client waits on a
+        with pytest.raises(NodeUnavailable):
+            await hops.receive(a, asyncio.get_running_loop().time() + 0.2, [a])
+        assert b.failed is not None and b.failed.peer_id == peer_id("b")
+        with pytest.raises(NodeUnavailable) as caught:
+            await hops.send(b, msg.Step("s", None), inputs())
+        return caught.value
+
+    assert asyncio.run(exchange()).peer_id == peer_id("b")
+
+
+def test_histories_join_and_cut_at_token_boundaries():
+    history = [inputs(3), inputs(2)]
+    assert joined(history).hidden.shape == (1, 5, 4)
+    assert [s.hidden.shape[1] for s in cut(history, 4)] == [3, 1]

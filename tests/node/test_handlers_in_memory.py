@@ -1,0 +1,157 @@
+"""The node's handlers, hand-off links and announcer, each on its own over in-memory streams."""
+import asyncio
+
+import pytest
+import torch
+
+from memory_swarm import peer_id, stream_pair
+from potluck.node.announcer import Announcer
+from potluck.node.compute import ComputeLane
+from potluck.node.handlers import BlockServicer, ServingLimits
+from potluck.node.links import PushLinks
+from potluck.node.sessions import SessionTable
+from potluck.node.span import load_span
+from potluck.protocol import messages as msg
+from potluck.protocol.checkpoint import resolve_checkpoint
+from potluck.protocol.errors import BadRequest, NodeUnavailable, UnknownSession
+from potluck.protocol.records import MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState, unpack_node_record
+from potluck.protocol.replies import Closed, Opened, Result, parse_reply
+
+HIDDEN = 64
+
+
+@pytest.fixture
+def servicer(tiny_checkpoints):
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 4, torch.float32)
+    describe = lambda: {"peer_id": peer_id("n"), "model": "m", "start": 0, "end": 4, "state": "online"}  # noqa: E731
+    servicer = BlockServicer(span, ComputeLane(), SessionTable(1000), ServingLimits(), describe, links=None)
+    yield servicer
+    servicer.compute.shutdown()
+
+
+class Client:
+    """One inference stream to the servicer, spoken frame by frame."""
+
+    def __init__(self, servicer: BlockServicer):
+        (self.reader, self.writer), (node_reader, node_writer) = stream_pair()
+        self.serving = asyncio.ensure_future(servicer._inference_stream(None, node_reader, node_writer))
+
+    async def ask(self, request, *tensors):
+        await msg.write_frame(self.writer, request.to_meta(), tensors)
+        frame = await asyncio.wait_for(msg.read_frame(self.reader), 10)
+        return parse_reply(frame), frame.tensors
+
+    async def hang_up(self):
+        self.writer.close()
+        await asyncio.wait_for(self.serving, 10)
+
+
+def step_tensors(tokens, start=0):
+    return torch.randn(1, tokens, HIDDEN), torch.arange(start, start + tokens).unsqueeze(0)
+
+
+def test_a_session_opens_steps_rewinds_and_closes(servicer):
+    async def talk():
+        client = Client(servicer)
+        assert (await client.ask(msg.OpenSession("s", 0, 4, 16, 1)))[0] == Opened("s")
+        reply, (out,) = await client.ask(msg.Step("s", None, seq=1), *step_tensors(5))
+        assert reply == Result(5, 1) and out.shape == (1, 5, HIDDEN)
+        reply, _ = await client.ask(msg.Step("s", 3, seq=2), *step_tensors(1, 3))  # rewind to 3, one more
+        assert reply == Result(4, 2)
+        assert (await client.ask(msg.CloseSession("s")))[0] == Closed("s")
+        with pytest.raises(UnknownSession):
+            await client.ask(msg.Step("s", None), *step_tensors(1))
+        await client.hang_up()
+
+    asyncio.run(talk())
+    assert not servicer.sessions.sessions
+
+
+def test_a_bad_step_changes_nothing_and_a_vanished_client_frees_its_sessions(servicer):
+    async def talk():
+        client = Client(servicer)
+        await client.ask(msg.OpenSession("s", 0, 4, 16, 1))
+        await client.ask(msg.Step("s", None), *step_tensors(4))
+        with pytest.raises(BadRequest, match="hidden states"):
+            await client.ask(msg.Step("s", None), torch.randn(1, 1, HIDDEN + 1), torch.tensor([[4]]))
+        reply, _ = await client.ask(msg.Step("s", None), *step_tensors(1, 4))
+        assert reply.length == 5  # the bad step appended nothing
+        other = Client(servicer)
+        with pytest.raises(BadRequest, match="another stream"):
+            await other.ask(msg.Step("s", None), *step_tensors(1, 5))
+        await client.hang_up()
+        await other.hang_up()
+
+    asyncio.run(talk())
+    assert not servicer.sessions.sessions and servicer.sessions.tokens_left == 1000
+
+
+class MemoryP2P:
+    """What PushLinks uses of hivemind's P2P: streams to a peer's handler, here in memory."""
+
+    def __init__(self, reachable: set[str]):
+        self.reachable, self.received, self.opened = reachable, [], 0
+
+    async def call_binary_stream_handler(self, peer, handler):
+        if peer.to_base58() not in self.reachable:
+            raise ConnectionRefusedError("no route to peer")
+        self.opened += 1
+        (mine_reader, mine_writer), (their_reader, _) = stream_pair()
+        asyncio.ensure_future(self._collect(their_reader))
+        return None, mine_reader, mine_writer
+
+    async def _collect(self, reader):
+        try:
+            while True:
+                self.received.append(await msg.read_frame(reader))
+        except asyncio.IncompleteReadError:
+            pass
+
+
+def test_push_links_reuse_one_stream_per_peer_and_report_unreachable_peers():
+    near, far = peer_id("near"), peer_id("far")
+    p2p = MemoryP2P({near})
+
+    async def push():
+        links = PushLinks(p2p)
+        for seq in range(3):
+            await links.push(near, msg.Push("s", seq, seq=seq).to_meta(), [torch.zeros(1, 1, 2)])
+        with pytest.raises(NodeUnavailable) as caught:
+            await links.push(far, msg.Push("s", 0).to_meta(), [])
+        await asyncio.sleep(0.01)
+        links.close()
+        return caught.value
+
+    error = asyncio.run(push())
+    assert p2p.opened == 1 and [f.meta["seq"] for f in p2p.received] == [0, 1, 2]
+    assert error.peer_id == far and "cannot hand off" in str(error)
+
+
+class MemoryDHT:
+    """What the announcer uses of a DHT node: store_many, recorded."""
+
+    def __init__(self):
+        self.stores = []
+
+    async def store_many(self, keys, values, expiration, subkeys):
+        self.stores.append(list(zip(keys, subkeys, values)))
+        return {key: True for key in keys}
+
+
+def test_the_announcer_stores_every_block_and_the_index_and_comes_back_when_nudged():
+    dht, me = MemoryDHT(), peer_id("me")
+    record = lambda state: NodeRecord(model="m", start=2, end=5, state=state)  # noqa: E731
+
+    async def announce():
+        announcer = Announcer(dht, me, ModelInfo("m", 8, "llama", 64), record, period=30.0)
+        assert await announcer.announce(NodeState.ONLINE)
+        running = asyncio.ensure_future(announcer.run())
+        announcer.nudge()
+        await asyncio.sleep(announcer.min_gap + 0.5)
+        running.cancel()
+
+    asyncio.run(announce())
+    assert len(dht.stores) == 2  # the announcement, then the nudge's, not a period's
+    keys = [(key, subkey) for key, subkey, _ in dht.stores[0]]
+    assert keys == [("m.2", me), ("m.3", me), ("m.4", me), (MODEL_INDEX_KEY, "m")]
+    assert unpack_node_record(dht.stores[0][0][2]).state == NodeState.ONLINE
