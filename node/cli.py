@@ -13,7 +13,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     node = commands.add_parser("node", help="lend your GPU/CPU: serve a span of a model's blocks")
     node.add_argument("model", nargs="?", default=None,
                       help="checkpoint folder or HF id in the local HF cache (default: SmolLM2-135M-Instruct)")
-    node.add_argument("--blocks", required=True, metavar="A:B", help="serve blocks A (inclusive) to B (exclusive)")
+    node.add_argument("--blocks", default=None, metavar="A:B",
+                      help="serve blocks A (inclusive) to B (exclusive) (default: the blocks the swarm serves least)")
+    node.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                      help="without --blocks: take N blocks (default: as many as --max-memory holds)")
+    node.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                      help="without --blocks/--num-blocks: memory for weights and cache, in GiB "
+                           "(default: 80%% of the free GPU memory, or of the available RAM)")
+    node.add_argument("--placement-delay", type=float, default=2.0, metavar="S",
+                      help="wait up to S seconds at random before choosing blocks, so nodes started "
+                           "together spread out (default: 2)")
     _add_network_args(node)
     node.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
     node.add_argument("--public-name", default="", help="a name shown to users and on the health page")
@@ -80,9 +89,12 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
                          "(or --new-swarm to start a new swarm)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    start, end = _parse_blocks(args.blocks)
+    start, end = _parse_blocks(args.blocks) if args.blocks else (None, None)
+    if args.num_blocks is not None and args.num_blocks < 1:
+        raise BadRequest("--num-blocks must be at least 1")
     config = NodeConfig(
-        model=args.model, start=start, end=end, initial_peers=initial_peers, public_name=args.public_name,
+        model=args.model, start=start, end=end, num_blocks=args.num_blocks, max_memory_gib=args.max_memory,
+        placement_delay=args.placement_delay, initial_peers=initial_peers, public_name=args.public_name,
         dtype=args.dtype, device=args.device,
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,

@@ -7,6 +7,7 @@ budget defaults to a share of the GPU memory left after loading, or 1 GiB of RAM
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -15,6 +16,7 @@ from potluck.protocol.errors import BadRequest
 logger = logging.getLogger(__name__)
 CPU_CACHE_GIB = 1.0  # cache budget on the CPU unless --cache-gib says otherwise
 GPU_CACHE_SHARE = 0.5  # of the GPU memory free after loading; the rest is left for activations
+MEMORY_SHARE = 0.8  # of the free memory a node fills by default
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -61,6 +63,28 @@ def prepare(device: torch.device) -> None:
         # cuDNN's SDPA kernel plans anew for every new key length: ~60 ms of CPU per decoding step
         # measured on an H100 in bfloat16. Flash and memory-efficient attention have no such cost.
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def usable_memory(device: torch.device) -> int:
+    """Bytes a node may fill on ``device`` unless --max-memory says: most of the free GPU memory,
+    or most of the RAM Linux calls available (the rest stays for activations and the system)."""
+    if device.type == "cuda":
+        return int(MEMORY_SHARE * torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        free = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(MEMORY_SHARE * free)
+
+
+def cache_reserve(device: torch.device, memory: int) -> int:
+    """Bytes of ``memory`` kept for the attention cache when sizing a span: what
+    ``default_cache_gib`` will take once the weights are loaded."""
+    if device.type == "cuda":
+        return int(GPU_CACHE_SHARE * memory)
+    return int(min(CPU_CACHE_GIB * 2**30, memory // 2))
 
 
 def default_cache_gib(device: torch.device) -> float:

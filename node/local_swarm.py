@@ -95,15 +95,18 @@ class LocalSwarm:
         self.initial_peers = [found.group(1)]
         return found.group(1)
 
-    def start_nodes(self, model: Path, spans: Sequence[str | tuple[int, int]], *extra: str,
+    def start_nodes(self, model: Path, spans: Sequence[str | tuple[int, int] | None], *extra: str,
                     timeout: float = 300, name: str | None = None) -> list[str]:
-        """One node per span, started together; waits until each logs ONLINE and returns their peer ids.
-        Nodes are named ``{name}-{start}_{end}-{n}`` (default name: the model folder's)."""
+        """One node per span (None: the node chooses), started together; waits until each logs
+        ONLINE and returns their peer ids. Nodes are named ``{name}-{start}_{end}-{n}`` (or
+        ``{name}-auto-{n}``; default name: the model folder's)."""
         started = []
         for span in spans:
-            start, end = span.split(":") if isinstance(span, str) else span
-            node_name = f"{name or Path(model).name}-{start}_{end}-{len(self.children)}"
-            args = ["node", str(model), "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
+            start, end = span.split(":") if isinstance(span, str) else span or (None, None)
+            where = "auto" if start is None else f"{start}_{end}"
+            node_name = f"{name or Path(model).name}-{where}-{len(self.children)}"
+            blocks = [] if start is None else ["--blocks", f"{start}:{end}"]
+            args = ["node", str(model), *blocks, "--initial-peers", *self.initial_peers,
                     "--public-name", node_name, *self.node_args, *extra]
             started.append(self._spawn(node_name, args))
         peers = []

@@ -1,6 +1,7 @@
 """A volunteer node: joins the DHT, loads its span, announces itself and serves until stopped.
 
-Life cycle: ``Node.create`` (P2P, DHT, announce JOINING, load blocks, measure, announce ONLINE)
+Life cycle: ``Node.create`` (P2P, DHT, choose a span unless given one, announce JOINING, load
+blocks, measure, announce ONLINE)
 → ``serve_forever`` → ``shutdown`` (announce DRAINING, wait for open sessions up to a timeout,
 announce OFFLINE, stop). One Python process plus hivemind's p2pd daemon.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -19,17 +21,18 @@ from hivemind.p2p import P2P
 import potluck
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest
+from potluck.protocol.directory import read_block_records
 from potluck.protocol.network import join_swarm
 from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
 
-from . import hardware
+from . import hardware, placement
 from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
 from .links import PushLinks
 from .pings import measure_pings
 from .sessions import SessionTable
-from .span import load_span
+from .span import block_bytes, load_span
 from .throughput import Speed, measure
 
 logger = logging.getLogger(__name__)
@@ -38,8 +41,11 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class NodeConfig:
     model: str | None  # checkpoint folder or HF id; None = the default model
-    start: int
-    end: int
+    start: int | None = None  # the span to serve; None: chosen from the swarm's records at start
+    end: int | None = None
+    num_blocks: int | None = None  # blocks to take when choosing (None: as many as max_memory_gib holds)
+    max_memory_gib: float | None = None  # None: most of the free memory of the device
+    placement_delay: float = 2.0  # at most this many seconds of random wait before choosing a span
     initial_peers: list[str] = field(default_factory=list)
     public_name: str = ""
     dtype: str | None = None  # None: hardware.default_dtype of the device
@@ -55,12 +61,16 @@ class NodeConfig:
     identity_path: str | None = None
 
 
-def cache_tokens_for(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype, gib: float) -> int:
+def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype) -> int:
+    """Keys and values of one token in ``blocks`` blocks."""
     config = checkpoint.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    bytes_per_token = 2 * kv_heads * head_dim * blocks * torch.finfo(dtype).bits // 8
-    return int(gib * 2**30 // bytes_per_token)
+    return 2 * kv_heads * head_dim * blocks * torch.finfo(dtype).bits // 8
+
+
+def cache_tokens_for(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype, gib: float) -> int:
+    return int(gib * 2**30 // cache_bytes_per_token(checkpoint, blocks, dtype))
 
 
 class Node:
@@ -87,7 +97,7 @@ class Node:
             raise BadRequest(f"--dtype must be one of {', '.join(DTYPES)}")
         hardware.prepare(device)
         checkpoint = resolve_checkpoint(config.model, config.model_name)
-        if not 0 <= config.start < config.end <= checkpoint.num_blocks:
+        if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
         p2p, dht = await join_swarm(config.initial_peers, config.host_maddrs, config.announce_maddrs,
                                     config.identity_path)
@@ -100,8 +110,11 @@ class Node:
         return node
 
     async def _start(self) -> None:
+        if self.config.start is None:
+            await self._choose_span()
+        else:
+            await self.announcer.announce(NodeState.JOINING)
         config, dtype = self.config, DTYPES[self.config.dtype]
-        await self.announcer.announce(NodeState.JOINING)
         logger.info("loading %s blocks %d:%d (%s on %s) from %s", self.checkpoint.name, config.start, config.end,
                     config.dtype, self.device, self.checkpoint.path)
         span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, self.device,
@@ -122,6 +135,48 @@ class Node:
                     self.peer_id,
                     f" ({config.public_name})" if config.public_name else "", self.speed.steps_per_s,
                     self.speed.forward_tokens_per_s, tokens)
+
+    async def _choose_span(self) -> None:
+        """Take the span the swarm needs most (see ``placement``), claim it with a JOINING record,
+        and look again: of nodes that claimed the same span at the same moment, the later peer id
+        chooses anew."""
+        checkpoint, dtype = self.checkpoint, DTYPES[self.config.dtype]
+        length = self.config.num_blocks or self._size_span(dtype)
+        await asyncio.sleep(random.uniform(0, self.config.placement_delay))  # not all at once
+        span, own = await self._best_span(length), self.speed.steps_per_s or 1.0
+        for _ in range(3):
+            self.config = replace(self.config, start=span[0], end=span[1])
+            await self.announcer.announce(NodeState.JOINING)
+            records = await read_block_records(self.dht, checkpoint.name, checkpoint.num_blocks)
+            moved = placement.better_span(records, self.peer_id, span, checkpoint.num_blocks, own)
+            if moved is None:
+                break
+            logger.info("another node claimed blocks near %d:%d at the same moment; taking %d:%d", *span, *moved)
+            span = moved
+        logger.info("chose blocks %d:%d of %d: the ones the swarm serves least", *span, checkpoint.num_blocks)
+
+    async def _best_span(self, length: int) -> tuple[int, int]:
+        records = await read_block_records(self.dht, self.checkpoint.name, self.checkpoint.num_blocks)
+        own = self.speed.steps_per_s or 1.0  # not measured yet: only the order of the blocks matters then
+        throughputs = placement.block_throughputs(records, self.checkpoint.num_blocks, own, exclude=self.peer_id)
+        return placement.choose_span(throughputs, length, own)
+
+    def _size_span(self, dtype: torch.dtype) -> int:
+        """Blocks that fit in --max-memory (default: most of what is free) beside the cache budget."""
+        config, checkpoint = self.config, self.checkpoint
+        memory = int(config.max_memory_gib * 2**30) if config.max_memory_gib else hardware.usable_memory(self.device)
+        per_block, cache = block_bytes(checkpoint, 0, dtype), 0
+        if config.cache_tokens is not None:  # a cache in tokens grows with every block taken
+            per_block += config.cache_tokens * cache_bytes_per_token(checkpoint, 1, dtype)
+        elif config.cache_gib is not None:
+            cache = int(config.cache_gib * 2**30)
+        else:
+            cache = hardware.cache_reserve(self.device, memory)
+        sizing = placement.size_span(checkpoint.num_blocks, per_block, memory, cache)
+        logger.info("taking %d blocks: %s", sizing.blocks, sizing.reason)
+        if cache and config.cache_gib is None:
+            self.config = replace(self.config, cache_gib=cache / 2**30)  # the budget the size assumed
+        return sizing.blocks
 
     async def _before_announce(self) -> None:
         """Refresh what the record says about speed: pings always; throughput in the first few

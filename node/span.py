@@ -9,8 +9,10 @@ rotary tables, caches) is made there.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 from transformers import DynamicCache, PretrainedConfig
 
@@ -114,6 +116,20 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
         blocks.append(place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()}))
         logger.debug("loaded block %d (%d tensors)", index, len(names))
     return BlockSpan(checkpoint.config, family, start, blocks).eval()
+
+
+def block_bytes(checkpoint: Checkpoint, index: int, dtype: torch.dtype) -> int:
+    """Bytes block ``index`` takes in ``dtype``, from the checkpoint's headers (no weights are read)."""
+    prefix = family_of(checkpoint.config).block_prefix.format(index)
+    by_file: dict = {}
+    for name, path in tensor_files(checkpoint.path).items():
+        if name.startswith(prefix):
+            by_file.setdefault(path, []).append(name)
+    count = 0
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            count += sum(math.prod(f.get_slice(name).get_shape()) for name in names)
+    return count * torch.finfo(dtype).bits // 8
 
 
 def place_block(config: PretrainedConfig, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:

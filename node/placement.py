@@ -1,0 +1,86 @@
+"""Where a node should sit in its model's swarm: pure functions over node records.
+
+A block's *throughput* is the sum of the announced steps per second of the live nodes holding it
+(ONLINE and JOINING: a node that is still loading has claimed its blocks; until it has measured
+itself it counts as fast as the node deciding). A node takes the contiguous span that most
+raises the swarm's weakest point: compared as sorted lists of block throughputs, smallest first
+(the lowest block first, then the next lowest...), so uncovered blocks are filled before any
+block gets a second replica. How many blocks it takes follows from its memory.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from potluck.protocol.records import NodeRecord, NodeState
+
+CLAIMING = frozenset({NodeState.ONLINE, NodeState.JOINING})
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How many blocks a node takes, and why (for the log)."""
+
+    blocks: int
+    reason: str
+
+
+def block_throughputs(records: dict[str, NodeRecord], num_blocks: int, own_speed: float,
+                      exclude: str | None = None) -> list[float]:
+    """Total announced steps/s per block of the nodes holding it, ``exclude`` left out."""
+    totals = [0.0] * num_blocks
+    for peer_id, record in records.items():
+        if peer_id == exclude or record.state not in CLAIMING:
+            continue
+        speed = record.inference_steps_per_s or own_speed  # a JOINING node has not measured itself yet
+        for block in range(record.start, min(record.end, num_blocks)):
+            totals[block] += speed
+    return totals
+
+
+def choose_span(throughputs: list[float], length: int, own_speed: float,
+                rng: random.Random | None = None) -> tuple[int, int]:
+    """The span of ``length`` blocks whose cover leaves the best weakest point (ties at random)."""
+    length = min(length, len(throughputs))
+    scored = {start: _after(throughputs, start, length, own_speed) for start in range(len(throughputs) - length + 1)}
+    best = max(scored.values())
+    start = (rng or random).choice([s for s, score in scored.items() if score == best])
+    return start, start + length
+
+
+def better_span(records: dict[str, NodeRecord], me: str, span: tuple[int, int], num_blocks: int,
+                own_speed: float) -> tuple[int, int] | None:
+    """Looked at again right after claiming ``span``: where ``me`` should go instead, or None.
+
+    Nodes that read the swarm at the same moment may claim overlapping spans. Of two overlapping
+    claims the later peer id yields: it moves if some other span is now strictly better for the
+    swarm; the earlier one stays, so the two never both move."""
+    start, end = span
+    overlapped = any(p < me and r.state in CLAIMING and r.start < end and start < r.end for p, r in records.items())
+    if not overlapped:
+        return None
+    throughputs = block_throughputs(records, num_blocks, own_speed, exclude=me)
+    best = choose_span(throughputs, end - start, own_speed)
+    better = _after(throughputs, best[0], end - start, own_speed) > _after(throughputs, start, end - start, own_speed)
+    return best if better else None
+
+
+def size_span(num_blocks: int, block_bytes: int, memory_bytes: int, cache_bytes: int) -> Sizing:
+    """As many blocks as fit in ``memory_bytes`` once the cache budget is set aside (at least one,
+    at most the model)."""
+    room = memory_bytes - cache_bytes
+    fit = max(0, room // block_bytes)
+    blocks = max(1, min(num_blocks, fit))
+    gib = 2**30
+    reason = (f"{room / gib:.1f} GiB for weights ({memory_bytes / gib:.1f} GiB memory - {cache_bytes / gib:.1f} GiB "
+              f"cache) / {block_bytes / gib:.2f} GiB per block = {fit}")
+    if fit > num_blocks:
+        reason += f", capped at the model's {num_blocks}"
+    elif fit < 1:
+        reason += "; taking 1 block anyway (pass --max-memory or --num-blocks to choose)"
+    return Sizing(blocks, reason)
+
+
+def _after(throughputs: list[float], start: int, length: int, own_speed: float) -> list[float]:
+    added = [t + own_speed if start <= i < start + length else t for i, t in enumerate(throughputs)]
+    return sorted(added)
