@@ -130,20 +130,22 @@ class Node:
         await self.servicer.register(self.p2p)
         await self.announcer.announce(NodeState.ONLINE)
         self._own(self.announcer.run(before=self._before_announce))
+        name = f" ({config.public_name})" if config.public_name else ""
         logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %.0f tokens/s forward; "
                     "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device, config.dtype,
-                    self.peer_id,
-                    f" ({config.public_name})" if config.public_name else "", self.speed.steps_per_s,
-                    self.speed.forward_tokens_per_s, tokens)
+                    self.peer_id, name, self.speed.steps_per_s, self.speed.forward_tokens_per_s, tokens)
 
     async def _choose_span(self) -> None:
         """Take the span the swarm needs most (see ``placement``), claim it with a JOINING record,
-        and look again: of nodes that claimed the same span at the same moment, the later peer id
-        chooses anew."""
+        and look again: where nodes that chose at the same moment overlap, the later peer id moves
+        if another span has become better."""
         checkpoint, dtype = self.checkpoint, DTYPES[self.config.dtype]
         length = self.config.num_blocks or self._size_span(dtype)
         await asyncio.sleep(random.uniform(0, self.config.placement_delay))  # not all at once
-        span, own = await self._best_span(length), self.speed.steps_per_s or 1.0
+        own = self.speed.steps_per_s or 1.0  # not measured yet: only the order of the blocks matters then
+        records = await read_block_records(self.dht, checkpoint.name, checkpoint.num_blocks)
+        span = placement.choose_span(placement.block_throughputs(records, checkpoint.num_blocks, own,
+                                                                 exclude=self.peer_id), length, own)
         for _ in range(3):
             self.config = replace(self.config, start=span[0], end=span[1])
             await self.announcer.announce(NodeState.JOINING)
@@ -154,12 +156,6 @@ class Node:
             logger.info("another node claimed blocks near %d:%d at the same moment; taking %d:%d", *span, *moved)
             span = moved
         logger.info("chose blocks %d:%d of %d: the ones the swarm serves least", *span, checkpoint.num_blocks)
-
-    async def _best_span(self, length: int) -> tuple[int, int]:
-        records = await read_block_records(self.dht, self.checkpoint.name, self.checkpoint.num_blocks)
-        own = self.speed.steps_per_s or 1.0  # not measured yet: only the order of the blocks matters then
-        throughputs = placement.block_throughputs(records, self.checkpoint.num_blocks, own, exclude=self.peer_id)
-        return placement.choose_span(throughputs, length, own)
 
     def _size_span(self, dtype: torch.dtype) -> int:
         """Blocks that fit in --max-memory (default: most of what is free) beside the cache budget."""
