@@ -38,7 +38,8 @@ class Child:
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "potluck", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, start_new_session=True,  # Ctrl-C reaches children once, via stop()
+            stdin=subprocess.DEVNULL, text=True, errors="replace",
+            start_new_session=True,  # Ctrl-C reaches children once, via stop()
             preexec_fn=_die_with_parent)
         self.lines: list[str] = []
         self._changed = threading.Condition()
