@@ -138,7 +138,7 @@ class HopStreams:
                                       expected.hop.peer_id if expected is not None else None) from None
             if source not in waiting_on:
                 if isinstance(item, PotluckError):
-                    source.failed = item
+                    source.failed = source.failed or item
                 continue
             if isinstance(item, PotluckError):
                 raise item
@@ -150,12 +150,23 @@ class HopStreams:
     async def _read_forever(self, hop_session: HopSession) -> None:
         try:
             while True:
-                self.inbox.put_nowait((hop_session, await msg.read_frame(hop_session.reader)))
+                frame = await msg.read_frame(hop_session.reader)
+                if frame.meta.get("type") == "error" and "seq" not in frame.meta:  # unasked: the node gave up
+                    hop_session.failed = hop_session.failed or error_in(frame, hop_session.hop.peer_id)
+                self.inbox.put_nowait((hop_session, frame))
         except (asyncio.IncompleteReadError, ConnectionError, OSError, PotluckError) as e:
-            error = NodeUnavailable(f"{hop_session.describe()} failed: {type(e).__name__} {e}".rstrip(),
-                                    hop_session.hop.peer_id)
-            hop_session.failed = error
-            self.inbox.put_nowait((hop_session, error))
+            hop_session.failed = hop_session.failed or NodeUnavailable(
+                f"{hop_session.describe()} failed: {type(e).__name__} {e}".rstrip(), hop_session.hop.peer_id)
+            self.inbox.put_nowait((hop_session, hop_session.failed))
+
+
+def error_in(frame: msg.Frame, peer_id: str) -> PotluckError:
+    """The typed error in an error frame."""
+    try:
+        msg.raise_if_error(frame, peer_id)
+    except PotluckError as error:
+        return error
+    raise ValueError("not an error frame")
 
 
 def joined(history: list[StepInputs]) -> StepInputs:

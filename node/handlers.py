@@ -202,6 +202,19 @@ class BlockServicer:
                            self.span.device, tokens)
             raise NodeOutOfMemory(f"the node ran out of {self.span.device.type} memory; try another node") from None
 
+    async def evict(self, reason: PotluckError) -> None:
+        """Send every open session's client ``reason`` (unasked, so with no seq) and end its stream:
+        the client fails over at once instead of waiting out a timeout."""
+        for session_id, writer in list(self._client_streams.items()):
+            if not writer.is_closing():
+                try:
+                    await msg.write_frame(writer, msg.error_meta(reason))
+                except (ConnectionError, OSError):
+                    pass
+                writer.close()
+            self.sessions.close(session_id)
+        self._client_streams.clear()
+
     def _check_span(self, start: int, end: int) -> None:
         if not (self.span.start <= start and end <= self.span.end):
             raise BlocksNotServed(f"blocks {start}:{end} requested, this node serves {self.span.start}:{self.span.end}")

@@ -20,7 +20,7 @@ from hivemind.p2p import P2P
 
 import potluck
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
-from potluck.protocol.errors import BadRequest
+from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.network import join_swarm
 from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
@@ -222,8 +222,10 @@ class Node:
             while self.sessions.sessions and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             if self.sessions.sessions:
-                logger.warning("closing %d sessions still open after %.0f s", len(self.sessions.sessions),
-                               self.config.drain_timeout)
+                logger.warning("telling %d sessions still open after %.0f s to go elsewhere",
+                               len(self.sessions.sessions), self.config.drain_timeout)
+                await self.servicer.evict(NodeDraining(
+                    f"node {self.peer_id} is leaving (its drain timeout passed); continue on another node"))
         await self.announcer.announce(NodeState.OFFLINE)  # the DHT keeps the later-expiring value: not shorter
         if self.links is not None:
             self.links.close()

@@ -1,0 +1,96 @@
+"""A node that is asked to leave drains: running answers finish there, new sessions go elsewhere,
+and sessions still open when its drain timeout passes are told to move at once."""
+import logging
+import signal
+import threading
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from potluck import AutoDistributedModelForCausalLM
+from potluck.client.swarm_view import FailoverPolicy
+from potluck.client.transport import SwarmConnection
+
+
+class Slowly(LogitsProcessor):
+    """Takes ``seconds`` per token and calls ``actions[n]`` before the n-th new token."""
+
+    def __init__(self, seconds, actions):
+        self.seconds, self.actions, self.calls = seconds, actions, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls in self.actions:
+            self.actions[self.calls]()
+        time.sleep(self.seconds)
+        return scores
+
+
+def prompt(seed):
+    return torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def swarm_and_model(tiny_checkpoints, swarm_factory, *victim_args):
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    victim = swarm.start_nodes(path, ["0:8"], *victim_args)[0]
+    swarm.start_nodes(path, ["0:8"])  # the replica sessions move to
+    connection = SwarmConnection(swarm.initial_peers)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(path), swarm=connection, policy=FailoverPolicy(request_timeout=30.0, backoff=0.05))
+    connection.call(remote.swarm_view.refresh())
+    for peer in remote.swarm_view.records:  # the next session starts on the victim
+        if peer != victim:
+            remote.swarm_view.ban(peer, "test: start on the victim")
+    return swarm, victim, connection, remote, AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_a_draining_node_finishes_its_answer_and_new_sessions_go_elsewhere(tiny_checkpoints, swarm_factory):
+    swarm, victim, connection, remote, local = swarm_and_model(tiny_checkpoints, swarm_factory)
+    view, second = remote.swarm_view, {}
+    try:
+        def during_the_drain():
+            try:
+                with remote.inference_session(max_length=64) as session:
+                    second["tokens"] = remote.generate(prompt(2), max_new_tokens=8, do_sample=False)
+                    second["hops"] = [hop.peer_id for hop in session.hops]
+            except Exception as e:  # seen by the asserts below
+                second["error"] = e
+
+        starter = threading.Thread(target=during_the_drain)
+        actions = {2: lambda: view.banned.clear(), 3: lambda: swarm.nodes[victim].send_signal(signal.SIGINT),
+                   6: starter.start}
+        with remote.inference_session(max_length=96) as session:
+            got = remote.generate(prompt(1), max_new_tokens=40, do_sample=False,
+                                  logits_processor=LogitsProcessorList([Slowly(0.05, actions)]))
+            assert [hop.peer_id for hop in session.hops] == [victim] and session.failovers == 0
+            connection.call(view.refresh())
+            assert view.records[victim].state.value == "draining"
+        starter.join(60)
+        assert torch.equal(got, local.generate(prompt(1), max_new_tokens=40, do_sample=False))
+        assert "error" not in second, second.get("error")
+        assert second["hops"] and victim not in second["hops"]
+        assert torch.equal(second["tokens"], local.generate(prompt(2), max_new_tokens=8, do_sample=False))
+        assert swarm.nodes[victim].wait(30) == 0  # then it left
+    finally:
+        connection.close()
+
+
+def test_sessions_open_at_the_drain_timeout_are_told_to_move(tiny_checkpoints, swarm_factory, caplog):
+    swarm, victim, connection, remote, local = swarm_and_model(tiny_checkpoints, swarm_factory,
+                                                               "--drain-timeout", "1")
+    try:
+        with caplog.at_level(logging.WARNING, logger="potluck.client.swarm_view"):
+            with remote.inference_session(max_length=64) as session:
+                first = remote.generate(prompt(3), max_new_tokens=8, do_sample=False)
+                assert [hop.peer_id for hop in session.hops] == [victim]
+                remote.swarm_view.banned.clear()
+                swarm.nodes[victim].send_signal(signal.SIGINT)
+                assert swarm.nodes[victim].wait(30) == 0  # the session stayed open: it waited 1 s, then left
+                more = remote.generate(first, max_new_tokens=8, do_sample=False)
+                assert session.failovers == 1 and victim not in [hop.peer_id for hop in session.hops]
+        assert torch.equal(more, local.generate(first, max_new_tokens=8, do_sample=False))
+        assert "is leaving" in caplog.text  # the node said why, so the client did not wait for a timeout
+    finally:
+        connection.close()
