@@ -19,7 +19,8 @@ class Speed:
 
     def best_of(self, other: "Speed") -> "Speed":
         """Each figure's better value: contention only ever slows a measurement down."""
-        return Speed(max(self.steps_per_s, other.steps_per_s), max(self.forward_tokens_per_s, other.forward_tokens_per_s))
+        return Speed(max(self.steps_per_s, other.steps_per_s),
+                     max(self.forward_tokens_per_s, other.forward_tokens_per_s))
 
 
 def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3) -> Speed:

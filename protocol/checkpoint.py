@@ -1,8 +1,9 @@
 """Which checkpoint a model name means, and reading parts of it tensor by tensor.
 
 Nodes read only their span of blocks (``potluck.node.span.load_span``) and clients only the
-embeddings, final norm and lm_head, so nobody's peak memory follows the whole model. A model is named in DHT keys by ``model_name``:
-the folder name of a local checkpoint, or the HF id of one in the local HF cache.
+embeddings, final norm and lm_head, so nobody's peak memory follows the whole model. A model is
+named in DHT keys by ``model_name``: the folder name of a local checkpoint, or the HF id of one
+in the local HF cache.
 """
 from __future__ import annotations
 

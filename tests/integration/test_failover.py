@@ -103,8 +103,9 @@ def test_session_survives_between_generate_calls_and_forward_too(replicated):
 
 def test_every_session_on_a_killed_node_finishes_on_the_replicas(replicated, tiny_checkpoints):
     swarm, remote, local, stopped = replicated
+    view = remote.swarm_view
     models = [remote] + [AutoDistributedModelForCausalLM.from_pretrained(
-        str(tiny_checkpoints["llama"]), swarm=remote.swarm_view.swarm, policy=remote.swarm_view.policy) for _ in range(3)]
+        str(tiny_checkpoints["llama"]), swarm=view.swarm, policy=view.policy) for _ in range(3)]
     prompts = [prompt(seed=10 + i) for i in range(len(models))]
     sessions = [m.inference_session(max_length=64) for m in models]
     opened = [s.__enter__() for s in sessions]
