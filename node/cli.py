@@ -20,6 +20,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     node.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                       help="without --blocks/--num-blocks: memory for weights and cache, in GiB "
                            "(default: 80%% of the free GPU memory, or of the available RAM)")
+    node.add_argument("--throughput", type=float, default=None, metavar="STEPS_PER_S",
+                      help="announce this many one-token steps per second instead of measuring (default: "
+                           "measured at the first start, then taken from the cache folder)")
     node.add_argument("--placement-delay", type=float, default=2.0, metavar="S",
                       help="wait up to S seconds at random before choosing blocks, so nodes started "
                            "together spread out (default: 2)")
@@ -92,9 +95,12 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
     start, end = _parse_blocks(args.blocks) if args.blocks else (None, None)
     if args.num_blocks is not None and args.num_blocks < 1:
         raise BadRequest("--num-blocks must be at least 1")
+    if args.throughput is not None and not args.throughput > 0:
+        raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
         model=args.model, start=start, end=end, num_blocks=args.num_blocks, max_memory_gib=args.max_memory,
-        placement_delay=args.placement_delay, initial_peers=initial_peers, public_name=args.public_name,
+        placement_delay=args.placement_delay, throughput=args.throughput, initial_peers=initial_peers,
+        public_name=args.public_name,
         dtype=args.dtype, device=args.device,
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,

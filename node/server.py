@@ -33,7 +33,7 @@ from .links import PushLinks
 from .pings import measure_pings
 from .sessions import SessionTable
 from .span import block_bytes, load_span
-from .throughput import Speed, measure
+from .throughput import Speed, cached_speed, measure, remember_speed, speed_key
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class NodeConfig:
     num_blocks: int | None = None  # blocks to take when choosing (None: as many as max_memory_gib holds)
     max_memory_gib: float | None = None  # None: most of the free memory of the device
     placement_delay: float = 2.0  # at most this many seconds of random wait before choosing a span
+    throughput: float | None = None  # steps/s to announce instead of measuring
     initial_peers: list[str] = field(default_factory=list)
     public_name: str = ""
     dtype: str | None = None  # None: hardware.default_dtype of the device
@@ -119,7 +120,7 @@ class Node:
                     config.dtype, self.device, self.checkpoint.path)
         span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, self.device,
                                        sys.stderr.isatty())
-        self.speed = await asyncio.to_thread(measure, span)
+        self.speed = await self._initial_speed(span)
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
         self.sessions = SessionTable(tokens, on_change=self.announcer.nudge)
@@ -134,6 +135,26 @@ class Node:
         logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %.0f tokens/s forward; "
                     "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device, config.dtype,
                     self.peer_id, name, self.speed.steps_per_s, self.speed.forward_tokens_per_s, tokens)
+
+    async def _initial_speed(self, span) -> Speed:
+        """--throughput if given, else the speed measured before on this model, dtype, device and
+        span size, else a measurement now (kept for the next start)."""
+        if self.config.throughput is not None:
+            logger.info("announcing %.1f steps/s as --throughput says (no measurement)", self.config.throughput)
+            return Speed(self.config.throughput)
+        cached = cached_speed(self._speed_key())
+        if cached is not None:
+            logger.info("speed from an earlier run: %.0f steps/s, %.0f tokens/s forward (refined when idle)",
+                        cached.steps_per_s, cached.forward_tokens_per_s)
+            return cached
+        speed = await asyncio.to_thread(measure, span)
+        remember_speed(self._speed_key(), speed)
+        return speed
+
+    def _speed_key(self) -> str:
+        c = self.config
+        return speed_key(self.checkpoint.name, self.checkpoint.config.to_json_string(), c.dtype, self.device,
+                         c.end - c.start)
 
     async def _choose_span(self) -> None:
         """Take the span the swarm needs most (see ``placement``), claim it with a JOINING record,
@@ -177,9 +198,10 @@ class Node:
     async def _before_announce(self) -> None:
         """Refresh what the record says about speed: pings always; throughput in the first few
         idle periods (the figure taken at start may have been slowed by neighbours loading too)."""
-        if not self.sessions.sessions and self._remeasures_left > 0:
+        if not self.sessions.sessions and self._remeasures_left > 0 and self.config.throughput is None:
             self._remeasures_left -= 1
             self.speed = self.speed.best_of(await self.compute.run(measure, self.span))
+            remember_speed(self._speed_key(), self.speed)
         await self._measure_pings()
 
     async def _measure_pings(self) -> None:

@@ -1,13 +1,28 @@
-"""Measures how fast this node runs its span, for its record (routing weighs nodes by it)."""
+"""Measures how fast this node runs its span, for its record (routing weighs nodes by it).
+
+A measurement is kept in the cache folder ($POTLUCK_CACHE, default ~/.cache/potluck) per model,
+dtype, device and span size, so a node that restarts announces at once; it is refined later,
+when the node is idle.
+"""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from potluck.protocol.default_model import default_cache_dir
+
 from .span import BlockSpan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,3 +69,46 @@ def _synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a timing covers the computation and not just its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def speed_key(model: str, config_json: str, dtype: str, device: torch.device, blocks: int) -> str:
+    """What a cached measurement is valid for: this model (by name and config, since names are
+    reused), dtype, device (a GPU's name counts: another card is another speed) and span size."""
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    shape = hashlib.sha256(config_json.encode()).hexdigest()[:12]
+    return f"{model}|{shape}|{dtype}|{kind}|{blocks} blocks"
+
+
+def cached_speed(key: str, folder: Path | None = None) -> Speed | None:
+    """The speed measured earlier for ``key``, or None (no cache, or an unreadable one)."""
+    entry = _read(_cache_file(folder)).get(key)
+    try:
+        return Speed(float(entry["steps_per_s"]), float(entry["forward_tokens_per_s"]))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def remember_speed(key: str, speed: Speed, folder: Path | None = None) -> None:
+    """Keep ``speed`` for ``key``; a cache that cannot be written only costs a measurement later."""
+    path = _cache_file(folder)
+    entries = _read(path)
+    entries[key] = {**dataclasses.asdict(speed), "measured_at": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(entries, indent=1))
+        scratch.replace(path)  # atomic: nodes starting together never read half a file
+    except OSError as e:
+        logger.debug("could not keep the measured speed in %s: %s", path, e)
+
+
+def _cache_file(folder: Path | None) -> Path:
+    return (folder or default_cache_dir()) / "throughput.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}

@@ -1,6 +1,8 @@
 """Nodes that place themselves: started together without spans they cover the model, and a node
 sizes its span from the memory it is given."""
+import json
 import re
+import signal
 
 import pytest
 import torch
@@ -48,3 +50,23 @@ def test_a_node_takes_as_many_blocks_as_its_memory_holds_and_says_why(nine_block
     assert re.search(r"chose blocks (\d+):(\d+) of 9", log)
     start, end = map(int, re.search(r"chose blocks (\d+):(\d+) of 9", log).groups())
     assert end - start == 3
+
+
+def test_a_restarted_node_announces_its_earlier_speed_at_once(nine_blocks, swarm_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path))  # inherited by the nodes
+    swarm = swarm_factory()
+    first = swarm.start_nodes(nine_blocks, ["0:9"])[0]
+    swarm.nodes[first].send_signal(signal.SIGINT)
+    assert swarm.nodes[first].wait(30) == 0
+    measured = json.loads((tmp_path / "throughput.json").read_text())
+    assert len(measured) == 1 and next(iter(measured.values()))["steps_per_s"] > 0
+    swarm.start_nodes(nine_blocks, ["0:9"])
+    assert "speed from an earlier run" in "".join(swarm.children[-1].lines)
+    fixed = swarm.start_nodes(nine_blocks, ["0:9"], "--throughput", "123")[0]
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(nine_blocks), swarm=connection)
+        connection.call(remote.swarm_view.refresh())
+        assert remote.swarm_view.records[fixed].inference_steps_per_s == 123
+    finally:
+        connection.close()
