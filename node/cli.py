@@ -11,40 +11,57 @@ from potluck.protocol.records import ANNOUNCE_PERIOD
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     node = commands.add_parser("node", help="lend your GPU/CPU: serve a span of a model's blocks")
-    node.add_argument("model", nargs="?", default=None,
-                      help="checkpoint folder or HF id in the local HF cache (default: SmolLM2-135M-Instruct)")
-    node.add_argument("--blocks", default=None, metavar="A:B",
-                      help="serve blocks A (inclusive) to B (exclusive) (default: the blocks the swarm serves least)")
-    node.add_argument("--num-blocks", type=int, default=None, metavar="N",
-                      help="without --blocks: take N blocks (default: as many as --max-memory holds)")
-    node.add_argument("--max-memory", type=float, default=None, metavar="GIB",
-                      help="without --blocks/--num-blocks: memory for weights and cache, in GiB "
-                           "(default: 80%% of the free GPU memory, or of the available RAM)")
-    node.add_argument("--throughput", type=float, default=None, metavar="STEPS_PER_S",
-                      help="announce this many one-token steps per second instead of measuring (default: "
-                           "measured at the first start, then taken from the cache folder)")
-    node.add_argument("--placement-delay", type=float, default=2.0, metavar="S",
-                      help="wait up to S seconds at random before choosing blocks, so nodes started "
-                           "together spread out (default: 2)")
-    _add_network_args(node)
-    node.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
-    node.add_argument("--public-name", default="", help="a name shown to users and on the health page")
-    node.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                      help="weights and compute (default: bfloat16 on GPUs, float16 where the card lacks it, "
-                           "float32 on CPUs)")
-    node.add_argument("--device", default=None,
-                      help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
-    node.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
-    node.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD, help="seconds between announcements")
-    node.add_argument("--cache-tokens", type=int, default=None, help="attention-cache budget in tokens")
-    node.add_argument("--cache-gib", type=float, default=None,
-                      help="cache budget in GiB when --cache-tokens is unset (default: half the GPU memory free "
-                           "after loading, or 1 GiB on CPUs)")
-    node.add_argument("--max-batch-tokens", type=int, default=8192, help="most tokens accepted in one message")
-    node.add_argument("--drain-timeout", type=float, default=10.0,
-                      help="seconds Ctrl-C waits for open sessions before going OFFLINE")
-    node.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     node.set_defaults(run=_run_node)
+    model = node.add_argument_group("model")
+    model.add_argument("model", nargs="?", default=None,
+                       help="checkpoint folder or HF id in the local HF cache (default: SmolLM2-135M-Instruct)")
+    model.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
+    model.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="weights and compute (default: bfloat16 on GPUs, float16 where the card lacks it, "
+                            "float32 on CPUs)")
+    model.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
+    model.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    placement = node.add_argument_group("placement")
+    placement.add_argument("--blocks", default=None, metavar="A:B",
+                           help="serve blocks A (inclusive) to B (exclusive) (default: the blocks the swarm serves "
+                                "least)")
+    placement.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                           help="without --blocks: take N blocks (default: as many as --max-memory holds)")
+    placement.add_argument("--placement-delay", type=float, default=2.0, metavar="S",
+                           help="wait up to S seconds at random before choosing blocks, so nodes started "
+                                "together spread out (default: 2)")
+    placement.add_argument("--throughput", type=float, default=None, metavar="STEPS_PER_S",
+                           help="announce this many one-token steps per second instead of measuring (default: "
+                                "measured at the first start, then taken from the cache folder)")
+
+    memory = node.add_argument_group("memory")
+    memory.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                        help="without --blocks/--num-blocks: memory for weights and cache, in GiB "
+                             "(default: 80%% of the free GPU memory, or of the available RAM)")
+    memory.add_argument("--cache-tokens", type=int, default=None, help="attention-cache budget in tokens")
+    memory.add_argument("--cache-gib", type=float, default=None,
+                        help="cache budget in GiB when --cache-tokens is unset (default: half the GPU memory free "
+                             "after loading, or 1 GiB on CPUs)")
+    memory.add_argument("--max-batch-tokens", type=int, default=8192,
+                        help="most tokens accepted in one message (default: 8192)")
+
+    network = node.add_argument_group("network")
+    _add_network_args(network)
+    network.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
+    network.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD,
+                         help=f"seconds between announcements (default: {ANNOUNCE_PERIOD:g})")
+
+    operator = node.add_argument_group("operator")
+    operator.add_argument("--public-name", default="", help="a name shown to users and on the health page")
+    operator.add_argument("--drain-timeout", type=float, default=10.0,
+                          help="seconds Ctrl-C waits for open sessions before going OFFLINE (default: 10)")
+    operator.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                          help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
+                               "default: off)")
+    operator.add_argument("--metrics-host", default="127.0.0.1",
+                          help="address the metrics listen on (default: 127.0.0.1; 0.0.0.0 for other machines)")
 
     dht = commands.add_parser("dht", help="run a bootstrap peer; prints POTLUCK_INITIAL_PEERS=... once it listens")
     _add_network_args(dht)
@@ -61,7 +78,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     swarm.set_defaults(run=_run_swarm)
 
 
-def _add_network_args(parser: argparse.ArgumentParser) -> None:
+def _add_network_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                         help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
     parser.add_argument("--host-maddrs", nargs="*", default=[], metavar="MADDR",
@@ -99,7 +116,8 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
         model=args.model, start=start, end=end, num_blocks=args.num_blocks, max_memory_gib=args.max_memory,
-        placement_delay=args.placement_delay, throughput=args.throughput, initial_peers=initial_peers,
+        placement_delay=args.placement_delay, throughput=args.throughput, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, initial_peers=initial_peers,
         public_name=args.public_name,
         dtype=args.dtype, device=args.device,
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,

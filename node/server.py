@@ -30,6 +30,7 @@ from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
 from .links import PushLinks
+from .metrics import serve_metrics, status_line
 from .pings import measure_pings
 from .sessions import SessionTable
 from .span import block_bytes, load_span
@@ -47,6 +48,8 @@ class NodeConfig:
     max_memory_gib: float | None = None  # None: most of the free memory of the device
     placement_delay: float = 2.0  # at most this many seconds of random wait before choosing a span
     throughput: float | None = None  # steps/s to announce instead of measuring
+    metrics_port: int | None = None  # serve Prometheus metrics here (0: any free port; None: not at all)
+    metrics_host: str = "127.0.0.1"
     initial_peers: list[str] = field(default_factory=list)
     public_name: str = ""
     dtype: str | None = None  # None: hardware.default_dtype of the device
@@ -88,6 +91,7 @@ class Node:
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self._remeasures_left = 3  # idle periods that re-measure speed; later ones leave an idle node idle
+        self._metrics_server = None  # serving --metrics-port, if asked
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -131,6 +135,8 @@ class Node:
         await self.servicer.register(self.p2p)
         await self.announcer.announce(NodeState.ONLINE)
         self._own(self.announcer.run(before=self._before_announce))
+        if config.metrics_port is not None:
+            self._metrics_server = serve_metrics(self, config.metrics_port, config.metrics_host)
         name = f" ({config.public_name})" if config.public_name else ""
         logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %.0f tokens/s forward; "
                     "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device, config.dtype,
@@ -203,6 +209,7 @@ class Node:
             self.speed = self.speed.best_of(await self.compute.run(measure, self.span))
             remember_speed(self._speed_key(), self.speed)
         await self._measure_pings()
+        logger.info(status_line(self))
 
     async def _measure_pings(self) -> None:
         try:
@@ -249,6 +256,9 @@ class Node:
                 await self.servicer.evict(NodeDraining(
                     f"node {self.peer_id} is leaving (its drain timeout passed); continue on another node"))
         await self.announcer.announce(NodeState.OFFLINE)  # the DHT keeps the later-expiring value: not shorter
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
         if self.links is not None:
             self.links.close()
         self.compute.shutdown()

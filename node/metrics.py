@@ -1,0 +1,77 @@
+"""What a node's operator watches: Prometheus metrics (``--metrics-port``) and a status line.
+
+The metrics are read from the node when scraped (a collector, no copies to keep in step): what it
+serves, its speed, its sessions and cache, what it has done since it started.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .server import Node
+
+logger = logging.getLogger(__name__)
+COUNTERS = {  # servicer counter -> (metric name, help)
+    "tokens": ("potluck_node_tokens", "Tokens computed through this node's blocks (steps and pushes)"),
+    "steps": ("potluck_node_steps", "Inference steps served"),
+    "forwards": ("potluck_node_forwards", "Cache-less forward requests served"),
+    "sessions_opened": ("potluck_node_sessions_opened", "Inference sessions opened"),
+    "errors": ("potluck_node_errors", "Requests answered with an error"),
+    "pushes_sent": ("potluck_node_pushes_sent", "Step outputs handed on to the next node"),
+}
+
+
+class NodeCollector(Collector):
+    def __init__(self, node: "Node"):
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node, servicer = self.node, self.node.servicer
+        record = node.record(node.announcer.state)
+        info = InfoMetricFamily("potluck_node", "What this node serves")
+        info.add_metric([], {"model": record.model, "blocks": f"{record.start}:{record.end}", "state": record.state.value,
+                             "dtype": record.dtype, "device": record.device, "version": record.version,
+                             "peer_id": node.peer_id, "name": record.public_name})
+        yield info
+        gauges = [("potluck_node_open_sessions", "Inference sessions open now", record.active_sessions),
+                  ("potluck_node_cache_tokens_left", "Attention-cache tokens not reserved by sessions",
+                   record.cache_tokens_left),
+                  ("potluck_node_cache_tokens", "Attention-cache budget in tokens",
+                   node.sessions.cache_tokens if node.sessions else 0),
+                  ("potluck_node_inference_steps_per_second", "Announced one-token steps per second",
+                   record.inference_steps_per_s),
+                  ("potluck_node_forward_tokens_per_second", "Announced forward tokens per second",
+                   record.forward_tokens_per_s),
+                  ("potluck_node_peers_pinged", "Other nodes this node measured a round trip to", len(record.pings))]
+        for name, help_text, value in gauges:
+            yield GaugeMetricFamily(name, help_text, value=value)
+        counters = servicer.counters if servicer is not None else {}
+        for key, (name, help_text) in COUNTERS.items():
+            yield CounterMetricFamily(name, help_text, value=counters.get(key, 0))
+        yield CounterMetricFamily("potluck_node_compute_seconds", "Seconds spent computing blocks",
+                                  value=node.compute.busy_seconds)
+
+
+def serve_metrics(node: "Node", port: int, host: str = "127.0.0.1"):
+    """Serve ``/metrics`` on ``host:port`` (0: any free port); returns the server (``server_port``)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(NodeCollector(node))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    logger.info("metrics at http://%s:%d/metrics", host, server.server_port)
+    return server
+
+
+def status_line(node: "Node") -> str:
+    """One line for the log each period: what the node serves and how busy it is."""
+    record = node.record(node.announcer.state)
+    counters = node.servicer.counters if node.servicer is not None else {}
+    used = (node.sessions.cache_tokens - record.cache_tokens_left) if node.sessions else 0
+    total = node.sessions.cache_tokens if node.sessions else 0
+    return (f"blocks {record.start}:{record.end} {record.state.value}: {record.active_sessions} sessions open, "
+            f"{counters.get('tokens', 0)} tokens served, cache {used}/{total} tokens reserved, "
+            f"{len(record.pings)} other nodes pinged")
