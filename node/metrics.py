@@ -34,9 +34,9 @@ class NodeCollector(Collector):
         node, servicer = self.node, self.node.servicer
         record = node.record(node.announcer.state)
         info = InfoMetricFamily("potluck_node", "What this node serves")
-        info.add_metric([], {"model": record.model, "blocks": f"{record.start}:{record.end}", "state": record.state.value,
-                             "dtype": record.dtype, "device": record.device, "version": record.version,
-                             "peer_id": node.peer_id, "name": record.public_name})
+        info.add_metric([], {"model": record.model, "blocks": f"{record.start}:{record.end}",
+                             "state": record.state.value, "dtype": record.dtype, "device": record.device,
+                             "version": record.version, "peer_id": node.peer_id, "name": record.public_name})
         yield info
         gauges = [("potluck_node_open_sessions", "Inference sessions open now", record.active_sessions),
                   ("potluck_node_cache_tokens_left", "Attention-cache tokens not reserved by sessions",
