@@ -255,7 +255,8 @@ class Node:
                                len(self.sessions.sessions), self.config.drain_timeout)
                 await self.servicer.evict(NodeDraining(
                     f"node {self.peer_id} is leaving (its drain timeout passed); continue on another node"))
-        await self.announcer.announce(NodeState.OFFLINE)  # the DHT keeps the later-expiring value: not shorter
+        if self.config.start is not None:  # a node stopped before it chose its span announced nothing
+            await self.announcer.announce(NodeState.OFFLINE)  # the DHT keeps the later-expiring value: not shorter
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
