@@ -69,7 +69,7 @@ class RemoteDecoder(torch.nn.Module):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         prefix = session.position if session is not None else 0
-        if position_ids is None:
+        if position_ids is None:  # positions only travel to the nodes: built on the CPU, the wire's side
             position_ids = torch.arange(prefix, prefix + hidden.shape[1]).unsqueeze(0)
         position_ids = position_ids.expand(hidden.shape[0], -1).to("cpu", torch.int64).contiguous()
         mask = None
