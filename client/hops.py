@@ -151,22 +151,13 @@ class HopStreams:
         try:
             while True:
                 frame = await msg.read_frame(hop_session.reader)
-                if frame.meta.get("type") == "error" and "seq" not in frame.meta:  # unasked: the node gave up
-                    hop_session.failed = hop_session.failed or error_in(frame, hop_session.hop.peer_id)
+                if "seq" not in frame.meta:  # an unasked error: the node gave up on the session
+                    hop_session.failed = hop_session.failed or msg.error_of(frame, hop_session.hop.peer_id)
                 self.inbox.put_nowait((hop_session, frame))
         except (asyncio.IncompleteReadError, ConnectionError, OSError, PotluckError) as e:
             hop_session.failed = hop_session.failed or NodeUnavailable(
                 f"{hop_session.describe()} failed: {type(e).__name__} {e}".rstrip(), hop_session.hop.peer_id)
             self.inbox.put_nowait((hop_session, hop_session.failed))
-
-
-def error_in(frame: msg.Frame, peer_id: str) -> PotluckError:
-    """The typed error in an error frame."""
-    try:
-        msg.raise_if_error(frame, peer_id)
-    except PotluckError as error:
-        return error
-    raise ValueError("not an error frame")
 
 
 def joined(history: list[StepInputs]) -> StepInputs:

@@ -91,7 +91,7 @@ class InferenceSession:
     async def _step(self, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
         if not self.hop_sessions:
             self.hop_sessions = await self.open_chain(0, self.view.num_blocks)
-        step_start = self.position if start_from is None else start_from
+        step_start = self.position  # where this step begins; ``start_from`` is None or the same number
         if self._can_hand_off():
             try:
                 return await self._handoff_step(inputs, start_from, step_start)

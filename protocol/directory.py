@@ -21,13 +21,13 @@ Found = dict[str, dict[str, tuple[NodeRecord, float]]]  # model -> peer id -> (r
 
 async def read_block_records(dht: DHTNode, model: str, num_blocks: int) -> dict[str, NodeRecord]:
     """The latest record of every node serving some block of ``model``, by peer id (base58)."""
-    info = ModelInfo(model, num_blocks, "", 0)  # only the name and block count matter here
-    entries = await dht.get_many(block_keys(info), sufficient_expiration_time=float("inf"))
-    return {peer_id: record for peer_id, (record, _) in parse_entries(entries, {model: info}).get(model, {}).items()}
+    entries = await dht.get_many(block_keys(model, num_blocks), sufficient_expiration_time=float("inf"))
+    found = parse_entries(entries, {model: num_blocks}).get(model, {})
+    return {peer_id: record for peer_id, (record, _) in found.items()}
 
 
-def block_keys(info: ModelInfo) -> list[str]:
-    return [block_key(info.name, block) for block in range(info.num_blocks)]
+def block_keys(model: str, num_blocks: int) -> list[str]:
+    return [block_key(model, block) for block in range(num_blocks)]
 
 
 def parse_index(entry: Any) -> dict[str, ModelInfo]:
@@ -40,16 +40,17 @@ def parse_index(entry: Any) -> dict[str, ModelInfo]:
     return models
 
 
-def parse_entries(entries: dict[str, Any], models: dict[str, ModelInfo]) -> Found:
-    """model -> peer id -> (latest valid record, its expiration) from a ``get_many`` answer over
-    block keys; a record that is malformed, of another model or past the model's end is skipped."""
+def parse_entries(entries: dict[str, Any], blocks: dict[str, int]) -> Found:
+    """model -> peer id -> (latest valid record, its expiration) from a ``get_many`` answer over the
+    block keys of ``blocks`` (model -> number of blocks); a record that is malformed, of another
+    model or past the model's end is skipped."""
     found: Found = {}
-    for model, info in models.items():
+    for model, num_blocks in blocks.items():
         records: dict[str, tuple[NodeRecord, float]] = {}
-        for key in block_keys(info):
+        for key in block_keys(model, num_blocks):
             for peer_id, (raw, expiration) in _subkey_items(entries.get(key)).items():
                 record = unpack_node_record(raw)
-                if record is None or record.model != model or record.end > info.num_blocks:
+                if record is None or record.model != model or record.end > num_blocks:
                     logger.debug("skipping a malformed record of %s under %s", peer_id, key)
                     continue
                 if peer_id not in records or expiration > records[peer_id][1]:

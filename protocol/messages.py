@@ -9,10 +9,11 @@ metadata against the request schemas below before anything acts on it; a bad fra
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import msgpack
 import numpy as np
@@ -127,29 +128,44 @@ def error_meta(error: PotluckError, request: dict[str, Any] | None = None) -> di
     return meta
 
 
+def error_of(frame: Frame, peer_id: str | None = None) -> PotluckError | None:
+    """The typed error a peer answered with, tagged with that peer's id; None for other frames."""
+    if frame.meta.get("type") != "error":
+        return None
+    error = PotluckError.from_wire(frame.meta.get("error"))
+    error.peer_id = peer_id
+    return error
+
+
 def raise_if_error(frame: Frame, peer_id: str | None = None) -> Frame:
     """Raise the typed error a peer answered with, tagged with that peer's id."""
-    if frame.meta.get("type") == "error":
-        error = PotluckError.from_wire(frame.meta.get("error"))
-        error.peer_id = peer_id
+    error = error_of(frame, peer_id)
+    if error is not None:
         raise error
     return frame
+
+
+class Message:
+    """Mixed into the frozen dataclasses that travel as metadata: their fields plus ``type``."""
+
+    KIND: ClassVar[str]
+
+    def to_meta(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)  # nested records (next hops) become maps
+        return {"type": self.KIND, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
 # --- requests -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class OpenSession:
+class OpenSession(Message):
+    KIND: ClassVar[str] = "open"
     session_id: str
     start: int  # first block of the sub-span this session runs on the node
     end: int
     max_length: int  # tokens reserved in the node's cache, per sequence
     batch_size: int
-
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "open", "session_id": self.session_id, "start": self.start, "end": self.end,
-                "max_length": self.max_length, "batch_size": self.batch_size}
 
 
 @dataclass(frozen=True)
@@ -159,61 +175,53 @@ class NextHop:
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(Message):
     """Run new tokens through the session's blocks; tensors: hidden [B, T, H], position_ids [B, T],
     optionally attention_mask [B, prefix + T] (1 = attend, 0 = padding).
 
     With ``next`` (hand-off), the node pushes its output to the first of them as a ``Push``
     carrying the rest, and the last node of the chain answers the client; without, it answers."""
 
+    KIND: ClassVar[str] = "step"
+
     session_id: str
     start_from: int | None  # rewind the cache to this many tokens first (None: append)
     next: tuple[NextHop, ...] = ()
     seq: int | None = None  # the client's number for this attempt, echoed in the answer
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "step", "session_id": self.session_id, "start_from": self.start_from,
-                "next": next_meta(self.next), "seq": self.seq}
-
 
 @dataclass(frozen=True)
-class Push:
+class Push(Message):
     """A step handed on by the previous node of a chain (tensors as in Step); its answer goes to
     the stream the session was opened on, not back to the pushing node."""
+
+    KIND: ClassVar[str] = "push"
 
     session_id: str
     start_from: int  # where the step starts in the session's cache: pushes always say
     next: tuple[NextHop, ...] = ()
     seq: int | None = None
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "push", "session_id": self.session_id, "start_from": self.start_from,
-                "next": next_meta(self.next), "seq": self.seq}
-
 
 @dataclass(frozen=True)
-class CloseSession:
+class CloseSession(Message):
+    KIND: ClassVar[str] = "close"
     session_id: str
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "close", "session_id": self.session_id}
-
 
 @dataclass(frozen=True)
-class Forward:
+class Forward(Message):
     """Run whole sequences through blocks start:end with no cache; tensors as in Step."""
+
+    KIND: ClassVar[str] = "forward"
 
     start: int
     end: int
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "forward", "start": self.start, "end": self.end}
-
 
 @dataclass(frozen=True)
-class InfoRequest:
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "info"}
+class InfoRequest(Message):
+    KIND: ClassVar[str] = "info"
 
 
 Request = OpenSession | Step | Push | CloseSession | Forward | InfoRequest
@@ -264,10 +272,6 @@ def _next_hops(value: Any) -> tuple[NextHop, ...]:
             raise BadRequest("each hop in 'next' needs a base58 'peer_id'")
         hops.append(NextHop(item["peer_id"], _session_id(item)))
     return tuple(hops)
-
-
-def next_meta(hops: tuple[NextHop, ...]) -> list[dict[str, str]]:
-    return [{"peer_id": h.peer_id, "session_id": h.session_id} for h in hops]
 
 
 def _session_id(meta: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """What nodes answer: one frozen dataclass per reply, built by nodes and parsed by clients.
 
-A reply travels as a frame whose metadata is ``reply.to_meta()`` (errors travel as
+A reply travels as a frame whose metadata is ``reply.to_meta()`` (``messages.Message``) (errors travel as
 ``messages.error_meta``); ``parse_reply`` checks a frame against the reply schemas, like
 ``messages.parse_request`` does for requests, and raises the peer's typed error for an error
 frame. A reply that matches no schema means a broken node: ``NodeUnavailable``, so the client
@@ -11,60 +11,57 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 from .errors import NodeUnavailable
-from .messages import INFO_HANDLER, Frame, InfoRequest, call_once, raise_if_error
+from .messages import INFO_HANDLER, Frame, InfoRequest, Message, call_once, raise_if_error
 
 
 @dataclass(frozen=True)
-class Opened:
+class Opened(Message):
     """An inference session is open on the node."""
 
-    session_id: str
+    KIND: ClassVar[str] = "opened"
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "opened", "session_id": self.session_id}
+    session_id: str
 
 
 @dataclass(frozen=True)
-class Closed:
-    session_id: str
+class Closed(Message):
+    KIND: ClassVar[str] = "closed"
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "closed", "session_id": self.session_id}
+    session_id: str
 
 
 @dataclass(frozen=True)
-class Result:
+class Result(Message):
     """Hidden states out of the node's blocks (the frame's one tensor): of a step, a push that
     ended the chain, or a forward (``length`` None: no session)."""
+
+    KIND: ClassVar[str] = "result"
 
     length: int | None = None  # tokens the session's cache holds after the step
     seq: int | None = None  # the step attempt answered
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "result", "length": self.length, "seq": self.seq}
-
 
 @dataclass(frozen=True)
-class HandoffFailed:
+class HandoffFailed(Message):
     """The node ran the step but could not push it on: its output (the frame's one tensor) goes
     back to the client, which carries on from ``peer_id`` itself."""
+
+    KIND: ClassVar[str] = "handoff_failed"
 
     peer_id: str  # the next node, which could not be reached
     reason: str
     length: int
     seq: int | None = None
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "handoff_failed", "peer_id": self.peer_id, "reason": self.reason, "length": self.length,
-                "seq": self.seq}
-
 
 @dataclass(frozen=True)
-class Info:
+class Info(Message):
     """A node's answer to an info request: what it serves and what it has done."""
+
+    KIND: ClassVar[str] = "info"
 
     peer_id: str
     model: str
@@ -79,13 +76,9 @@ class Info:
     open_sessions: int = 0
     counters: dict[str, float] = field(default_factory=dict)  # requests, tokens, errors... since start
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": "info", **dataclasses.asdict(self)}
-
 
 Reply = Opened | Closed | Result | HandoffFailed | Info
-_KINDS: dict[str, type] = {"opened": Opened, "closed": Closed, "result": Result, "handoff_failed": HandoffFailed,
-                           "info": Info}
+_KINDS: dict[str, type] = {cls.KIND: cls for cls in (Opened, Closed, Result, HandoffFailed, Info)}
 _INT_OR_NONE = (int, type(None))
 _TYPES: dict[str, tuple[type, ...]] = {
     "session_id": (str,), "peer_id": (str,), "reason": (str,), "model": (str,), "state": (str,), "version": (str,),

@@ -164,14 +164,14 @@ class Crawler:
     async def _read(self, previous: SwarmState) -> tuple[dict[str, ModelInfo], dict]:
         """The model index and block records: one batched read for the models already known."""
         known = dict(previous.models)
-        keys = [MODEL_INDEX_KEY] + [key for info in known.values() for key in block_keys(info)]
+        keys = [MODEL_INDEX_KEY] + [key for info in known.values() for key in block_keys(info.name, info.num_blocks)]
         entries = await self.swarm.dht.get_many(keys, sufficient_expiration_time=float("inf"))
         index = parse_index(entries.get(MODEL_INDEX_KEY))
         new = {m: info for m, info in index.items() if known.get(m) != info}
         if new:  # a model we had not seen: read its blocks too
-            more = [key for info in new.values() for key in block_keys(info)]
+            more = [key for info in new.values() for key in block_keys(info.name, info.num_blocks)]
             entries = {**entries, **await self.swarm.dht.get_many(more, sufficient_expiration_time=float("inf"))}
-        return index, parse_entries(entries, {**known, **index})
+        return index, parse_entries(entries, {m: info.num_blocks for m, info in {**known, **index}.items()})
 
     async def probe_once(self) -> SwarmState:
         """Round trip and tokens served of every node whose record is live; relayed or direct."""
