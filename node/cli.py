@@ -32,6 +32,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     placement.add_argument("--placement-delay", type=float, default=2.0, metavar="S",
                            help="wait up to S seconds at random before choosing blocks, so nodes started "
                                 "together spread out (default: 2)")
+    placement.add_argument("--balance-period", type=float, default=60.0, metavar="S",
+                           help="without --blocks: every S seconds, check whether the swarm needs this node's "
+                                "blocks elsewhere more, and move (0: never move; default: 60)")
+    placement.add_argument("--balance-quality", type=float, default=0.75, metavar="Q",
+                           help="move only when the weakest block's throughput now is under Q times what it "
+                                "would be after the move (0 < Q <= 1; default: 0.75)")
     placement.add_argument("--throughput", type=float, default=None, metavar="STEPS_PER_S",
                            help="announce this many one-token steps per second instead of measuring (default: "
                                 "measured at the first start, then taken from the cache folder)")
@@ -112,11 +118,14 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
     start, end = _parse_blocks(args.blocks) if args.blocks else (None, None)
     if args.num_blocks is not None and args.num_blocks < 1:
         raise BadRequest("--num-blocks must be at least 1")
+    if not 0 < args.balance_quality <= 1 or args.balance_period < 0:
+        raise BadRequest("--balance-quality must be in (0, 1] and --balance-period at least 0")
     if args.throughput is not None and not args.throughput > 0:
         raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
         model=args.model, start=start, end=end, num_blocks=args.num_blocks, max_memory_gib=args.max_memory,
-        placement_delay=args.placement_delay, throughput=args.throughput, metrics_port=args.metrics_port,
+        placement_delay=args.placement_delay, balance_period=args.balance_period,
+        balance_quality=args.balance_quality, throughput=args.throughput, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, initial_peers=initial_peers,
         public_name=args.public_name,
         dtype=args.dtype, device=args.device,

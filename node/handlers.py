@@ -41,12 +41,15 @@ class ServingLimits:
 
 
 class BlockServicer:
-    """Serves one span of blocks; owns the sessions opened on it."""
+    """Serves a span of blocks; owns the sessions opened on it. ``span`` may change (a node that
+    moves): each session keeps computing on the span it was opened on; None while a node moves
+    without room for both spans."""
 
     def __init__(self, span: BlockSpan, compute: ComputeLane, sessions: SessionTable, limits: ServingLimits,
                  describe: Callable[[], dict[str, Any]], links: PushLinks):
         """``describe()``: the node's own fields of an info reply (peer id, model, span, state...)."""
-        self.span, self.compute, self.sessions, self.limits = span, compute, sessions, limits
+        self.span: BlockSpan | None = span
+        self.compute, self.sessions, self.limits = compute, sessions, limits
         self.describe, self.links = describe, links
         self.hidden_size = span.config.hidden_size
         self.draining = False
@@ -121,7 +124,7 @@ class BlockServicer:
             if self.draining:
                 raise NodeDraining("this node is shutting down and takes no new sessions")
             self._check_span(request.start, request.end)
-            opened[request.session_id] = self.sessions.open(request)
+            opened[request.session_id] = self.sessions.open(request, self.span)
             self._client_streams[request.session_id] = writer
             self.counters["sessions_opened"] += 1
             return replies.Opened(request.session_id).to_meta(), ()
@@ -160,7 +163,7 @@ class BlockServicer:
         start = session.step_start(request.start_from, new_tokens)
         hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, start)
         self._check_tokens(hidden)
-        out = await self._compute(session.step, self.span, hidden, positions, mask, start,
+        out = await self._compute(session.span.device, session.step, hidden, positions, mask, start,
                                   tokens=hidden.shape[0] * hidden.shape[1])
         self.counters["steps"] += 1
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
@@ -187,25 +190,35 @@ class BlockServicer:
             self._check_span(request.start, request.end)
             hidden, positions, mask = msg.check_step_tensors(frame.tensors, self.hidden_size, None, 0)
             self._check_tokens(hidden)
-            out = await self._compute(self.span, hidden, positions, mask, None, request.start, request.end)
+            span = self.span
+            out = await self._compute(span.device, span, hidden, positions, mask, None, request.start, request.end)
             self.counters["forwards"] += 1
             return replies.Result().to_meta(), (out.to(hidden.dtype),)
         raise BadRequest(f"{type(request).__name__} is not valid on this stream")
 
-    async def _compute(self, fn: Callable[..., torch.Tensor], *args, tokens: int | None = None) -> torch.Tensor:
-        """Run block work in the compute lane; running out of device memory fails this request only."""
+    async def _compute(self, device: torch.device, fn: Callable[..., torch.Tensor], *args,
+                       tokens: int | None = None) -> torch.Tensor:
+        """Run block work (on ``device``) in the compute lane; running out of device memory fails
+        this request only."""
         try:
             return await self.compute.run(fn, *args, tokens=tokens)
         except torch.OutOfMemoryError:
-            hardware.free_after_error(self.span.device)
-            logger.warning("out of memory on %s (%s tokens); the request failed, the node goes on",
-                           self.span.device, tokens)
-            raise NodeOutOfMemory(f"the node ran out of {self.span.device.type} memory; try another node") from None
+            hardware.release_memory(device)
+            logger.warning("out of memory on %s (%s tokens); the request failed, the node goes on", device, tokens)
+            raise NodeOutOfMemory(f"the node ran out of {device.type} memory; try another node") from None
 
-    async def evict(self, reason: PotluckError) -> None:
-        """Send every open session's client ``reason`` (unasked, so with no seq) and end its stream:
-        the client fails over at once instead of waiting out a timeout."""
+    def sessions_on(self, span: BlockSpan) -> list[Session]:
+        return [s for s in self.sessions.sessions.values() if s.span is span]
+
+    async def evict(self, reason: PotluckError, span: BlockSpan | None = None) -> None:
+        """Send every open session's client (or only those computing on ``span``) ``reason``
+        (unasked, so with no seq) and end its stream: the client fails over at once instead of
+        waiting out a timeout."""
         for session_id, writer in list(self._client_streams.items()):
+            session = self.sessions.sessions.get(session_id)
+            if span is not None and (session is None or session.span is not span):
+                continue
+            self._client_streams.pop(session_id)
             if not writer.is_closing():
                 try:
                     await msg.write_frame(writer, msg.error_meta(reason))
@@ -213,9 +226,10 @@ class BlockServicer:
                     pass
                 writer.close()
             self.sessions.close(session_id)
-        self._client_streams.clear()
 
     def _check_span(self, start: int, end: int) -> None:
+        if self.span is None:
+            raise BlocksNotServed(f"blocks {start}:{end} requested; this node is moving to other blocks")
         if not (self.span.start <= start and end <= self.span.end):
             raise BlocksNotServed(f"blocks {start}:{end} requested, this node serves {self.span.start}:{self.span.end}")
 

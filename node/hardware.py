@@ -95,8 +95,9 @@ def default_cache_gib(device: torch.device) -> float:
     return GPU_CACHE_SHARE * free / 2**30
 
 
-def free_after_error(device: torch.device) -> None:
-    """Give cached blocks back to the allocator after an out-of-memory error in a step."""
+def release_memory(device: torch.device) -> None:
+    """Give the allocator's cached blocks back to the device: after an out-of-memory error in a
+    step, or after dropping blocks."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

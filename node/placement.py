@@ -5,7 +5,9 @@ A block's *throughput* is the sum of the announced steps per second of the live 
 itself it counts as fast as the node deciding). A node takes the contiguous span that most
 raises the swarm's weakest point: compared as sorted lists of block throughputs, smallest first
 (the lowest block first, then the next lowest...), so uncovered blocks are filled before any
-block gets a second replica. How many blocks it takes follows from its memory.
+block gets a second replica. How many blocks it takes follows from its memory. Later, a node
+moves only where that raises the weakest point by a clear margin, and never off a block it
+alone serves.
 """
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ from dataclasses import dataclass
 from potluck.protocol.records import NodeRecord, NodeState
 
 CLAIMING = frozenset({NodeState.ONLINE, NodeState.JOINING})
+
+
+@dataclass(frozen=True)
+class Move:
+    """A better span for a node already serving, and why (for the log)."""
+
+    span: tuple[int, int]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,26 @@ def better_span(records: dict[str, NodeRecord], me: str, span: tuple[int, int], 
     best = choose_span(throughputs, end - start, own_speed)
     better = _after(throughputs, best[0], end - start, own_speed) > _after(throughputs, start, end - start, own_speed)
     return best if better else None
+
+
+def should_move(records: dict[str, NodeRecord], me: str, span: tuple[int, int], num_blocks: int,
+                own_speed: float, quality: float) -> Move | None:
+    """Where a serving node should move, or None: only off blocks someone else also serves, and
+    only if the move leaves fewer uncovered blocks, or raises the weakest block's throughput so
+    that now / after < ``quality`` (like Petals' --balance_quality; 1.0 takes any gain)."""
+    start, end = span
+    others = block_throughputs(records, num_blocks, own_speed, exclude=me)
+    if any(others[i] == 0 for i in range(start, min(end, num_blocks))):
+        return None  # it alone serves some of its blocks: leaving would uncover them
+    best = choose_span(others, end - start, own_speed)
+    now, after = _after(others, start, end - start, own_speed), _after(others, best[0], end - start, own_speed)
+    gaps_now, gaps_after = now.count(0.0), after.count(0.0)
+    if gaps_after < gaps_now:
+        return Move(best, f"{gaps_now} blocks have no node; moving leaves {gaps_after}")
+    if gaps_now or after[0] <= 0 or now[0] / after[0] >= quality:
+        return None
+    return Move(best, f"the weakest block would go from {now[0]:.1f} to {after[0]:.1f} steps/s "
+                      f"(ratio {now[0] / after[0]:.2f} < --balance-quality {quality:g})")
 
 
 def size_span(num_blocks: int, block_bytes: int, memory_bytes: int, cache_bytes: int) -> Sizing:

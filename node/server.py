@@ -1,8 +1,8 @@
 """A volunteer node: joins the DHT, loads its span, announces itself and serves until stopped.
 
 Life cycle: ``Node.create`` (P2P, DHT, choose a span unless given one, announce JOINING, load
-blocks, measure, announce ONLINE)
-→ ``serve_forever`` → ``shutdown`` (announce DRAINING, wait for open sessions up to a timeout,
+blocks, measure, announce ONLINE) → serve (a node that chose its span may move, see ``moving``)
+→ ``shutdown`` (announce DRAINING, wait for open sessions up to a timeout,
 announce OFFLINE, stop). One Python process plus hivemind's p2pd daemon.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
 from .links import PushLinks
 from .metrics import serve_metrics, status_line
+from .moving import Rebalancer
 from .pings import measure_pings
 from .sessions import SessionTable
 from .span import block_bytes, load_span
@@ -47,6 +48,8 @@ class NodeConfig:
     num_blocks: int | None = None  # blocks to take when choosing (None: as many as max_memory_gib holds)
     max_memory_gib: float | None = None  # None: most of the free memory of the device
     placement_delay: float = 2.0  # at most this many seconds of random wait before choosing a span
+    balance_period: float = 60.0  # seconds between checks whether to move (a chosen span only; 0: never)
+    balance_quality: float = 0.75  # move when weakest now / weakest after < this
     throughput: float | None = None  # steps/s to announce instead of measuring
     metrics_port: int | None = None  # serve Prometheus metrics here (0: any free port; None: not at all)
     metrics_host: str = "127.0.0.1"
@@ -90,6 +93,7 @@ class Node:
         self.compute = ComputeLane()
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
+        self.rebalancer: Rebalancer | None = None  # for a node that chose its own span
         self._remeasures_left = 3  # idle periods that re-measure speed; later ones leave an idle node idle
         self._metrics_server = None  # serving --metrics-port, if asked
         self._tasks: set[asyncio.Task] = set()
@@ -115,7 +119,8 @@ class Node:
         return node
 
     async def _start(self) -> None:
-        if self.config.start is None:
+        placed_itself = self.config.start is None
+        if placed_itself:
             await self._choose_span()
         else:
             await self.announcer.announce(NodeState.JOINING)
@@ -128,13 +133,15 @@ class Node:
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
         self.sessions = SessionTable(tokens, on_change=self.announcer.nudge)
-        self.span = span
         limits = ServingLimits(max_batch_tokens=config.max_batch_tokens)
         self.links = PushLinks(self.p2p)
         self.servicer = BlockServicer(span, self.compute, self.sessions, limits, self.describe, self.links)
         await self.servicer.register(self.p2p)
         await self.announcer.announce(NodeState.ONLINE)
         self._own(self.announcer.run(before=self._before_announce))
+        if placed_itself and config.balance_period > 0:
+            self.rebalancer = Rebalancer(self, config.balance_period, config.balance_quality)
+            self._own(self.rebalancer.run())
         if config.metrics_port is not None:
             self._metrics_server = serve_metrics(self, config.metrics_port, config.metrics_host)
         name = f" ({config.public_name})" if config.public_name else ""
@@ -190,7 +197,7 @@ class Node:
         memory = int(config.max_memory_gib * 2**30) if config.max_memory_gib else hardware.usable_memory(self.device)
         per_block, cache = block_bytes(checkpoint, 0, dtype), 0
         if config.cache_tokens is not None:  # a cache in tokens grows with every block taken
-            per_block += config.cache_tokens * cache_bytes_per_token(checkpoint, 1, dtype)
+            per_block += config.cache_tokens * self.cache_bytes_per_token(1)
         elif config.cache_gib is not None:
             cache = int(config.cache_gib * 2**30)
         else:
@@ -204,9 +211,11 @@ class Node:
     async def _before_announce(self) -> None:
         """Refresh what the record says about speed: pings always; throughput in the first few
         idle periods (the figure taken at start may have been slowed by neighbours loading too)."""
-        if not self.sessions.sessions and self._remeasures_left > 0 and self.config.throughput is None:
+        span = self.servicer.span  # None while moving
+        idle = not self.sessions.sessions and span is not None
+        if idle and self._remeasures_left > 0 and self.config.throughput is None:
             self._remeasures_left -= 1
-            self.speed = self.speed.best_of(await self.compute.run(measure, self.span))
+            self.speed = self.speed.best_of(await self.compute.run(measure, span))
             remember_speed(self._speed_key(), self.speed)
         await self._measure_pings()
         logger.info(status_line(self))
@@ -217,6 +226,9 @@ class Node:
                                              self.checkpoint.num_blocks, self.config.start, self.config.end)
         except (asyncio.TimeoutError, OSError) as e:
             logger.debug("could not measure pings: %s", e)
+
+    def cache_bytes_per_token(self, blocks: int) -> int:
+        return cache_bytes_per_token(self.checkpoint, blocks, DTYPES[self.config.dtype])
 
     def record(self, state: NodeState) -> NodeRecord:
         c = self.config

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Session:
     request: OpenSession
+    span: BlockSpan | None  # the blocks it computes on: a node moving elsewhere keeps them for it
     cache: DynamicCache = field(default_factory=DynamicCache)
     cached: int = 0  # tokens in the cache
     opened_at: float = field(default_factory=time.monotonic)
@@ -49,12 +50,12 @@ class Session:
             )
         return start
 
-    def step(self, span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor,
-             mask: torch.Tensor | None, start: int) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+             start: int) -> torch.Tensor:
         """Runs on the compute thread: rewind to ``start`` if the cache holds more, then append."""
         if start < self.cached:
-            span.truncate(self.cache, start)
-        out = span(hidden, positions, mask, self.cache, self.request.start, self.request.end)
+            self.span.truncate(self.cache, start)
+        out = self.span(hidden, positions, mask, self.cache, self.request.start, self.request.end)
         self.cached = start + hidden.shape[1]
         return out
 
@@ -71,7 +72,7 @@ class SessionTable:
     def tokens_left(self) -> int:
         return self.cache_tokens - sum(s.reserved for s in self.sessions.values())
 
-    def open(self, request: OpenSession) -> Session:
+    def open(self, request: OpenSession, span: BlockSpan | None) -> Session:
         if request.session_id in self.sessions:
             raise BadRequest(f"session {request.session_id} is already open")
         needed = request.max_length * request.batch_size
@@ -80,7 +81,7 @@ class SessionTable:
                 f"session needs {needed} cache tokens (max_length x batch), only {self.tokens_left} of "
                 f"{self.cache_tokens} are free here"
             )
-        session = self.sessions[request.session_id] = Session(request)
+        session = self.sessions[request.session_id] = Session(request, span)
         logger.debug("opened session %s (%d tokens)", request.session_id, needed)
         self.on_change()
         return session

@@ -36,6 +36,10 @@ class BlockSpan(torch.nn.Module):
             self.rotary = family.make_rotary(config)
         self.windows = [family.window(config, i) for i in range(self.start, self.end)]
 
+    def blocks_by_index(self, indices: range) -> dict[int, torch.nn.Module]:
+        """This span's blocks among ``indices`` (global), for ``load_span(reuse=...)``."""
+        return {i: self.blocks[i - self.start] for i in indices if self.start <= i < self.end}
+
     def cache_length(self, cache: DynamicCache | None, start: int | None = None) -> int:
         start = self.start if start is None else start
         return cache.get_seq_length(layer_idx=start) if cache is not None else 0
@@ -102,14 +106,19 @@ def causal_mask(
 
 
 def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
-              device: str | torch.device = "cpu", progress: bool = False) -> BlockSpan:
-    """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked)."""
+              device: str | torch.device = "cpu", progress: bool = False,
+              reuse: dict[int, torch.nn.Module] | None = None) -> BlockSpan:
+    """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked);
+    blocks in ``reuse`` (index -> block already loaded in this dtype on this device) are shared."""
     if not 0 <= start < end <= checkpoint.num_blocks:
         raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
     family = family_of(checkpoint.config)
     files = tensor_files(checkpoint.path)
     blocks = []
     for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
+        if reuse and index in reuse:
+            blocks.append(reuse[index])
+            continue
         prefix = family.block_prefix.format(index)
         names = [n for n in files if n.startswith(prefix)]
         weights = load_tensors(checkpoint.path, names, dtype, device)

@@ -1,8 +1,9 @@
-"""Nodes that place themselves: started together without spans they cover the model, and a node
-sizes its span from the memory it is given."""
+"""Nodes that place themselves: started together without spans they cover the model, they cover
+it again when one leaves, and a node sizes its span from the memory it is given."""
 import json
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 from potluck.node.span import block_bytes
 from potluck.protocol.checkpoint import resolve_checkpoint
+from potluck.protocol.directory import read_block_records
+from potluck.protocol.records import NodeState
 
 
 @pytest.fixture(scope="module")
@@ -20,28 +23,101 @@ def nine_blocks(tmp_path_factory):
     return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("placement") / "tiny-llama-9", layers=9)
 
 
+def online_spans(connection: SwarmConnection) -> dict[str, tuple[int, int]]:
+    records = connection.call(read_block_records(connection.dht, "tiny-llama-9", 9))
+    return {peer: (r.start, r.end) for peer, r in records.items() if r.state == NodeState.ONLINE}
+
+
+def covered(spans: dict[str, tuple[int, int]]) -> set[int]:
+    return set().union(*(range(*span) for span in spans.values()))
+
+
+def assert_greedy_is_exact(checkpoint, connection: SwarmConnection, seed: int) -> None:
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint), swarm=connection)
+    local = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(seed))
+    expected = local.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(remote.generate(ids, max_new_tokens=16, do_sample=False), expected)
+
+
+def memory_for(checkpoint, blocks: float, cache_gib: float) -> float:
+    """GiB for ``blocks`` float32 blocks beside a cache of ``cache_gib``."""
+    return (blocks * block_bytes(resolve_checkpoint(str(checkpoint)), 0, torch.float32) + cache_gib * 2**30) / 2**30
+
+
 def test_four_nodes_started_together_cover_the_model(nine_blocks, swarm_factory):
     swarm = swarm_factory()
     peers = swarm.start_nodes(nine_blocks, [None] * 4, "--num-blocks", "4", "--placement-delay", "1.5")
     connection = SwarmConnection(swarm.initial_peers)
     try:
-        remote = AutoDistributedModelForCausalLM.from_pretrained(str(nine_blocks), swarm=connection)
-        connection.call(remote.swarm_view.refresh())
-        spans = {peer: (r.start, r.end) for peer, r in remote.swarm_view.records.items()}
+        spans = online_spans(connection)
         assert set(spans) == set(peers) and all(end - start == 4 for start, end in spans.values())
-        assert set().union(*(range(start, end) for start, end in spans.values())) == set(range(9)), spans
-        local = AutoModelForCausalLM.from_pretrained(nine_blocks).eval()
-        ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(3))
-        expected = local.generate(ids, max_new_tokens=16, do_sample=False)
-        assert torch.equal(remote.generate(ids, max_new_tokens=16, do_sample=False), expected)
+        assert covered(spans) == set(range(9)), spans
+        assert_greedy_is_exact(nine_blocks, connection, seed=3)
     finally:
         connection.close()
 
 
-def test_a_node_takes_as_many_blocks_as_its_memory_holds_and_says_why(nine_blocks, swarm_factory):
-    block = block_bytes(resolve_checkpoint(str(nine_blocks)), 0, torch.float32)
+def test_when_a_node_leaves_the_others_move_to_cover_its_blocks(nine_blocks, swarm_factory):
+    swarm = swarm_factory()
+    peers = swarm.start_nodes(nine_blocks, [None] * 4, "--num-blocks", "4", "--placement-delay", "1.5",
+                              "--balance-period", "2", "--drain-timeout", "2")
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        def alone(spans, peer):  # the blocks only ``peer`` serves
+            return set(range(*spans[peer])) - covered({p: s for p, s in spans.items() if p != peer})
+
+        before = online_spans(connection)
+        leaving = next(p for p in peers if alone(before, p))
+        swarm.nodes[leaving].send_signal(signal.SIGTERM)
+        assert swarm.nodes[leaving].wait(30) == 0
+        deadline, after = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            after = online_spans(connection)
+            if leaving not in after and covered(after) == set(range(9)):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"blocks not covered again: {before} -> {after}")
+        for peer in set(after):  # a node never moved off a block it alone served
+            assert alone(before, peer) <= set(range(*after[peer])), (before, after)
+        log = "".join(line for child in swarm.children for line in child.lines)
+        assert "moving from blocks" in log and "moved: ONLINE on blocks" in log, log[-3000:]
+        assert_greedy_is_exact(nine_blocks, connection, seed=4)
+    finally:
+        connection.close()
+        swarm.stop()
+
+
+def test_a_node_without_room_for_two_spans_drains_the_old_one_before_it_moves(nine_blocks, swarm_factory):
     cache_gib = 0.0001
-    memory_gib = (3.5 * block + cache_gib * 2**30) / 2**30  # room for three blocks beside the cache
+    memory_gib = memory_for(nine_blocks, 4.5, cache_gib)  # four blocks, not eight
+    swarm = swarm_factory()
+    swarm.start_nodes(nine_blocks, ["0:5"], "--throughput", "100")
+    fast = swarm.start_nodes(nine_blocks, ["5:9"], "--throughput", "1000")[0]
+    swarm.start_nodes(nine_blocks, [None], "--num-blocks", "4", "--throughput", "10", "--max-memory",
+                      f"{memory_gib:.9f}", "--cache-gib", str(cache_gib), "--placement-delay", "0",
+                      "--balance-period", "1")
+    mover = swarm.children[-1]
+    assert re.search(r"chose blocks (0:4|1:5) of 9", "".join(mover.lines))  # the slower node's blocks
+    swarm.nodes[fast].send_signal(signal.SIGTERM)
+    assert swarm.nodes[fast].wait(30) == 0
+    deadline = time.monotonic() + 60
+    while "moved: ONLINE on blocks 5:9" not in "".join(mover.lines) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = "".join(mover.lines)
+    assert "moved: ONLINE on blocks 5:9" in log and "draining the old span first" in log, log[-3000:]
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        assert_greedy_is_exact(nine_blocks, connection, seed=5)
+    finally:
+        connection.close()
+        swarm.stop()
+
+
+def test_a_node_takes_as_many_blocks_as_its_memory_holds_and_says_why(nine_blocks, swarm_factory):
+    cache_gib = 0.0001
+    memory_gib = memory_for(nine_blocks, 3.5, cache_gib)  # room for three blocks beside the cache
     swarm = swarm_factory()
     swarm.start_nodes(nine_blocks, [None], "--max-memory", f"{memory_gib:.9f}", "--cache-gib", str(cache_gib),
                       "--placement-delay", "0")

@@ -98,8 +98,8 @@ def test_out_of_memory_fails_the_request_not_the_node(tiny_checkpoints):
 
     async def attempt():
         with pytest.raises(NodeOutOfMemory, match="ran out of meta memory"):
-            await servicer._compute(exhausted, tokens=1)
-        return await servicer._compute(lambda: "still serving", tokens=1)
+            await servicer._compute(span.device, exhausted, tokens=1)
+        return await servicer._compute(span.device, lambda: "still serving", tokens=1)
 
     assert asyncio.run(attempt()) == "still serving"
 

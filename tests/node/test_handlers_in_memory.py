@@ -3,6 +3,7 @@ import asyncio
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from memory_swarm import peer_id, stream_pair
 from potluck.node.announcer import Announcer
@@ -13,7 +14,7 @@ from potluck.node.sessions import SessionTable
 from potluck.node.span import load_span
 from potluck.protocol import messages as msg
 from potluck.protocol.checkpoint import resolve_checkpoint
-from potluck.protocol.errors import BadRequest, NodeUnavailable, UnknownSession
+from potluck.protocol.errors import BadRequest, BlocksNotServed, NodeDraining, NodeUnavailable, UnknownSession
 from potluck.protocol.records import MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState, unpack_node_record
 from potluck.protocol.replies import Closed, Opened, Result, parse_reply
 
@@ -106,6 +107,38 @@ class MemoryP2P:
                 self.received.append(await msg.read_frame(reader))
         except asyncio.IncompleteReadError:
             pass
+
+
+def test_a_moving_node_keeps_old_sessions_on_their_span_and_sends_only_those_away(servicer, tiny_checkpoints):
+    old = servicer.span
+    prompt, following = step_tensors(5), step_tensors(1, 5)
+    cache = DynamicCache()
+    old(*prompt, None, cache)
+    expected = old(*following, None, cache)
+
+    async def talk():
+        before = Client(servicer)
+        await before.ask(msg.OpenSession("old", 0, 4, 16, 1))
+        await before.ask(msg.Step("old", None), *prompt)
+        checkpoint = resolve_checkpoint(str(tiny_checkpoints["llama"]))
+        servicer.span = load_span(checkpoint, 2, 6, torch.float32, reuse=old.blocks_by_index(range(2, 6)))
+        assert servicer.span.blocks[0] is old.blocks[2] and servicer.span.blocks[3] is not old.blocks[3]
+        _, (out,) = await before.ask(msg.Step("old", None), *following)  # still on blocks 0:4
+        after = Client(servicer)
+        with pytest.raises(BlocksNotServed, match="serves 2:6"):
+            await after.ask(msg.OpenSession("late", 0, 4, 16, 1))
+        assert (await after.ask(msg.OpenSession("new", 2, 6, 16, 1)))[0] == Opened("new")
+        await servicer.evict(NodeDraining("moved"), span=old)
+        with pytest.raises(NodeDraining, match="moved"):
+            parse_reply(await asyncio.wait_for(msg.read_frame(before.reader), 10))
+        assert list(servicer.sessions.sessions) == ["new"]  # closed as it was told, before it hangs up
+        await before.hang_up()
+        reply, _ = await after.ask(msg.Step("new", None), *step_tensors(3))
+        await after.hang_up()
+        return out, reply
+
+    out, reply = asyncio.run(talk())
+    assert torch.equal(out, expected) and reply.length == 3 and not servicer.sessions.sessions
 
 
 def test_push_links_reuse_one_stream_per_peer_and_report_unreachable_peers():

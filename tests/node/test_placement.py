@@ -1,7 +1,7 @@
 """Placement: which span the swarm needs most, and how many blocks fit, as pure functions."""
 import random
 
-from potluck.node.placement import better_span, block_throughputs, choose_span, size_span
+from potluck.node.placement import better_span, block_throughputs, choose_span, should_move, size_span
 from potluck.protocol.records import NodeRecord, NodeState
 
 
@@ -63,3 +63,40 @@ def test_nodes_that_all_chose_at_once_settle_on_a_cover():
             if moved is not None:
                 records[peer] = node(*moved, speed=0.0, state=NodeState.JOINING)
     assert min(block_throughputs(records, 9, 1.0)) > 0, {p: (r.start, r.end) for p, r in records.items()}
+
+
+def test_a_node_never_moves_off_blocks_it_alone_serves():
+    records = {"me": node(0, 4), "b": node(4, 9, speed=0.1)}  # 4:9 is weak, but only "me" holds 0:4
+    assert should_move(records, "me", (0, 4), 9, 10.0, quality=1.0) is None
+    records["a"] = node(1, 4)  # block 0 is still "me"'s alone
+    assert should_move(records, "me", (0, 4), 9, 10.0, quality=1.0) is None
+
+
+def test_a_replica_moves_to_an_uncovered_block():
+    records = {"me": node(0, 4), "a": node(0, 4), "b": node(5, 9)}  # block 4 has no node
+    move = should_move(records, "me", (0, 4), 9, 10.0, quality=0.75)
+    assert move is not None and move.span[0] <= 4 < move.span[1] and "1 blocks have no node" in move.reason
+
+
+def test_a_move_must_raise_the_weakest_block_by_a_clear_margin():
+    records = {"me": node(0, 4), "a": node(0, 4), "b": node(4, 8, speed=1.0)}
+    move = should_move(records, "me", (0, 4), 8, 10.0, quality=0.75)
+    assert move.span == (4, 8) and "from 1.0 to 10.0" in move.reason  # 1 / 10 < 0.75
+    records["b"] = node(4, 8, speed=8.0)  # 8 / 10 = 0.8: not worth a move at 0.75...
+    assert should_move(records, "me", (0, 4), 8, 10.0, quality=0.75) is None
+    assert should_move(records, "me", (0, 4), 8, 10.0, quality=1.0).span == (4, 8)  # ...but at 1.0
+    records = {"me": node(4, 8), "a": node(0, 4), "b": node(4, 8)}
+    assert should_move(records, "me", (4, 8), 8, 10.0, quality=1.0) is None  # nowhere better
+
+
+def test_nodes_left_after_one_leaves_cover_the_model_again_moving_one_at_a_time():
+    records = {"a": node(0, 4), "b": node(0, 4), "c": node(4, 8), "d": node(5, 9)}
+    del records["c"]  # block 4 is bare now
+    moves = 0
+    for _ in range(3):  # balance periods; nodes check one after another and see earlier moves
+        for peer in sorted(records):
+            move = should_move(records, peer, (records[peer].start, records[peer].end), 9, 10.0, 0.75)
+            if move is not None:
+                records[peer], moves = node(*move.span, state=NodeState.JOINING), moves + 1
+    assert min(block_throughputs(records, 9, 10.0)) > 0 and moves == 1
+    assert (records["d"].start, records["d"].end) == (5, 9)  # it alone held block 8

@@ -11,25 +11,25 @@ def open_request(session_id="s", max_length=100, batch_size=1):
 
 def test_sessions_reserve_and_release_cache_tokens():
     table = SessionTable(cache_tokens=300)
-    table.open(open_request("a", 100, 2))
+    table.open(open_request("a", 100, 2), None)
     assert table.tokens_left == 100
     with pytest.raises(CacheFull):
-        table.open(open_request("b", 101))
+        table.open(open_request("b", 101), None)
     table.close("a")
     assert table.tokens_left == 300
 
 
 def test_unknown_and_duplicate_sessions():
     table = SessionTable(cache_tokens=300)
-    table.open(open_request("a"))
+    table.open(open_request("a"), None)
     with pytest.raises(BadRequest):
-        table.open(open_request("a"))
+        table.open(open_request("a"), None)
     with pytest.raises(UnknownSession):
         table.get("never-opened")
 
 
 def test_steps_may_not_pass_max_length_or_rewind_forward():
-    session = SessionTable(1000).open(open_request(max_length=10))
+    session = SessionTable(1000).open(open_request(max_length=10), None)
     assert session.step_start(None, 10) == 0
     session.cached = 8
     with pytest.raises(MaxLengthExceeded):

@@ -1,0 +1,133 @@
+"""Rebalancing: a node that chose its own blocks looks at the swarm every --balance-period and
+moves where it is needed more (``placement.should_move``) without breaking anyone's session.
+
+A move: announce JOINING on the new span (routers send the old span no new session), load the
+blocks it lacks (blocks it keeps are shared, not read again), serve the new span, then give the
+sessions still computing on the old span up to --drain-timeout to finish and tell the rest to go
+elsewhere. Where the memory budget has no room for both spans at once, the old span drains first
+and its blocks are dropped before the new ones load. Nodes that see the same need at the same
+moment must not all answer it: each waits a random moment and reads the swarm again before it
+moves; a move is visible (JOINING) as soon as it starts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from potluck.protocol.checkpoint import DTYPES
+from potluck.protocol.directory import read_block_records
+from potluck.protocol.errors import NodeDraining
+from potluck.protocol.records import NodeState
+
+from . import hardware, placement
+from .span import BlockSpan, block_bytes, load_span
+
+if TYPE_CHECKING:
+    from .server import Node
+
+logger = logging.getLogger(__name__)
+
+
+class Rebalancer:
+    def __init__(self, node: "Node", period: float, quality: float):
+        self.node, self.period, self.quality = node, period, quality
+        self.moves = 0
+
+    async def run(self) -> None:
+        """Check every period (jittered, so nodes started together do not check together)."""
+        while True:
+            await asyncio.sleep(self.period * random.uniform(0.5, 1.0))
+            try:
+                await self._balance_once()
+            except Exception as e:  # e.g. the DHT did not answer: the next period tries again
+                logger.warning("rebalancing check failed: %s", e)
+
+    async def _balance_once(self) -> None:
+        if await self.check() is None:
+            return
+        await asyncio.sleep(random.uniform(0, self.period / 2))  # another node may answer the same need
+        move = await self.check()
+        if move is None:
+            logger.info("staying on blocks %d:%d: the swarm changed while waiting to move", *self._span())
+            return
+        logger.info("moving from blocks %d:%d to %d:%d: %s", *self._span(), *move.span, move.reason)
+        await self.move(move.span)
+
+    async def check(self) -> placement.Move | None:
+        node = self.node
+        if node.servicer.draining or node.servicer.span is None:
+            return None
+        records = await read_block_records(node.dht, node.checkpoint.name, node.checkpoint.num_blocks)
+        return placement.should_move(records, node.peer_id, self._span(), node.checkpoint.num_blocks,
+                                     node.speed.steps_per_s or 1.0, self.quality)
+
+    async def move(self, span: tuple[int, int]) -> None:
+        node, servicer = self.node, self.node.servicer
+        old = servicer.span
+        was, kept = (old.start, old.end), {}
+        node.config = replace(node.config, start=span[0], end=span[1])
+        await node.announcer.announce(NodeState.JOINING)
+        began = time.monotonic()
+        missing = sum(1 for i in range(*span) if not old.start <= i < old.end)
+        try:
+            if self._room_for(old.end - old.start + missing):
+                servicer.span = await self._load(span, old.blocks_by_index(range(*span)))
+                await node.announcer.announce(NodeState.ONLINE)
+                await self._drain(old)
+            else:
+                logger.info("no room for blocks %d:%d beside %d:%d: draining the old span first", *span, *was)
+                servicer.span = None
+                await self._drain(old)
+                kept = old.blocks_by_index(range(*span))
+                del old  # its other blocks go once the last session on them has closed
+                hardware.release_memory(node.device)
+                servicer.span = await self._load(span, kept)
+                await node.announcer.announce(NodeState.ONLINE)
+        except Exception as e:
+            logger.error("could not move to blocks %d:%d (%s: %s); serving %d:%d again", *span, type(e).__name__, e,
+                         *was)
+            node.config = replace(node.config, start=was[0], end=was[1])
+            if servicer.span is None or (servicer.span.start, servicer.span.end) != was:
+                servicer.span = await self._load(was, kept)
+            await node.announcer.announce(NodeState.ONLINE)
+            return
+        self.moves += 1
+        logger.info("moved: ONLINE on blocks %d:%d after %.1f s (loaded %d blocks, kept %d)", *span,
+                    time.monotonic() - began, missing, span[1] - span[0] - missing)
+
+    async def _load(self, span: tuple[int, int], kept: dict) -> BlockSpan:
+        node = self.node
+        return await asyncio.to_thread(load_span, node.checkpoint, *span, DTYPES[node.config.dtype], node.device,
+                                       sys.stderr.isatty(), kept)
+
+    async def _drain(self, old: BlockSpan) -> None:
+        """Let sessions on the old span finish (up to --drain-timeout), then send the rest away."""
+        servicer, timeout = self.node.servicer, self.node.config.drain_timeout
+        deadline = time.monotonic() + timeout
+        while servicer.sessions_on(old) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if left := servicer.sessions_on(old):
+            logger.warning("telling %d sessions still on blocks %d:%d after %.0f s to go elsewhere", len(left),
+                           old.start, old.end, timeout)
+            await servicer.evict(NodeDraining(f"node {self.node.peer_id} moved off blocks {old.start}:{old.end}; "
+                                              "continue on another node"), span=old)
+
+    def _room_for(self, blocks: int) -> bool:
+        """Whether ``blocks`` blocks and the cache budget fit at once: within --max-memory if set,
+        else the new blocks in the memory free now."""
+        node = self.node
+        dtype = DTYPES[node.config.dtype]
+        per_block = block_bytes(node.checkpoint, 0, dtype)
+        cache = node.sessions.cache_tokens * node.cache_bytes_per_token(node.config.end - node.config.start)
+        if node.config.max_memory_gib is not None:
+            return blocks * per_block + cache <= node.config.max_memory_gib * 2**30
+        current = node.servicer.span
+        return (blocks - (current.end - current.start)) * per_block + cache <= hardware.usable_memory(node.device)
+
+    def _span(self) -> tuple[int, int]:
+        return self.node.config.start, self.node.config.end
