@@ -14,19 +14,45 @@ import sys
 
 from potluck.protocol.errors import PotluckError
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default  # 0 and 0.0 are defaults worth showing; None, False and empty ones are not
+        shown = action.option_strings and not (default is None or default is False or default in ([], "")
+                                               or default == argparse.SUPPRESS)
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from potluck import __version__
     from potluck.client import cli as client_cli
     from potluck.client.health import cli as health_cli
     from potluck.node import cli as node_cli
 
-    parser = argparse.ArgumentParser(prog="potluck", description="Run large language models on a volunteer swarm.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = argparse.ArgumentParser(prog="potluck", description="Run large language models on a volunteer swarm.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"potluck {__version__}")
+    _add_log_level(parser, "INFO")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     node_cli.add_commands(commands)
     client_cli.add_commands(commands)
     health_cli.add_commands(commands)
+    for command in commands.choices.values():
+        command.formatter_class = HelpFormatter
+        _add_log_level(command, argparse.SUPPRESS)  # also after the command; the later one counts
     return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--log-level", default=default, choices=LOG_LEVELS, type=str.upper,
+                        help="how much to log; DEBUG also shows tracebacks (default: INFO)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug or an environment problem: one line, the traceback only with DEBUG
+        if args.log_level == "DEBUG":
+            raise
+        print(f"potluck {args.command}: unexpected {type(e).__name__}: {e} (run with --log-level DEBUG for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 def _run_async(args: argparse.Namespace) -> int:

@@ -7,12 +7,13 @@ import sys
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="continue a prompt through the swarm")
-    generate.add_argument("prompt")
     _add_model_args(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("prompt", help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                          "whose probability reaches P (with --temperature above 0)")
+    generate.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
     _add_local_args(generate)
     generate.set_defaults(run=_run_generate)
 
@@ -28,12 +29,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_route_command(commands)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API whose model runs through the swarm")
-    serve.add_argument("model", nargs="?", default=None,
-                       help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
-    serve.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
-                       help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
-    serve.add_argument("--host", default="127.0.0.1")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     _add_local_args(serve)
@@ -49,14 +46,14 @@ def _add_route_command(commands: argparse._SubParsersAction) -> None:
 
 def _run_route(args: argparse.Namespace) -> int:
     from potluck.protocol.checkpoint import resolve_checkpoint
-    from potluck.protocol.network import initial_peers_from_env
 
     from .swarm_view import SwarmView
     from .routing import explain
     from .transport import SwarmConnection
 
+    initial_peers = _checked(args)
     checkpoint = resolve_checkpoint(args.model, args.model_name)
-    swarm = SwarmConnection(initial_peers_from_env(args.initial_peers))
+    swarm = SwarmConnection(initial_peers)
     try:
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks)
         swarm.call(view.refresh())
@@ -85,17 +82,21 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
     from .openai_api import create_app
     from .serving import TextGenerator
 
-    tokenizer, model = await asyncio.to_thread(_load, args)
+    listening = _listen(args.host, args.port)  # before the slow part: a busy port fails at once
+    try:
+        tokenizer, model = await asyncio.to_thread(_load, args)
+    except BaseException:
+        listening.close()
+        raise
     generator = TextGenerator(model, tokenizer, model.swarm_view.model)
-    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key), host=args.host, port=args.port,
-                                           log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
+    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key), log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve(sockets=[listening]))
     try:
         while not server.started:
             if serving.done():
                 return serving.result() or 1
             await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = listening.getsockname()[1]
         print(f"POTLUCK_OPENAI_BASE_URL=http://{args.host}:{port}/v1", flush=True)
         await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -106,11 +107,35 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
     return 0
 
 
+def _listen(host: str, port: int):
+    import socket
+
+    from potluck.protocol.errors import BadRequest
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise BadRequest(f"cannot serve on {host}:{port} ({e.strerror or e}): pass another --port or --host") from None
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from --model)")
+    """MODEL (positional, as on every command), --model-name and --initial-peers."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="checkpoint folder or HF id in the local HF cache (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", dest="model_option", default=None, help=argparse.SUPPRESS)  # the old spelling
+    parser.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
     parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                         help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
+
+
+def _checked(args: argparse.Namespace) -> list[str]:
+    """Settle MODEL and return the initial peers, before anything slow: a command without peers
+    fails at once, in the CLI's words."""
+    from potluck.protocol.network import require_initial_peers
+
+    args.model = args.model or args.model_option
+    return require_initial_peers(args.initial_peers)
 
 
 def _add_local_args(parser: argparse.ArgumentParser) -> None:
@@ -128,9 +153,10 @@ def _load(args: argparse.Namespace):
 
     from .model import AutoDistributedModelForCausalLM
 
+    initial_peers = _checked(args)
     checkpoint = resolve_checkpoint(args.model, args.model_name)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), args.initial_peers,
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), initial_peers,
                                                             model_name=checkpoint.name, device=args.device,
                                                             mix_dtypes=args.mix_dtypes)
     return tokenizer, model

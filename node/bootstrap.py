@@ -1,22 +1,37 @@
-"""`potluck dht`: a bootstrap peer other peers join through; it serves the DHT and nothing else."""
+"""`potluck dht`: a bootstrap peer other peers join through; it serves the DHT and nothing else.
+
+On loopback unless asked to be public (--public, --host-maddrs, or initial peers beyond
+loopback); it prints the addresses others can use, as a line POTLUCK_INITIAL_PEERS=... that a
+shell can export. It keeps its peer id across restarts (see ``identity``), so that line stays
+valid as long as the port does (fix it with --host-maddrs /ip4/0.0.0.0/tcp/PORT).
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 from typing import Sequence
 
-from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm
+from potluck.protocol.identity import identity_path
+from potluck.protocol.network import INITIAL_PEERS_ENV, dialable, join_swarm, p2p_options
 
 logger = logging.getLogger(__name__)
 
 
-async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None,
-                        stop: asyncio.Event) -> None:
-    p2p, dht = await join_swarm(initial_peers, host_maddrs, identity_path=identity_path)
+async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str],
+                        identity: str | None, public: bool, stop: asyncio.Event) -> None:
+    reachable = p2p_options(initial_peers, host_maddrs, public=public)["nat_port_map"]
+    key = identity_path(identity, "dht", "--identity-path")
+    p2p, dht = await join_swarm(initial_peers, host_maddrs, announce_maddrs, key, public=public)
     try:
-        maddrs = await p2p.get_visible_maddrs()
-        print(f"{INITIAL_PEERS_ENV}={maddrs[0]}", flush=True)
-        logger.info("bootstrap peer listening; other peers join with the line above")
+        maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+        shown = dialable(maddrs) if reachable else maddrs
+        if reachable and not shown:
+            logger.warning("no address here other peers could dial (only loopback); pass --announce-maddrs "
+                           "or --host-maddrs with this machine's public address")
+            shown = maddrs
+        print(f"{INITIAL_PEERS_ENV}={','.join(shown)}", flush=True)
+        logger.info("bootstrap peer ready; others join with --initial-peers %s%s", shown[0],
+                    f" (or any of {len(shown)} addresses above)" if len(shown) > 1 else "")
         await stop.wait()
     finally:
         await dht.shutdown()

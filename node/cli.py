@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.network import initial_peers_from_env
@@ -79,7 +81,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     swarm.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="the nodes' dtype (default: each node's own, as for potluck node)")
     swarm.add_argument("--model-name", default=None, help="the model's name in the swarm")
-    swarm.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD)
+    swarm.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD,
+                       help="seconds between the nodes' announcements")
     swarm.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
     swarm.set_defaults(run=_run_swarm)
 
@@ -88,10 +91,16 @@ def _add_network_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                         help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
     parser.add_argument("--host-maddrs", nargs="*", default=[], metavar="MADDR",
-                        help="addresses to listen on (default: 127.0.0.1 for a loopback swarm, else 0.0.0.0)")
+                        help="addresses to listen on, e.g. /ip4/0.0.0.0/tcp/31337 for a fixed port to forward "
+                             "(default: 127.0.0.1, or 0.0.0.0 with --public or initial peers beyond loopback)")
     parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
                         help="addresses other peers should dial (behind port forwarding)")
-    parser.add_argument("--identity-path", default=None, help="private key file: keeps the peer id across restarts")
+    parser.add_argument("--public", action="store_true",
+                        help="listen on every interface with UPnP port mapping, so other machines can connect "
+                             "(default: loopback only, unless --initial-peers or --host-maddrs are beyond loopback)")
+    parser.add_argument("--identity-path", default=None,
+                        help="private key file behind the peer id (default: one kept per name in the cache folder, "
+                             "so a restart is the same peer)")
 
 
 def _parse_blocks(text: str) -> tuple[int, int]:
@@ -132,8 +141,19 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,
         max_batch_tokens=args.max_batch_tokens, drain_timeout=args.drain_timeout, identity_path=args.identity_path,
+        public=args.public,
     )
-    node = await Node.create(config)
+    starting = asyncio.create_task(Node.create(config))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # Ctrl-C while joining, loading or measuring: stop now, never ONLINE
+        logging.getLogger(__name__).info("stopping before going ONLINE")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return 130
+    stopping.cancel()
+    node = starting.result()
     try:
         await stop.wait()
     finally:
@@ -144,7 +164,8 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
 async def _run_dht(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from .bootstrap import run_bootstrap
 
-    await run_bootstrap(initial_peers_from_env(args.initial_peers), args.host_maddrs, args.identity_path, stop)
+    await run_bootstrap(initial_peers_from_env(args.initial_peers), args.host_maddrs, args.announce_maddrs,
+                        args.identity_path, args.public, stop)
     return 0
 
 

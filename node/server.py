@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +23,7 @@ import potluck
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.directory import read_block_records
+from potluck.protocol.identity import identity_path
 from potluck.protocol.network import join_swarm
 from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
 
@@ -65,7 +67,8 @@ class NodeConfig:
     cache_gib: float | None = None  # None: hardware.default_cache_gib (a share of free GPU memory, or 1 GiB)
     max_batch_tokens: int = 8192
     drain_timeout: float = 10.0  # seconds to wait for open sessions on shutdown
-    identity_path: str | None = None
+    identity_path: str | None = None  # None: the cache folder's key for public_name
+    public: bool = False  # listen beyond loopback with UPnP even without initial peers beyond it
 
 
 def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype) -> int:
@@ -97,6 +100,7 @@ class Node:
         self._remeasures_left = 3  # idle periods that re-measure speed; later ones leave an idle node idle
         self._metrics_server = None  # serving --metrics-port, if asked
         self._tasks: set[asyncio.Task] = set()
+        self.stopping = threading.Event()  # set: loading and measuring give up at the next block or step
 
     @classmethod
     async def create(cls, config: NodeConfig) -> "Node":
@@ -108,12 +112,14 @@ class Node:
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
-        p2p, dht = await join_swarm(config.initial_peers, config.host_maddrs, config.announce_maddrs,
-                                    config.identity_path)
+        key = identity_path(config.identity_path, config.public_name or "node")
+        p2p, dht = await join_swarm(config.initial_peers, config.host_maddrs, config.announce_maddrs, key,
+                                    public=config.public)
         node = cls(config, checkpoint, p2p, dht, device)
         try:
             await node._start()
-        except BaseException:
+        except BaseException:  # including a Ctrl-C (cancellation) while loading or measuring
+            node.stopping.set()
             await node.shutdown(drain=False)
             raise
         return node
@@ -128,7 +134,7 @@ class Node:
         logger.info("loading %s blocks %d:%d (%s on %s) from %s", self.checkpoint.name, config.start, config.end,
                     config.dtype, self.device, self.checkpoint.path)
         span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, self.device,
-                                       sys.stderr.isatty())
+                                       sys.stderr.isatty(), None, self.stopping)
         self.speed = await self._initial_speed(span)
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
@@ -160,7 +166,7 @@ class Node:
             logger.info("speed from an earlier run: %.0f steps/s, %.0f tokens/s forward (refined when idle)",
                         cached.steps_per_s, cached.forward_tokens_per_s)
             return cached
-        speed = await asyncio.to_thread(measure, span)
+        speed = await asyncio.to_thread(measure, span, stopping=self.stopping)
         remember_speed(self._speed_key(), speed)
         return speed
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import torch
 from safetensors import safe_open
@@ -21,6 +22,10 @@ from potluck.protocol.errors import BadRequest
 from potluck.protocol.families import CACHE_ARG, Family, family_of
 
 logger = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Loading or measuring gave up because the node was told to stop."""
 
 
 class BlockSpan(torch.nn.Module):
@@ -107,15 +112,18 @@ def causal_mask(
 
 def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
               device: str | torch.device = "cpu", progress: bool = False,
-              reuse: dict[int, torch.nn.Module] | None = None) -> BlockSpan:
+              reuse: dict[int, torch.nn.Module] | None = None, stopping: threading.Event | None = None) -> BlockSpan:
     """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked);
-    blocks in ``reuse`` (index -> block already loaded in this dtype on this device) are shared."""
+    blocks in ``reuse`` (index -> block already loaded in this dtype on this device) are shared.
+    ``stopping`` set (the node is told to stop) ends the load at the next block: Interrupted."""
     if not 0 <= start < end <= checkpoint.num_blocks:
         raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
     family = family_of(checkpoint.config)
     files = tensor_files(checkpoint.path)
     blocks = []
     for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
+        if stopping is not None and stopping.is_set():
+            raise Interrupted(f"loading blocks {start}:{end} stopped at block {index}")
         if reuse and index in reuse:
             blocks.append(reuse[index])
             continue

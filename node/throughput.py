@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from transformers import DynamicCache
 
 from potluck.protocol.default_model import default_cache_dir
 
-from .span import BlockSpan
+from .span import BlockSpan, Interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,14 @@ class Speed:
                      max(self.forward_tokens_per_s, other.forward_tokens_per_s))
 
 
-def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3) -> Speed:
-    """How fast one-token steps and a long forward run through the span.
+def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3,
+            stopping: threading.Event | None = None) -> Speed:
+    """How fast one-token steps and a long forward run through the span (``stopping`` set: give
+    up at the next step, raising Interrupted).
 
     Nodes often start while others load beside them; taking each figure's best repeat keeps a
     moment of contention from being announced as the node's speed."""
+    stopping = stopping or threading.Event()
     hidden = torch.randn(1, forward_tokens, span.config.hidden_size, dtype=span.dtype, device=span.device)
     positions = torch.arange(forward_tokens, device=span.device).unsqueeze(0)
     span(hidden[:, :8], positions[:, :8], None, DynamicCache())  # warm-up
@@ -51,18 +55,25 @@ def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats
     cache = DynamicCache()
     span(hidden[:, :1], positions[:, :1], None, cache)
     for i in range(1, steps + 1):
+        _check(stopping)
         began = time.perf_counter()
         span(hidden[:, i:i + 1], positions[:, i:i + 1], None, cache)
         _synchronize(span.device)
         step_times.append(time.perf_counter() - began)
     forward_times = []
     for _ in range(repeats):
+        _check(stopping)
         began = time.perf_counter()
         span(hidden, positions, None, None)
         _synchronize(span.device)
         forward_times.append(time.perf_counter() - began)
     fastest_half = sorted(step_times)[: max(1, steps // 2)]
     return Speed(len(fastest_half) / sum(fastest_half), forward_tokens / min(forward_times))
+
+
+def _check(stopping: threading.Event) -> None:
+    if stopping.is_set():
+        raise Interrupted("speed measurement stopped")
 
 
 def _synchronize(device: torch.device) -> None:

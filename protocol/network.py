@@ -1,32 +1,63 @@
-"""How every peer joins the libp2p network and the DHT: listen addresses, NAT settings, and
-``join_swarm``, the one place a P2P daemon and a DHT node are created (nodes, bootstrap peers,
-clients and the dashboard alike; record validators belong there).
+"""How every peer joins the libp2p network and the DHT: listen addresses, NAT settings, initial
+peers, identities, and ``join_swarm``, the one place a P2P daemon and a DHT node are created
+(nodes, bootstrap peers, clients and the dashboard alike; record validators belong there).
 
-A peer whose initial peers (or listen addresses) are all loopback is part of a local swarm: it
-binds to 127.0.0.1 and keeps NAT port mapping (UPnP multicast) off. Only a peer joining a real
-swarm turns it on, since volunteers behind home routers need it.
+Safe by default: a peer listens on 127.0.0.1 with NAT port mapping (UPnP) off unless it is asked
+to be reachable: ``--public``, explicit non-loopback ``--host-maddrs``, or initial peers that are
+not all loopback (joining a real swarm, where volunteers behind home routers need UPnP).
 """
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from typing import Any, Sequence
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from .errors import NodeUnavailable
+from .errors import BadRequest, NodeUnavailable
+
+logger = logging.getLogger(__name__)
 
 INITIAL_PEERS_ENV = "POTLUCK_INITIAL_PEERS"
 LOOPBACK_MADDR = "/ip4/127.0.0.1/tcp/0"
 PUBLIC_MADDR = "/ip4/0.0.0.0/tcp/0"
 
 
+MADDR_EXAMPLE = "/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW..."
+
+
 def initial_peers_from_env(initial_peers: Sequence[str] | None) -> list[str]:
-    """Explicit initial peers, else those in $POTLUCK_INITIAL_PEERS (space or comma separated)."""
-    if initial_peers:
-        return list(initial_peers)
-    return os.environ.get(INITIAL_PEERS_ENV, "").replace(",", " ").split()
+    """Explicit initial peers, else those in $POTLUCK_INITIAL_PEERS (space or comma separated),
+    each checked to be a peer's multiaddr (BadRequest naming the option otherwise)."""
+    source = "--initial-peers" if initial_peers else f"${INITIAL_PEERS_ENV}"
+    peers = list(initial_peers) if initial_peers else os.environ.get(INITIAL_PEERS_ENV, "").replace(",", " ").split()
+    for peer in peers:
+        check_peer_maddr(peer, source)
+    return peers
+
+
+def require_initial_peers(initial_peers: Sequence[str] | None) -> list[str]:
+    """``initial_peers_from_env`` for a command that cannot run alone: none is a BadRequest."""
+    peers = initial_peers_from_env(initial_peers)
+    if not peers:
+        raise BadRequest(f"no initial peers: pass --initial-peers MADDR or set {INITIAL_PEERS_ENV} (the line "
+                         "`potluck dht` or `potluck swarm` prints)")
+    return peers
+
+
+def check_peer_maddr(text: str, option: str = "--initial-peers") -> None:
+    """A peer's full multiaddr: transport address and /p2p/ peer id, as `potluck dht` prints it."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        protocols = [p.name for p in Multiaddr(text).protocols()]
+    except Exception:  # the multiaddr package raises several types for malformed text
+        protocols = []
+    if not protocols or protocols[-1] != "p2p" or len(protocols) < 2:
+        raise BadRequest(f"{option}: {text!r} is not a peer's multiaddr; expected the form {MADDR_EXAMPLE} "
+                         "(the address `potluck dht` prints)")
 
 
 def is_loopback(maddr: str) -> bool:
@@ -42,28 +73,55 @@ def is_loopback(maddr: str) -> bool:
 
 
 def p2p_options(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
-                announce_maddrs: Sequence[str] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``hivemind.P2P.create`` / ``DHTNode.create``."""
-    local = (bool(initial_peers) and all(map(is_loopback, initial_peers))) or (
-        bool(host_maddrs) and all(map(is_loopback, host_maddrs)))
-    hosts = list(host_maddrs or [LOOPBACK_MADDR if local else PUBLIC_MADDR])
-    options: dict[str, Any] = dict(host_maddrs=hosts, nat_port_map=not local, initial_peers=list(initial_peers))
+                announce_maddrs: Sequence[str] | None = None, public: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``hivemind.P2P.create`` / ``DHTNode.create``: loopback and no UPnP
+    unless ``public``, non-loopback ``host_maddrs`` or initial peers beyond loopback say otherwise."""
+    if host_maddrs:
+        reachable = not all(map(is_loopback, host_maddrs))
+        hosts = list(host_maddrs)
+    else:
+        reachable = public or any(not is_loopback(peer) for peer in initial_peers)
+        hosts = [PUBLIC_MADDR if reachable else LOOPBACK_MADDR]
+    options: dict[str, Any] = dict(host_maddrs=hosts, nat_port_map=reachable, initial_peers=list(initial_peers))
     if announce_maddrs:
         options["announce_maddrs"] = list(announce_maddrs)
     return options
 
 
+def dialable(maddrs: Sequence[Any]) -> list[str]:
+    """Of a peer's visible multiaddrs, those another machine could dial (not loopback)."""
+    return [str(m) for m in maddrs if not is_loopback(str(m))]
+
+
 async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
                      announce_maddrs: Sequence[str] | None = None, identity_path: str | None = None,
-                     client_mode: bool = False) -> tuple[P2P, DHTNode]:
+                     client_mode: bool = False, public: bool = False) -> tuple[P2P, DHTNode]:
     """Start this peer's P2P daemon and DHT node. ``client_mode``: read and store records but serve
     none (clients, the dashboard). An initial peer that cannot be reached raises NodeUnavailable."""
-    options = p2p_options(initial_peers, host_maddrs, announce_maddrs)
+    options = p2p_options(initial_peers, host_maddrs, announce_maddrs, public)
+    if client_mode:
+        options["nat_port_map"] = False  # a client dials out; nobody needs to reach it through the router
     try:
-        p2p = await P2P.create(identity_path=identity_path, **options)
+        p2p = await P2P.create(identity_path=identity_path, check_if_identity_free=False, **options)
     except Exception as e:  # hivemind's P2PDaemonError and friends: say what to check
-        raise NodeUnavailable(f"cannot join the swarm through {', '.join(initial_peers) or 'no initial peer'}: {e} "
-                              "(is the initial peer running and reachable?)") from None
+        logger.debug("P2P daemon did not start", exc_info=True)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if initial_peers:
+            raise NodeUnavailable(f"cannot reach any of --initial-peers {' '.join(initial_peers)} ({reason}); "
+                                  "check that the peer is running and the address is current") from None
+        raise NodeUnavailable(f"the P2P daemon did not start ({reason}); check --host-maddrs") from None
+    if not options["nat_port_map"] and not client_mode:
+        logger.log(logging.DEBUG if initial_peers else logging.INFO,  # with loopback peers, a local swarm is meant
+                   "listening on %s only: peers on this machine can connect, others cannot (pass --public to "
+                   "change that)", " ".join(options["host_maddrs"]))
+    elif options["nat_port_map"]:
+        try:
+            addresses = dialable(await p2p.get_visible_maddrs())
+        except ValueError:  # hivemind: no address at all yet
+            addresses = []
+        logger.info("listening on %s with UPnP port mapping on (the router may forward a port here); other "
+                    "machines reach this peer at %s", " ".join(options["host_maddrs"]),
+                    " ".join(addresses) or "no address yet (only loopback; see --announce-maddrs)")
     try:
         dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=client_mode)
     except BaseException:

@@ -26,7 +26,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 async def _run_health(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from potluck.protocol.errors import BadRequest
-    from potluck.protocol.network import initial_peers_from_env
+    from potluck.protocol.network import require_initial_peers
 
     from ..transport import SwarmConnection
     from .crawler import CrawlSettings, Crawler
@@ -34,7 +34,7 @@ async def _run_health(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
     settings = CrawlSettings(period=args.refresh, timeout=args.crawl_timeout, probe_timeout=args.probe_timeout,
                              forget_after=args.forget_after)
-    swarm = await asyncio.to_thread(SwarmConnection, initial_peers_from_env(args.initial_peers))
+    swarm = await asyncio.to_thread(SwarmConnection, require_initial_peers(args.initial_peers))
     server = None
     try:
         crawler = Crawler(swarm, settings)

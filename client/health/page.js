@@ -50,7 +50,7 @@ const fmt = {
     if (s < 3600) return Math.round(s / 60) + " min";
     return (s / 3600).toFixed(1) + " h";
   },
-  span(a, b) { return b - a === 1 ? String(a) : a + "–" + (b - 1); },
+  span(a, b) { return a + ":" + b; },  // as the CLI writes spans: start inclusive, end exclusive
   short(peer) { return peer.length > 14 ? "…" + peer.slice(-8) : peer; },
 };
 

@@ -107,7 +107,7 @@ def test_page_from_a_live_swarm(tiny_checkpoints, swarm_factory, tmp_path, brows
         assert js(browser, "document.querySelectorAll('.card .value')[3].textContent") != "–"  # tokens served
         assert js(browser, cells("tiny-llama")) == classes(("cell c2", 8))
         assert js(browser, cells("tiny-qwen3")) == classes(("cell c1", 5), ("cell c0", 3))
-        assert js(browser, BADGES) == ["usable end to end", "not usable: no live node for blocks 5–7"]
+        assert js(browser, BADGES) == ["usable end to end", "not usable: no live node for blocks 5:8"]
         names = js(browser, "Array.from(document.querySelectorAll('tr.node td.name')).map(t => t.textContent)")
         assert len(names) == 4 and all(name.startswith("tiny-") for name in names)
         js(browser, "document.querySelector('section[data-model=\"tiny-llama\"] tr.node').click()")
@@ -125,7 +125,7 @@ def test_page_from_a_live_swarm(tiny_checkpoints, swarm_factory, tmp_path, brows
         swarm.nodes[qwen].send_signal(signal.SIGINT)
         wait_until(browser, f"{cells('tiny-qwen3')} === '{classes(('cell c0', 8))}'", timeout=30)
         assert js(browser, "window.sameDocument === true")  # updated in place, not reloaded
-        assert js(browser, BADGES)[1].startswith("not usable: no live node for blocks 0–7")
+        assert js(browser, BADGES)[1].startswith("not usable: no live node for blocks 0:8")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ from helpers import potluck_command
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--blocks", "5:3", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "need 0 <= A < B"),
+    (["--blocks", "5:3", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb"],
+     "need 0 <= A < B"),
     (["--blocks", "0:99", "--new-swarm"], "outside the model's 0:8"),
     (["--blocks", "0:2"], "no initial peers"),
 ])

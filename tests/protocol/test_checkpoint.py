@@ -29,5 +29,5 @@ def test_hf_id_resolves_from_the_local_cache(tiny_checkpoints, tmp_path, monkeyp
 
 def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(BadRequest, match="neither a checkpoint folder nor an HF id"):
+    with pytest.raises(BadRequest, match="hf download nobody/nothing-here"):
         ckpt.resolve_checkpoint("nobody/nothing-here")

@@ -1,0 +1,151 @@
+"""The command line as a new contributor meets it: safe network defaults, one-line errors that name
+the option to change, Ctrl-C at any moment, a peer id that survives restarts, one CLI."""
+import signal
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from helpers import LocalSwarm, make_tiny_checkpoint, potluck_command
+from potluck.cli import build_parser
+from potluck.client.transport import SwarmConnection
+from potluck.protocol.directory import read_block_records
+from potluck.protocol.records import NodeState
+
+NOBODY = "/ip4/127.0.0.1/tcp/1/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb"  # a valid address, no one there
+
+
+def run(*args: str, env=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(potluck_command(*args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode not in (0, None), result
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("potluck "), result.stderr[-3000:]
+    for word in words:
+        assert word in last, last
+
+
+@pytest.fixture
+def no_env_peers(monkeypatch):
+    monkeypatch.delenv("POTLUCK_INITIAL_PEERS", raising=False)
+
+
+def p2pd_of(process: psutil.Process) -> psutil.Process:
+    daemons = [c for c in process.children(recursive=True) if c.name() == "p2pd"]
+    assert len(daemons) == 1, daemons
+    return daemons[0]
+
+
+def test_dht_and_node_on_loopback_listen_only_there_with_port_mapping_off(tiny_checkpoints, tmp_path):
+    swarm = LocalSwarm(tmp_path, node_args=["--num-threads", "1"])
+    try:
+        swarm.start_dht()  # no flags at all
+        peer = swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"])[0]
+        for process in (psutil.Process(swarm.children[0].proc.pid), psutil.Process(swarm.nodes[peer].pid)):
+            daemon = p2pd_of(process)
+            args = daemon.cmdline()
+            assert "-natPortMap=0" in args and "-hostAddrs=/ip4/127.0.0.1/tcp/0" in args, args
+            listening = [c.laddr.ip for c in daemon.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+            assert listening and set(listening) == {"127.0.0.1"}, listening
+    finally:
+        swarm.stop()
+
+
+@pytest.mark.parametrize("command", [["node", "--blocks", "0:2"], ["dht"], ["generate", "hi"], ["route"],
+                                     ["health"], ["serve"]])
+def test_an_initial_peer_that_is_not_a_multiaddr_is_named_with_an_example(command, no_env_peers):
+    result = run(*command, "--initial-peers", "127.0.0.1:37677", timeout=60)
+    assert_one_clear_line(result, "--initial-peers", "'127.0.0.1:37677'", "/ip4/")
+
+
+def test_a_node_whose_initial_peer_is_unreachable_says_so(tiny_checkpoints):
+    result = run("node", str(tiny_checkpoints["llama"]), "--blocks", "0:2", "--initial-peers", NOBODY)
+    assert_one_clear_line(result, "cannot reach", "--initial-peers")
+
+
+def test_a_model_that_is_not_there(tmp_path):
+    missing = run("node", str(tmp_path / "no-such-folder"), "--initial-peers", NOBODY)
+    assert_one_clear_line(missing, "no checkpoint folder", "MODEL")
+    empty = run("generate", str(tmp_path), "hi", "--initial-peers", NOBODY)
+    assert_one_clear_line(empty, "no config.json")
+    not_downloaded = run("chat", "nobody-here/not-a-model", "--initial-peers", NOBODY)
+    assert_one_clear_line(not_downloaded, "hf download nobody-here/not-a-model")
+
+
+def test_serve_on_a_busy_port_says_which_option_to_change(tiny_checkpoints):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = run("serve", str(tiny_checkpoints["llama"]), "--port", str(port), "--initial-peers", NOBODY)
+    assert_one_clear_line(result, f"127.0.0.1:{port}", "--port")
+
+
+def test_a_client_command_without_peers_says_so_at_once(no_env_peers):
+    began = time.monotonic()
+    result = run("generate", "The capital of France is")
+    assert_one_clear_line(result, "no initial peers", "--initial-peers")
+    assert time.monotonic() - began < 60  # before loading any model (no timing asserted beyond "not stuck")
+
+
+def test_ctrl_c_while_loading_stops_the_node_before_it_goes_online(tmp_path, monkeypatch, swarm_factory):
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path / "cache"))  # no cached speed: it measures after loading
+    model = make_tiny_checkpoint("llama", tmp_path / "wide-llama", hidden=768, layers=12, vocab=1000, heads=12,
+                                 kv_heads=4)
+    swarm = swarm_factory()
+    process = subprocess.Popen(potluck_command("node", str(model), "--blocks", "0:12", "--num-threads", "1",
+                                               "--initial-peers", *swarm.initial_peers),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "loading wide-llama blocks 0:12" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + process.communicate(timeout=30)[0]
+    assert process.returncode == 130, output
+    assert "stopping before going ONLINE" in output and "ONLINE: serving" not in output, output[-3000:]
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        records = connection.call(read_block_records(connection.dht, "wide-llama", 12))
+        assert all(r.state != NodeState.ONLINE for r in records.values()), records
+    finally:
+        connection.close()
+
+
+def test_a_node_restarted_under_the_same_name_keeps_its_peer_id(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                 swarm_factory):
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path))
+    swarm = swarm_factory()
+    first = swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"], "--public-name", "carol")[0]
+    swarm.nodes[first].send_signal(signal.SIGINT)
+    assert swarm.nodes[first].wait(30) == 0
+    again = swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"], "--public-name", "carol")[0]
+    other = swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"], "--public-name", "dave")[0]
+    assert again == first and other != first
+    assert [len(list((tmp_path / "identities").glob(f"{name}-*.key"))) for name in ("carol", "dave")] == [1, 1]
+
+
+def test_version_and_options_after_the_command():
+    assert run("--version").stdout.strip().startswith("potluck ")
+    parser = build_parser()
+    assert parser.parse_args(["node", "--log-level", "debug"]).log_level == "DEBUG"
+    assert parser.parse_args(["--log-level", "WARNING", "dht"]).log_level == "WARNING"
+    assert parser.parse_args(["generate", "./ckpt", "hi"]).model == "./ckpt"
+    assert parser.parse_args(["generate", "hi"]).prompt == "hi"
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"potluck {name} {action.option_strings or action.dest} has no help"
+        text = command.format_help()
+        assert "(default:" in text, name
+    generate_help = " ".join(commands["generate"].format_help().split())
+    assert "--max-new-tokens MAX_NEW_TOKENS tokens to generate (default: 32)" in generate_help  # added by the CLI
+    assert "--temperature TEMPERATURE 0 = greedy (default: 0.0)" in generate_help
