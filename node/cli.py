@@ -54,6 +54,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                              "after loading, or 1 GiB on CPUs)")
     memory.add_argument("--max-batch-tokens", type=int, default=8192,
                         help="most tokens accepted in one message (default: 8192)")
+    memory.add_argument("--max-batch-sessions", type=int, default=64, metavar="N",
+                        help="decoding steps of at most N sessions run as one batch (1: no batching)")
+    memory.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                        help="run a long prompt this many tokens at a time, so other sessions' decoding steps "
+                             "go between its chunks")
 
     network = node.add_argument_group("network")
     _add_network_args(network)
@@ -129,19 +134,21 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         raise BadRequest("--num-blocks must be at least 1")
     if not 0 < args.balance_quality <= 1 or args.balance_period < 0:
         raise BadRequest("--balance-quality must be in (0, 1] and --balance-period at least 0")
+    if args.prefill_chunk < 1 or args.max_batch_sessions < 1:
+        raise BadRequest("--prefill-chunk and --max-batch-sessions must be at least 1")
     if args.throughput is not None and not args.throughput > 0:
         raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
         model=args.model, start=start, end=end, num_blocks=args.num_blocks, max_memory_gib=args.max_memory,
         placement_delay=args.placement_delay, balance_period=args.balance_period,
         balance_quality=args.balance_quality, throughput=args.throughput, metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host, initial_peers=initial_peers,
-        public_name=args.public_name,
+        metrics_host=args.metrics_host, initial_peers=initial_peers, public_name=args.public_name,
         dtype=args.dtype, device=args.device,
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,
-        max_batch_tokens=args.max_batch_tokens, drain_timeout=args.drain_timeout, identity_path=args.identity_path,
-        public=args.public,
+        max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
+        max_batch_sessions=args.max_batch_sessions, drain_timeout=args.drain_timeout,
+        identity_path=args.identity_path, public=args.public,
     )
     starting = asyncio.create_task(Node.create(config))
     stopping = asyncio.create_task(stop.wait())

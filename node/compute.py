@@ -1,46 +1,121 @@
-"""The node's compute lane: every block computation runs here, one at a time, off the event loop.
+"""The node's compute lane: all block work runs here, on one worker thread, batched across sessions.
 
-One worker thread keeps long torch work from blocking the RPC loop (re-announcements, new
-streams) while steps of different sessions queue in arrival order. A small job that finds the
-lane idle runs right on the loop instead: a decoding step takes about as long as the two thread
-hand-overs it would otherwise cost. Batching the steps of many sessions into one forward is the
-planned next step and belongs here.
+Requests become jobs for the ``Scheduler``; one engine task on the event loop takes the next
+batch (``schedule``), runs it on the worker thread (``batching``), records it (``update``) and
+answers each job's request, then takes the next. Steps that arrive while a batch runs wait for
+the next one, so under load decoding steps of many sessions go through the weights together
+(continuous batching) without waiting for a timer. A decoding step of the only open session, with
+nothing else waiting, runs right on the loop instead: a thread hand-over would cost about as much
+as the step. Other exclusive work (a speed measurement) goes to the same thread between batches.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
+
+import torch
+
+from .batching import ForwardWork, StepWork, decode_together
+from .scheduler import Batch, Job, JobKind, Scheduler
+from .sessions import Session
+from .span import BlockSpan
 
 T = TypeVar("T")
 
 
 class ComputeLane:
-    def __init__(self, inline_tokens: int = 8) -> None:
+    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
-        self.inline_tokens = inline_tokens  # jobs of at most this many tokens may run on the loop
+        self.scheduler = Scheduler(max_batch, prefill_chunk)
         self.busy_seconds = 0.0  # total time spent computing, for the node's counters
-        self.tasks_done = 0
-        self._queued = 0  # jobs handed to the worker thread and not finished
+        self.counters: Counter[str] = Counter()  # batches run, rows decoded, prefill chunks...
+        self._work: dict[int, tuple[StepWork | ForwardWork, asyncio.Future]] = {}  # job id -> inputs, answer
+        self._ids = itertools.count()
+        self._engine: asyncio.Task | None = None
 
-    async def run(self, fn: Callable[..., T], *args, tokens: int | None = None) -> T:
-        """Run ``fn(*args)`` in the lane; ``tokens`` (the job's size) lets small jobs run inline."""
-        if tokens is not None and tokens <= self.inline_tokens and self._queued == 0:
-            return self._timed(fn, args)
-        self._queued += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, args)
-        finally:
-            self._queued -= 1
+    async def step(self, session: Session, hidden: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor | None, start: int, alone: bool = False) -> torch.Tensor:
+        """Run a session's step (hidden [B, T, H]); ``alone``: no other session is open here."""
+        work = StepWork(session, hidden, positions, mask, start)
+        batch, new_tokens = hidden.shape[:2]
+        decoding = new_tokens == 1 and batch == 1 and mask is None
+        if alone and decoding and self._idle():
+            return self._timed(work.chunk, 0, 1)
+        group = (id(session.span), session.request.start, session.request.end)
+        kind = JobKind.DECODE if decoding else JobKind.PREFILL
+        return await self._submit(Job(next(self._ids), kind, new_tokens, group, id(session)), work)
 
-    def _timed(self, fn: Callable[..., T], args: tuple) -> T:
+    async def forward(self, span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor,
+                      mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        work = ForwardWork(span, hidden, positions, mask, start, end)
+        return await self._submit(Job(next(self._ids), JobKind.FORWARD, hidden.shape[1], None), work)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """Run ``fn(*args)`` on the compute thread, between batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
+
+    def _idle(self) -> bool:
+        return not self.scheduler.waiting and self._engine_idle()
+
+    def _engine_idle(self) -> bool:
+        return self._engine is None or self._engine.done()
+
+    def _submit(self, job: Job, work: StepWork | ForwardWork) -> asyncio.Future:
+        answer = asyncio.get_running_loop().create_future()
+        self._work[job.id] = (work, answer)
+        self.scheduler.add(job)
+        if self._engine_idle():
+            self._engine = asyncio.create_task(self._drive())
+        return answer
+
+    async def _drive(self) -> None:
+        """Run batches until nothing waits."""
+        loop = asyncio.get_running_loop()
+        while (batch := self.scheduler.schedule()) is not None:
+            if batch.kind is JobKind.DECODE and self.scheduler.in_prefill():
+                self.counters["decode_rows_during_prefill"] += len(batch.jobs)  # a long prompt stalls no one
+            try:
+                await loop.run_in_executor(self._executor, self._timed, self._execute, batch)
+            except Exception as e:  # e.g. out of memory: every request of the batch gets the error
+                for job in self.scheduler.drop(batch):
+                    _, answer = self._work.pop(job.id)
+                    if not answer.done():
+                        answer.set_exception(e)
+                continue
+            for job in self.scheduler.update(batch):
+                work, answer = self._work.pop(job.id)
+                if answer.done():  # the request went away meanwhile
+                    continue
+                try:
+                    answer.set_result(work.result())
+                except Exception as e:  # a bug here must fail this request, not stop the lane
+                    answer.set_exception(e)
+
+    def _execute(self, batch: Batch) -> list[torch.Tensor]:
+        """On the compute thread: run one batch; one output per job."""
+        works = [self._work[job.id][0] for job in batch.jobs]
+        self.counters["batches"] += 1
+        if batch.kind is JobKind.DECODE:
+            self.counters["decode_batches"] += 1
+            self.counters["decode_rows"] += len(works)
+            return decode_together(works)
+        if batch.kind is JobKind.PREFILL:
+            self.counters["prefill_chunks"] += 1
+            return [works[0].chunk(batch.begin, batch.end)]
+        return [works[0].run()]
+
+    def _timed(self, fn: Callable[..., T], *args) -> T:
         began = time.perf_counter()
         try:
             return fn(*args)
         finally:
             self.busy_seconds += time.perf_counter() - began
-            self.tasks_done += 1
 
     def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)

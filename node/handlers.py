@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import torch
 from hivemind.p2p import P2P
@@ -55,6 +55,7 @@ class BlockServicer:
         self.draining = False
         self.counters: Counter[str] = Counter()  # what was served, reported by info
         self._client_streams: dict[str, asyncio.StreamWriter] = {}  # session id -> stream it was opened on
+        self._tasks: set[asyncio.Task] = set()  # pushes being served
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_binary_stream_handler(msg.INFERENCE_HANDLER, self._inference_stream)
@@ -74,14 +75,18 @@ class BlockServicer:
                 self._client_streams.pop(session_id, None)
 
     async def _push_stream(self, info, reader, writer) -> None:
-        await self._serve_stream(reader, writer, self._push_request, counter="pushes_received")
+        # one stream carries the pushes of every session the previous node hands on: each is served in
+        # its own task, so they meet in the compute lane's batches instead of queueing behind each other
+        await self._serve_stream(reader, writer, self._push_request, counter="pushes_received", in_tasks=True)
 
     async def _single_request_stream(self, info, reader, writer) -> None:
         await self._serve_stream(reader, writer, self._single_request, counter="messages", once=True)
 
-    async def _serve_stream(self, reader, writer, serve: Callable, counter: str, once: bool = False) -> None:
+    async def _serve_stream(self, reader, writer, serve: Callable, counter: str, once: bool = False,
+                            in_tasks: bool = False) -> None:
         """Answer frames until the peer closes the stream; a frame over the size limit ends it,
-        since its payload cannot be skipped safely."""
+        since its payload cannot be skipped safely. ``in_tasks``: serve each frame in its own task
+        (for requests that answer elsewhere, not on this stream)."""
         try:
             while True:
                 try:
@@ -95,6 +100,11 @@ class BlockServicer:
                     await msg.write_frame(writer, msg.error_meta(e))
                     continue
                 self.counters[counter] += 1
+                if in_tasks:
+                    task = asyncio.create_task(self._serve_safely(serve, frame))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    continue
                 reply = await self._serve_safely(serve, frame)
                 if reply is not None:
                     self.counters["to_client" if counter == "client_messages" else "replies"] += 1
@@ -163,8 +173,9 @@ class BlockServicer:
         start = session.step_start(request.start_from, new_tokens)
         hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, start)
         self._check_tokens(hidden)
-        out = await self._compute(session.span.device, session.step, hidden, positions, mask, start,
-                                  tokens=hidden.shape[0] * hidden.shape[1])
+        alone = len(self.sessions.sessions) == 1
+        out = await self._compute(session.span.device,
+                                  self.compute.step(session, hidden, positions, mask, start, alone))
         self.counters["steps"] += 1
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
         out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
@@ -183,7 +194,7 @@ class BlockServicer:
     async def _single_request(self, frame: msg.Frame) -> Reply:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.InfoRequest):
-            counters = {**self.counters, "compute_seconds": self.compute.busy_seconds}
+            counters = {**self.counters, **self.compute.counters, "compute_seconds": self.compute.busy_seconds}
             return replies.Info(**self.describe(), open_sessions=len(self.sessions.sessions),
                                 counters=counters).to_meta(), ()
         if isinstance(request, msg.Forward):
@@ -191,20 +202,20 @@ class BlockServicer:
             hidden, positions, mask = msg.check_step_tensors(frame.tensors, self.hidden_size, None, 0)
             self._check_tokens(hidden)
             span = self.span
-            out = await self._compute(span.device, span, hidden, positions, mask, None, request.start, request.end)
+            out = await self._compute(span.device,
+                                      self.compute.forward(span, hidden, positions, mask, request.start, request.end))
             self.counters["forwards"] += 1
             return replies.Result().to_meta(), (out.to(hidden.dtype),)
         raise BadRequest(f"{type(request).__name__} is not valid on this stream")
 
-    async def _compute(self, device: torch.device, fn: Callable[..., torch.Tensor], *args,
-                       tokens: int | None = None) -> torch.Tensor:
-        """Run block work (on ``device``) in the compute lane; running out of device memory fails
-        this request only."""
+    async def _compute(self, device: torch.device, work: Awaitable[torch.Tensor]) -> torch.Tensor:
+        """Await block work on ``device`` from the compute lane; running out of device memory fails
+        the requests of that batch only."""
         try:
-            return await self.compute.run(fn, *args, tokens=tokens)
+            return await work
         except torch.OutOfMemoryError:
             hardware.release_memory(device)
-            logger.warning("out of memory on %s (%s tokens); the request failed, the node goes on", device, tokens)
+            logger.warning("out of memory on %s; the request failed, the node goes on", device)
             raise NodeOutOfMemory(f"the node ran out of {device.type} memory; try another node") from None
 
     def sessions_on(self, span: BlockSpan) -> list[Session]:

@@ -23,6 +23,9 @@ COUNTERS = {  # servicer counter -> (metric name, help)
     "sessions_opened": ("potluck_node_sessions_opened", "Inference sessions opened"),
     "errors": ("potluck_node_errors", "Requests answered with an error"),
     "pushes_sent": ("potluck_node_pushes_sent", "Step outputs handed on to the next node"),
+    "decode_batches": ("potluck_node_decode_batches", "Batches of decoding steps run (sessions batched together)"),
+    "decode_rows": ("potluck_node_decode_rows", "Decoding steps run in batches (rows / batches = mean batch size)"),
+    "prefill_chunks": ("potluck_node_prefill_chunks", "Chunks of longer steps (prompts) run"),
 }
 
 
@@ -50,7 +53,7 @@ class NodeCollector(Collector):
                   ("potluck_node_peers_pinged", "Other nodes this node measured a round trip to", len(record.pings))]
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(name, help_text, value=value)
-        counters = servicer.counters if servicer is not None else {}
+        counters = {**(servicer.counters if servicer is not None else {}), **node.compute.counters}
         for key, (name, help_text) in COUNTERS.items():
             yield CounterMetricFamily(name, help_text, value=counters.get(key, 0))
         yield CounterMetricFamily("potluck_node_compute_seconds", "Seconds spent computing blocks",

@@ -66,6 +66,8 @@ class NodeConfig:
     cache_tokens: int | None = None  # None: as many as fit in cache_gib
     cache_gib: float | None = None  # None: hardware.default_cache_gib (a share of free GPU memory, or 1 GiB)
     max_batch_tokens: int = 8192
+    prefill_chunk: int = 512  # most tokens of a prompt run at once, so decoding sessions keep flowing
+    max_batch_sessions: int = 64  # decoding steps run together (1: no batching)
     drain_timeout: float = 10.0  # seconds to wait for open sessions on shutdown
     identity_path: str | None = None  # None: the cache folder's key for public_name
     public: bool = False  # listen beyond loopback with UPnP even without initial peers beyond it
@@ -93,7 +95,7 @@ class Node:
         self.servicer: BlockServicer | None = None
         self.links: PushLinks | None = None
         self.sessions: SessionTable | None = None
-        self.compute = ComputeLane()
+        self.compute = ComputeLane(config.max_batch_sessions, config.prefill_chunk)
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self.rebalancer: Rebalancer | None = None  # for a node that chose its own span

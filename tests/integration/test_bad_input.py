@@ -1,5 +1,4 @@
 """Bad requests get typed errors and change nothing; the node keeps serving. Dead nodes are named."""
-import asyncio
 import os
 import signal
 import threading
@@ -8,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import RawStream, open_meta
 from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 from potluck.protocol import messages as msg
@@ -29,38 +29,6 @@ def setup(tiny_checkpoints, swarm_factory):
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     yield connection, first, remote, local
     connection.close()
-
-
-class RawStream:
-    """A hand-driven inference stream to one node, to send what a well-behaved client never would."""
-
-    def __init__(self, connection: SwarmConnection, peer_id: str, handler: str = msg.INFERENCE_HANDLER):
-        self.connection = connection
-        self.reader, self.writer = connection.call(connection.open_stream(peer_id, handler, 10))
-
-    def send(self, meta, tensors=()) -> msg.Frame:
-        return self.send_bytes(msg.encode_frame(meta, tensors))
-
-    def send_bytes(self, data: bytes) -> msg.Frame:
-        async def exchange():
-            self.writer.write(data)
-            await self.writer.drain()
-            return await asyncio.wait_for(msg.read_frame(self.reader), 10)
-        return self.connection.call(exchange())
-
-    def expect_error(self, error_type, meta, tensors=()):
-        with pytest.raises(error_type) as caught:
-            msg.raise_if_error(self.send(meta, tensors))
-        return caught.value
-
-    def close(self):
-        self.connection.call(asyncio.sleep(0))
-        self.writer.close()
-
-
-def open_meta(session_id="s1", start=0, end=4, max_length=8):
-    return {"type": "open", "session_id": session_id, "start": start, "end": end, "max_length": max_length,
-            "batch_size": 1}
 
 
 def step(session_id="s1", tokens=1, hidden=HIDDEN, position=0):

@@ -65,18 +65,23 @@ class CapturedPushes:
 def test_handlers_step_and_hand_off_on_the_span_device(tiny_checkpoints):
     span = span_on_other_device(tiny_checkpoints["llama"], 0, 8)
     links = CapturedPushes()
-    servicer = BlockServicer(span, ComputeLane(inline_tokens=10**6), SessionTable(1000), ServingLimits(),
+    servicer = BlockServicer(span, ComputeLane(), SessionTable(1000), ServingLimits(),
                              describe=dict, links=links)
     opened = {}
 
     async def exchange():
-        ask = lambda meta, *tensors: servicer._inference_request(msg.Frame(meta, tensors), opened, None)  # noqa: E731
-        await ask({"type": "open", "session_id": "s", "start": 0, "end": 8, "max_length": 32, "batch_size": 1})
-        wire = (torch.randn(1, 6, 64), torch.arange(6).unsqueeze(0))  # as decoded from a frame: CPU
-        meta, (out,) = await ask({"type": "step", "session_id": "s", "start_from": None, "seq": 1}, *wire)
-        handed = await ask({"type": "step", "session_id": "s", "start_from": 6, "seq": 2,
-                            "next": [{"peer_id": NEXT_PEER, "session_id": "n"}]},
-                           torch.randn(1, 1, 64), torch.tensor([[6]]))
+        on_compute_thread = StrictDevices()  # modes are per thread: the prefill runs on the lane's thread
+        await servicer.compute.run(on_compute_thread.__enter__)
+        try:
+            ask = lambda meta, *tensors: servicer._inference_request(msg.Frame(meta, tensors), opened, None)  # noqa
+            await ask({"type": "open", "session_id": "s", "start": 0, "end": 8, "max_length": 32, "batch_size": 1})
+            wire = (torch.randn(1, 6, 64), torch.arange(6).unsqueeze(0))  # as decoded from a frame: CPU
+            meta, (out,) = await ask({"type": "step", "session_id": "s", "start_from": None, "seq": 1}, *wire)
+            handed = await ask({"type": "step", "session_id": "s", "start_from": 6, "seq": 2,
+                                "next": [{"peer_id": NEXT_PEER, "session_id": "n"}]},
+                               torch.randn(1, 1, 64), torch.tensor([[6]]))
+        finally:
+            await servicer.compute.run(on_compute_thread.__exit__, None, None, None)
         return meta, out, handed
 
     with StrictDevices():
@@ -98,8 +103,8 @@ def test_out_of_memory_fails_the_request_not_the_node(tiny_checkpoints):
 
     async def attempt():
         with pytest.raises(NodeOutOfMemory, match="ran out of meta memory"):
-            await servicer._compute(span.device, exhausted, tokens=1)
-        return await servicer._compute(span.device, lambda: "still serving", tokens=1)
+            await servicer._compute(span.device, servicer.compute.run(exhausted))
+        return await servicer._compute(span.device, servicer.compute.run(lambda: "still serving"))
 
     assert asyncio.run(attempt()) == "still serving"
 

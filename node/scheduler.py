@@ -1,0 +1,103 @@
+"""Which block work a node runs next: a scheduler that holds no tensors (unit-testable alone).
+
+The node's compute loop is three verbs, as in vLLM v1: ``schedule()`` picks a ``Batch`` from the
+waiting jobs, the compute lane executes it, ``update(batch)`` records what it did and returns the
+jobs that are finished. Decoding steps (one new token on a session's cache) that wait at the same
+moment run as one batch, whatever their cache lengths, as long as they go through the same blocks.
+Longer steps (prefills) and cache-less forwards run one at a time, a prefill in chunks of at most
+``prefill_chunk`` tokens. A decoding batch and a prefill chunk take turns whenever both wait, so a
+long prompt neither stalls the sessions that are decoding nor starves behind them.
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable
+
+
+class JobKind(enum.Enum):
+    DECODE = "decode"  # one new token of one sequence on a session's cache: batches with others
+    PREFILL = "prefill"  # several new tokens (or a batch of sequences) on a session's cache: chunked
+    FORWARD = "forward"  # a cache-less forward pass: runs whole
+
+
+@dataclass
+class Job:
+    id: int
+    kind: JobKind
+    tokens: int  # new tokens per sequence: 1 for DECODE; a PREFILL is split along these
+    group: Hashable  # decoding jobs batch only within a group (same span, same blocks)
+    session: Hashable = None  # a session's jobs run one at a time, in arrival order (None: any order)
+    done: int = 0  # tokens run so far (a PREFILL's chunks)
+
+
+@dataclass(frozen=True)
+class Batch:
+    kind: JobKind
+    jobs: tuple[Job, ...]  # DECODE: every job of the batch; otherwise exactly one
+    begin: int = 0  # PREFILL: the chunk is tokens begin:end of its job
+    end: int = 1
+
+
+class Scheduler:
+    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512):
+        self.max_batch = max_batch  # decoding jobs in one batch
+        self.prefill_chunk = prefill_chunk  # most tokens of a prefill run in one go
+        self.waiting: deque[Job] = deque()  # in arrival order
+        self.running: Batch | None = None  # scheduled, not yet updated
+        self._prefill_turn = False  # a decoding batch just ran while a longer job waited
+
+    def add(self, job: Job) -> None:
+        self.waiting.append(job)
+
+    def schedule(self) -> Batch | None:
+        """The next batch, or None when nothing waits (or a batch is still running)."""
+        if self.running is not None or not self.waiting:
+            return None
+        ready = self._ready()
+        decoding = [j for j in ready if j.kind is JobKind.DECODE]
+        others = [j for j in ready if j.kind is not JobKind.DECODE]
+        if decoding and not (self._prefill_turn and others):
+            group = decoding[0].group  # the oldest decoding job's group first: no group starves
+            jobs = tuple(j for j in decoding if j.group == group)[: self.max_batch]
+            self.running = Batch(JobKind.DECODE, jobs)
+            self._prefill_turn = bool(others)
+        else:
+            job = others[0]
+            end = job.tokens if job.kind is JobKind.FORWARD else min(job.tokens, job.done + self.prefill_chunk)
+            self.running = Batch(job.kind, (job,), job.done, end)
+            self._prefill_turn = False
+        return self.running
+
+    def _ready(self) -> list[Job]:
+        """Waiting jobs that no earlier job of the same session is ahead of."""
+        seen, ready = set(), []
+        for job in self.waiting:
+            if job.session is None or job.session not in seen:
+                ready.append(job)
+            seen.add(job.session)
+        return ready
+
+    def update(self, batch: Batch) -> list[Job]:
+        """Record that ``batch`` ran; return the jobs it finished (they leave the queue)."""
+        assert batch is self.running, "update() takes the batch schedule() returned"
+        self.running = None
+        for job in batch.jobs:
+            job.done = batch.end if batch.kind is not JobKind.DECODE else job.tokens
+        finished = [job for job in batch.jobs if job.done >= job.tokens]
+        for job in finished:
+            self.waiting.remove(job)
+        return finished
+
+    def drop(self, batch: Batch) -> list[Job]:
+        """``batch`` failed: its jobs leave the queue (their requests get the error)."""
+        assert batch is self.running
+        self.running = None
+        for job in batch.jobs:
+            self.waiting.remove(job)
+        return list(batch.jobs)
+
+    def in_prefill(self) -> bool:
+        """Whether some prefill has run part of its chunks and waits for the rest."""
+        return any(j.kind is JobKind.PREFILL and 0 < j.done < j.tokens for j in self.waiting)
