@@ -56,7 +56,8 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
                 run = concurrent_sessions(path, swarm.initial_peers, n, args.new_tokens, config.vocab_size)
                 after = [_counters(conn, p) for p in peers]
                 run["batching"] = batching
-                run["tokens_match_local"] = all(run.pop("tokens")[s] == expected[s] for s in range(n))
+                tokens = run.pop("tokens")
+                run["tokens_match_local"] = all(tokens[s] == expected[s] for s in range(n))
                 run["mean_batch_size"] = [round(_ratio(a, b, "decode_rows", "decode_batches"), 2)
                                           for a, b in zip(after, before)]
                 logger.info("batching %s, %d sessions: %.1f tokens/s, p50 %.1f ms", "on" if batching else "off",
