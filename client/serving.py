@@ -1,24 +1,21 @@
-"""Text generation for the HTTP API: one inference session per request, text streamed as it comes.
+"""Text generation for the HTTP API: every request in its own inference session, advanced together.
 
-``TextGenerator.stream`` runs transformers' ``generate`` through the swarm on a worker thread and
-yields text deltas, then a ``Completion``. Stop strings are held back until they can be ruled
-out, so a client never sees part of one; a request that is abandoned (client gone) stops its
-generation at the next token, which closes its session on the nodes.
+``TextGenerator.stream`` hands a request to the ``DecodeLoop`` (one round per token for all
+requests at once) and yields text deltas, then a ``Completion``. Stop strings are held back
+until they can be ruled out, so a client never sees part of one; a request that is abandoned
+(client gone) leaves the loop at the next round, which closes its session on the nodes.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-_SEEDED = threading.Lock()  # sampling uses torch's global generator: seeded requests take turns
+from .decode_loop import DecodeLoop, Request
 
 
 @dataclass(frozen=True)
@@ -77,34 +74,15 @@ class _DeltaStreamer(BaseStreamer):
         self._send(len(self.text))
 
 
-class _StopWhen(StoppingCriteria):
-    def __init__(self, condition):
-        self.condition = condition
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.condition(), dtype=torch.bool, device=input_ids.device)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """With a seed: this request alone samples (torch's global generator), from that seed."""
-    if seed is None:
-        yield
-        return
-    with _SEEDED:
-        torch.manual_seed(seed)
-        yield
-
-
 class TextGenerator:
     """A swarm model and its tokenizer, shared by all requests (each in its own session)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, workers: int = 32):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, max_active: int = 64):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_length = getattr(model.config, "max_position_embeddings", 4096)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="potluck-generate")
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.loop = DecodeLoop(model, self.eos_ids, max_active)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
@@ -114,42 +92,43 @@ class TextGenerator:
         return self.tokenizer(prompt)["input_ids"]
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
-        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
-        job = loop.run_in_executor(self._executor, self._generate, prompt_ids, params, cancel, put)
+        loop, answers = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(answers.put_nowait, item)  # noqa: E731
+        streamer = _DeltaStreamer(self.tokenizer, params.stop, put)
+        streamer._prompt_seen = True  # the loop hands over new tokens only
+
+        def on_token(token: int) -> bool:
+            streamer.put(torch.tensor([token]))
+            return streamer.stopped
+
+        def on_end(error: BaseException | None) -> None:
+            if error is not None:
+                put(error)
+                return
+            streamer.end()
+            tokens = request.tokens
+            ended = bool(tokens) and tokens[-1] in self.eos_ids
+            count = len(streamer.ids) if streamer.stopped else len(tokens)
+            put(Completion(streamer.text, "stop" if streamer.stopped or ended else "length", len(prompt_ids), count))
+
+        generator = torch.Generator()  # the request's own: a seed gives the same text whoever else is served
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        request = Request(prompt_ids, params.max_tokens, params.temperature, params.top_p, generator, on_token,
+                          on_end)
+        self.loop.submit(request)
         try:
             while True:
-                item = await queue.get()
+                item = await answers.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if isinstance(item, Completion):
                     break
         finally:
-            cancel.set()  # the client left, or we are done: stop at the next token
-            await asyncio.shield(job)
-
-    def _generate(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event, put) -> None:
-        try:
-            put(self._run(prompt_ids, params, cancel, put))
-        except BaseException as e:  # handed to the request's coroutine, which raises it there
-            put(e)
-
-    def _run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event, put) -> Completion:
-        ids = torch.tensor([prompt_ids])
-        streamer = _DeltaStreamer(self.tokenizer, params.stop, put)
-        sampling = {"do_sample": False} if params.temperature == 0 else {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-        stopping = StoppingCriteriaList([_StopWhen(lambda: cancel.is_set() or streamer.stopped)])
-        with _seeded(params.seed), self.model.inference_session(len(prompt_ids) + params.max_tokens):
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens,
-                                      streamer=streamer, stopping_criteria=stopping,
-                                      pad_token_id=next(iter(self.eos_ids), None), **sampling)
-        new = out[0, len(prompt_ids):].tolist()
-        ended = bool(new) and new[-1] in self.eos_ids
-        tokens = len(streamer.ids) if streamer.stopped else len(new)
-        finish = "stop" if streamer.stopped or ended else "length"
-        return Completion(streamer.text, finish, len(prompt_ids), tokens)
+            request.cancelled.set()  # the client left, or we are done: it leaves the loop at the next round
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.loop.close()

@@ -75,13 +75,18 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, H] of the new tokens → output hidden [B, T, H] of the last block."""
+        return self.view.swarm.call(self.step_async(hidden, positions, mask))
+
+    async def step_async(self, hidden: torch.Tensor, positions: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``step`` on the swarm's loop: many sessions' steps can be awaited together."""
         if self.closed:
             raise PotluckError("this inference session is closed")
         if self.batch_size is None:
             self.batch_size = hidden.shape[0]
         start_from = self.position if self._rewound else None
         try:
-            out = self.view.swarm.call(self._step(StepInputs(hidden, positions, mask), start_from))
+            out = await self._step(StepInputs(hidden, positions, mask), start_from)
         except BaseException:
             self._rewound = True  # some hops may hold this step's tokens: the next step re-sends from position
             raise

@@ -218,6 +218,11 @@ class BlockServicer:
             logger.warning("out of memory on %s; the request failed, the node goes on", device)
             raise NodeOutOfMemory(f"the node ran out of {device.type} memory; try another node") from None
 
+    def stop(self) -> None:
+        """Cancel the pushes still being served (the node is going away)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     def sessions_on(self, span: BlockSpan) -> list[Session]:
         return [s for s in self.sessions.sessions.values() if s.span is span]
 

@@ -280,6 +280,8 @@ class Node:
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
+        if self.servicer is not None:
+            self.servicer.stop()
         if self.links is not None:
             self.links.close()
         self.compute.shutdown()

@@ -1,16 +1,22 @@
-"""``scripts/bench batching``: many people at once through a 2-node swarm, from client processes.
+"""``scripts/bench batching``: many people at once through a 2-node swarm.
 
 For 1, 8 and 32 concurrent greedy sessions (--concurrency), with the nodes batching decoding steps
-(``--max-batch-sessions 64``) and not (``1``): aggregate tokens per second (all sessions' new
-tokens over the wall time from the first start to the last finish), the p50 and p90 time between
-two tokens of one session, the nodes' mean decoding batch size (rows / batches from their
-counters), and whether every session's tokens equal local transformers'. Sessions are spread over
-up to 4 client processes (threads inside each), released together.
+(``--max-batch-sessions 64``) and not (``1``), two ways in:
+- ``clients``: sessions spread over up to 4 client processes (threads inside each), released
+  together; every session's tokens are checked against local transformers';
+- ``serve``: streaming completions through one ``potluck serve`` (the official ``openai`` client,
+  one thread per request).
+Reported: aggregate tokens per second (all new tokens over the wall time from the first start to
+the last finish), the p50 and p90 time between two tokens of one request, and the nodes' mean
+decoding batch size (rows / batches from their counters). The tiny model speaks SmolLM2's
+tokenizer, so ``potluck serve`` can run it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,32 +57,96 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
             peers = swarm.start_nodes(path, split_evenly(config.num_hidden_layers, 2), "--max-batch-sessions",
                                       "64" if batching else "1", name="bench")
             conn = SwarmConnection(swarm.initial_peers)
-            for n in levels:
-                before = [_counters(conn, p) for p in peers]
-                run = concurrent_sessions(path, swarm.initial_peers, n, args.new_tokens, config.vocab_size)
-                after = [_counters(conn, p) for p in peers]
-                run["batching"] = batching
-                tokens = run.pop("tokens")
-                run["tokens_match_local"] = all(tokens[s] == expected[s] for s in range(n))
-                run["mean_batch_size"] = [round(_ratio(a, b, "decode_rows", "decode_batches"), 2)
-                                          for a, b in zip(after, before)]
-                logger.info("batching %s, %d sessions: %.1f tokens/s, p50 %.1f ms", "on" if batching else "off",
-                            n, run["tokens_per_s"], run["ms_between_tokens"]["p50"])
-                results.append(run)
+            serve, base_url = _start_serve(path, swarm.initial_peers, logs)
+            try:
+                for way, n in [(way, n) for way in ("clients", "serve") for n in levels]:
+                    before = [_counters(conn, p) for p in peers]
+                    if way == "clients":
+                        run = concurrent_sessions(path, swarm.initial_peers, n, args.new_tokens, config.vocab_size)
+                        tokens = run.pop("tokens")
+                        run["tokens_match_local"] = all(tokens[s] == expected[s] for s in range(n))
+                    else:
+                        run = concurrent_requests(base_url, path.name, n, args.new_tokens)
+                    after = [_counters(conn, p) for p in peers]
+                    run.update(way=way, batching=batching)
+                    run["mean_batch_size"] = [round(_ratio(a, b, "decode_rows", "decode_batches"), 2)
+                                              for a, b in zip(after, before)]
+                    logger.info("%s, batching %s, %d at once: %.1f tokens/s, p50 %.1f ms", way,
+                                "on" if batching else "off", n, run["tokens_per_s"], run["ms_between_tokens"]["p50"])
+                    results.append(run)
+            finally:
+                serve.send_signal(signal.SIGINT)
+                serve.wait(30)
         finally:
             if conn is not None:
                 conn.close()
             swarm.stop()
-    by = {(r["batching"], r["sessions"]): r for r in results}
-    top = max(levels)
-    one = by[(True, 1)] if 1 in levels else None
-    summary = {}
-    if one is not None:
-        summary[f"speedup_{top}_vs_1"] = round(by[(True, top)]["tokens_per_s"] / one["tokens_per_s"], 2)
-        summary[f"p50_latency_{top}_vs_1"] = round(by[(True, top)]["ms_between_tokens"]["p50"]
-                                                   / one["ms_between_tokens"]["p50"], 2)
-    summary[f"batching_gain_at_{top}"] = round(by[(True, top)]["tokens_per_s"] / by[(False, top)]["tokens_per_s"], 2)
+    by = {(r["way"], r["batching"], r["sessions"]): r for r in results}
+    top, summary = max(levels), {}
+    for way in ("clients", "serve"):
+        most, fewest = by[(way, True, top)], by[(way, True, min(levels))]
+        summary[f"{way}_speedup_{top}_vs_{min(levels)}"] = round(most["tokens_per_s"] / fewest["tokens_per_s"], 2)
+        summary[f"{way}_p50_latency_{top}_vs_{min(levels)}"] = round(
+            most["ms_between_tokens"]["p50"] / fewest["ms_between_tokens"]["p50"], 2)
+        summary[f"{way}_batching_gain_at_{top}"] = round(
+            most["tokens_per_s"] / by[(way, False, top)]["tokens_per_s"], 2)
     return {"model": path.name, "new_tokens": args.new_tokens, "results": results, "summary": summary}
+
+
+def chat_ready_tiny(folder: Path) -> Path:
+    """A random Llama (8 blocks, hidden 256) with SmolLM2's tokenizer, so `potluck serve` runs it."""
+    from potluck.node.local_swarm import make_tiny_checkpoint
+    from potluck.protocol.checkpoint import resolve_checkpoint
+
+    source = resolve_checkpoint(None).path
+    path = make_tiny_checkpoint("llama", folder, hidden=256, layers=8, vocab=49152, heads=8, kv_heads=8,
+                                intermediate=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, path / name)
+    return path
+
+
+def _start_serve(path: Path, peers: list[str], logs: Path) -> tuple[subprocess.Popen, str]:
+    log = open(logs / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "potluck", "serve", str(path), "--port", "0", "--initial-peers",
+                             *peers], stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("POTLUCK_OPENAI_BASE_URL="):
+        proc.kill()
+        raise RuntimeError(f"potluck serve did not start; see {log.name}")
+    return proc, line.strip().split("=", 1)[1]
+
+
+def concurrent_requests(base_url: str, name: str, n: int, new_tokens: int) -> dict:
+    """``n`` streaming completions at once through `potluck serve`, one thread each."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    stamps, counts = {}, {}
+
+    def request(i: int) -> None:
+        times, stream = [], client.completions.create(model=name, prompt=f"Story number {i}:", max_tokens=new_tokens,
+                                                      temperature=0, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.time())
+            if chunk.usage is not None:
+                counts[i] = chunk.usage.completion_tokens
+        stamps[i] = times
+
+    began = time.time()
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ended = max(t[-1] for t in stamps.values() if t)
+    gaps = [(b - a) * 1e3 for t in stamps.values() for a, b in zip(t, t[1:])]
+    cuts = statistics.quantiles(gaps, n=10)
+    return {"sessions": n, "tokens_per_s": round(sum(counts.values()) / (ended - began), 2),
+            "ms_between_tokens": {"p50": round(statistics.median(gaps), 2), "p90": round(cuts[8], 2)},
+            "completion_tokens": sum(counts.values())}
 
 
 def concurrent_sessions(path: Path, peers: list[str], n: int, new_tokens: int, vocab: int) -> dict:

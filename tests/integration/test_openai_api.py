@@ -107,22 +107,27 @@ def test_seeded_sampling_repeats(api):
     assert runs[0].choices[0].text == runs[1].choices[0].text
 
 
-def test_eight_concurrent_streams(api, local):
+def test_sixteen_concurrent_streams_each_equal_the_request_alone(api, local):
     client = api[0]
-    prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(8)]
-    results = {}
+    prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(16)]
+    sampled = {i: dict(temperature=0.8, top_p=0.9, seed=100 + i) for i in range(12, 16)}  # own seeds, own params
 
-    def run(i):
-        stream = client.chat.completions.create(model="tiny-chat", messages=prompts[i], max_tokens=12,
-                                                temperature=0, stream=True)
+    def run(i, results):
+        stream = client.chat.completions.create(model="tiny-chat", messages=prompts[i], max_tokens=8 + i % 5,
+                                                stream=True, **sampled.get(i, {"temperature": 0}))
         results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    alone = {}
+    for i in sampled:
+        run(i, alone)
+    together = {}
+    threads = [threading.Thread(target=run, args=(i, together)) for i in range(16)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(300)
-    assert [results.get(i) for i in range(8)] == [local_chat(local, prompts[i], 12) for i in range(8)]
+    assert [together.get(i) for i in range(12)] == [local_chat(local, prompts[i], 8 + i % 5) for i in range(12)]
+    assert {i: together.get(i) for i in sampled} == alone
 
 
 def open_sessions(connection, peers):
