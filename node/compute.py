@@ -4,7 +4,8 @@ Requests become jobs for the ``Scheduler``; one engine task on the event loop ta
 batch (``schedule``), runs it on the worker thread (``batching``), records it (``update``) and
 answers each job's request, then takes the next. Steps that arrive while a batch runs wait for
 the next one, so under load decoding steps of many sessions go through the weights together
-(continuous batching) without waiting for a timer. A decoding step of the only open session, with
+(continuous batching); only a batch started from idle waits a moment (``gather_window``, 2 ms)
+for the steps sent along with its first one. A decoding step of the only open session, with
 nothing else waiting, runs right on the loop instead: a thread hand-over would cost about as much
 as the step. Other exclusive work (a speed measurement) goes to the same thread between batches.
 """
@@ -28,7 +29,7 @@ T = TypeVar("T")
 
 
 class ComputeLane:
-    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512) -> None:
+    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512, gather_window: float = 0.002) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
         self.scheduler = Scheduler(max_batch, prefill_chunk)
         self.busy_seconds = 0.0  # total time spent computing, for the node's counters
@@ -36,6 +37,7 @@ class ComputeLane:
         self._work: dict[int, tuple[StepWork | ForwardWork, asyncio.Future]] = {}  # job id -> inputs, answer
         self._ids = itertools.count()
         self._engine: asyncio.Task | None = None
+        self.gather_window = gather_window  # seconds a batch started from idle waits for steps arriving with it
 
     async def step(self, session: Session, hidden: torch.Tensor, positions: torch.Tensor,
                    mask: torch.Tensor | None, start: int, alone: bool = False) -> torch.Tensor:
@@ -75,6 +77,9 @@ class ComputeLane:
     async def _drive(self) -> None:
         """Run batches until nothing waits."""
         loop = asyncio.get_running_loop()
+        # steps sent together (a gateway's round, a previous node's batch) arrive one read apart:
+        # let them in before the first batch; later batches fill while the previous one runs
+        await asyncio.sleep(self.gather_window)
         while (batch := self.scheduler.schedule()) is not None:
             if batch.kind is JobKind.DECODE and self.scheduler.in_prefill():
                 self.counters["decode_rows_during_prefill"] += len(batch.jobs)  # a long prompt stalls no one
