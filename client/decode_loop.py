@@ -71,7 +71,7 @@ class DecodeLoop:
                     logger.exception("decode round failed")
                     for request in list(self._active):
                         self._finish(request, e)
-        for request in self._active:
+        for request in list(self._active):
             self._finish(request, RuntimeError("the server is shutting down"))
 
     def _admit(self, block: bool) -> None:
@@ -114,7 +114,7 @@ class DecodeLoop:
             return
         with torch.no_grad():
             last = torch.stack([out for _, out in done]).to(self.model.device)  # [N, H]
-            logits = self.model.lm_head(self.model.model.norm(last)).float()  # [N, V]
+            logits = self.model.lm_head(self.model.model.norm(last)).float().cpu()  # [N, V]: CPU generators sample
         for (request, _), row in zip(done, logits):
             token = self._choose(request, row)
             request.tokens.append(token)

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 class Rebalancer:
     def __init__(self, node: "Node", period: float, quality: float):
         self.node, self.period, self.quality = node, period, quality
-        self.moves = 0
 
     async def run(self) -> None:
         """Check every period (jittered, so nodes started together do not check together)."""
@@ -96,7 +95,6 @@ class Rebalancer:
                 servicer.span = await self._load(was, kept)
             await node.announcer.announce(NodeState.ONLINE)
             return
-        self.moves += 1
         logger.info("moved: ONLINE on blocks %d:%d after %.1f s (loaded %d blocks, kept %d)", *span,
                     time.monotonic() - began, missing, span[1] - span[0] - missing)
 
