@@ -145,7 +145,9 @@ class BlockServicer:
             return await self._step(session, request, frame.tensors)
         if isinstance(request, msg.CloseSession):
             self.sessions.get(request.session_id)
-            opened.pop(request.session_id, None)
+            if request.session_id not in opened:
+                raise BadRequest(f"session {request.session_id} belongs to another stream")
+            opened.pop(request.session_id)
             self.sessions.close(request.session_id)
             self._client_streams.pop(request.session_id, None)
             return replies.Closed(request.session_id).to_meta(), ()

@@ -291,12 +291,14 @@ def check_step_tensors(
     if hidden.ndim != 3 or hidden.shape[2] != hidden_size or not hidden.is_floating_point():
         raise BadRequest(f"hidden states must be float [batch, length, {hidden_size}], got {tuple(hidden.shape)}")
     batch, length = hidden.shape[:2]
-    if length == 0 or (batch_size is not None and batch != batch_size):
+    if batch == 0 or length == 0 or (batch_size is not None and batch != batch_size):
         raise BadRequest(f"hidden states of shape {tuple(hidden.shape)} do not fit a session of batch {batch_size}")
     if positions.dtype != torch.int64 or tuple(positions.shape) != (batch, length):
         raise BadRequest(f"position_ids must be int64 [{batch}, {length}], got {positions.dtype} {tuple(positions.shape)}")
     if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < MAX_POSITION):
         raise BadRequest(f"position_ids must lie in [0, {MAX_POSITION})")
+    if not bool(torch.isfinite(hidden).all()):
+        raise BadRequest("hidden states hold NaN or infinite values; they are not passed on")
     mask = tensors[2] if len(tensors) == 3 else None
     if mask is not None and (mask.dtype != torch.int64 or tuple(mask.shape) != (batch, prefix + length)):
         raise BadRequest(f"attention_mask must be int64 [{batch}, {prefix + length}], got {tuple(mask.shape)}")

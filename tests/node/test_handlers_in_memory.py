@@ -80,6 +80,9 @@ def test_a_bad_step_changes_nothing_and_a_vanished_client_frees_its_sessions(ser
         other = Client(servicer)
         with pytest.raises(BadRequest, match="another stream"):
             await other.ask(msg.Step("s", None), *step_tensors(1, 5))
+        with pytest.raises(BadRequest, match="another stream"):  # nor can it close someone else's session
+            await other.ask(msg.CloseSession("s"))
+        assert "s" in servicer.sessions.sessions
         await client.hang_up()
         await other.hang_up()
 

@@ -94,3 +94,10 @@ def test_step_tensors_are_checked():
         msg.check_step_tensors([hidden, positions.float()], 8, 1, 0)
     with pytest.raises(BadRequest, match="attention_mask"):
         msg.check_step_tensors([hidden, positions, torch.ones(1, 2, dtype=torch.int64)], 8, 1, 3)
+    with pytest.raises(BadRequest, match="do not fit"):  # a forward of batch 0: refused before any mask is built
+        msg.check_step_tensors([torch.randn(0, 16384, 8), torch.zeros(0, 16384, dtype=torch.int64)], 8, None, 0)
+    for bad in (float("nan"), float("inf")):
+        poisoned = hidden.clone()
+        poisoned[0, 1, 3] = bad
+        with pytest.raises(BadRequest, match="NaN or infinite"):
+            msg.check_step_tensors([poisoned, positions], 8, 1, 0)
