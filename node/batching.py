@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from potluck.protocol.families import kv_shape
+
 from .sessions import Session
 from .span import BlockSpan
 
@@ -94,9 +96,7 @@ def _padded_cache(caches: list[DynamicCache], lengths: list[int], longest: int, 
                   span: BlockSpan) -> DynamicCache:
     """One cache of ``len(caches)`` rows for blocks start:end: row b holds cache b's tokens at the
     right end, zeros before them."""
-    config = span.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads, head_dim = kv_shape(span.config)
     batch = DynamicCache()
     for index in range(start, end):
         keys = torch.zeros(len(caches), kv_heads, longest, head_dim, dtype=span.dtype, device=span.device)

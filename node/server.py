@@ -23,6 +23,7 @@ import potluck
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.directory import read_block_records
+from potluck.protocol.families import kv_shape
 from potluck.protocol.identity import identity_path
 from potluck.protocol.network import join_swarm
 from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
@@ -75,9 +76,7 @@ class NodeConfig:
 
 def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype) -> int:
     """Keys and values of one token in ``blocks`` blocks."""
-    config = checkpoint.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads, head_dim = kv_shape(checkpoint.config)
     return 2 * kv_heads * head_dim * blocks * torch.finfo(dtype).bits // 8
 
 

@@ -55,6 +55,13 @@ CACHE_ARG = _cache_argument()  # pass caches as ``**{CACHE_ARG: cache}``
 _FAMILIES: dict[str, Family] = {}
 
 
+def kv_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(key/value heads, head dim) of one block's attention cache."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return kv_heads, head_dim
+
+
 def register_family(family: Family) -> None:
     _FAMILIES[family.model_type] = family
 
