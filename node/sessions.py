@@ -2,7 +2,8 @@
 
 A session reserves ``max_length x batch_size`` cache tokens when it opens and gives them back
 when it closes, so a node never promises more cache than its budget; ``tokens_left`` is what
-the node announces. The cache itself is a transformers ``DynamicCache`` per session.
+the node announces. The cache itself lives in the span's ``CachePool``: a session owns its slots
+there from open to close.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, UnknownSession
 from potluck.protocol.messages import OpenSession
+from .cache_pool import CachePool, PassCache
 from .span import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,10 @@ logger = logging.getLogger(__name__)
 class Session:
     request: OpenSession
     span: BlockSpan | None  # the blocks it computes on: a node moving elsewhere keeps them for it
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    pool: CachePool | None = None  # the span's cache (None without a span)
+    slots: torch.Tensor | None = None  # [batch, max_length] its slots in the pool (CPU)
     cached: int = 0  # tokens in the cache
+    closed: bool = False  # its slots went back to the pool: a step still queued for it must not run
     opened_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -52,12 +55,15 @@ class Session:
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
              start: int) -> torch.Tensor:
-        """Runs on the compute thread: rewind to ``start`` if the cache holds more, then append."""
-        if start < self.cached:
-            self.span.truncate(self.cache, start)
-        out = self.span(hidden, positions, mask, self.cache, self.request.start, self.request.end)
+        """Runs on the compute thread: append after the first ``start`` cached tokens (a rewind
+        when the cache holds more: later tokens are overwritten)."""
+        out = self.span(hidden, positions, mask, self.pass_cache([start] * len(self.slots), hidden.shape[1]),
+                        self.request.start, self.request.end)
         self.cached = start + hidden.shape[1]
         return out
+
+    def pass_cache(self, lengths: list[int], new: int) -> PassCache:
+        return PassCache(self.pool, list(self.slots), lengths, new)
 
 
 class SessionTable:
@@ -66,6 +72,7 @@ class SessionTable:
     def __init__(self, cache_tokens: int, on_change: Callable[[], None] = lambda: None):
         self.cache_tokens = cache_tokens
         self.sessions: dict[str, Session] = {}  # session_id -> session
+        self.pools: dict[BlockSpan, CachePool] = {}  # span -> the cache of its sessions, while it has some
         self.on_change = on_change  # called when a session opens or closes (the node re-announces its load)
 
     @property
@@ -81,7 +88,13 @@ class SessionTable:
                 f"session needs {needed} cache tokens (max_length x batch), only {self.tokens_left} of "
                 f"{self.cache_tokens} are free here"
             )
-        session = self.sessions[request.session_id] = Session(request, span)
+        session = Session(request, span)
+        if span is not None:
+            if span not in self.pools:
+                self.pools[span] = CachePool(span, self.cache_tokens)
+            session.pool = self.pools[span]
+            session.slots = session.pool.take(request.batch_size, request.max_length)
+        self.sessions[request.session_id] = session
         logger.debug("opened session %s (%d tokens)", request.session_id, needed)
         self.on_change()
         return session
@@ -93,6 +106,13 @@ class SessionTable:
             raise UnknownSession(f"no open session {session_id!r} on this node (open it first)") from None
 
     def close(self, session_id: str) -> None:
-        if self.sessions.pop(session_id, None) is not None:
-            logger.debug("closed session %s", session_id)
-            self.on_change()
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        session.closed = True
+        if session.pool is not None:
+            session.pool.give_back(session.slots)
+            if not any(s.pool is session.pool for s in self.sessions.values()):
+                del self.pools[session.span]  # its memory goes with the last session on that span
+        logger.debug("closed session %s", session_id)
+        self.on_change()

@@ -2,7 +2,8 @@
 and how a node loads one from a checkpoint.
 
 Only nodes compute spans (tests check them against the transformers model). The attention cache
-is a transformers ``DynamicCache`` indexed by global block index. A span computes on its weights'
+is any transformers-style cache indexed by global block index: a node's ``cache_pool.PassCache``
+or a ``DynamicCache``. A span computes on its weights'
 device: inputs move there as they enter ``forward``, and every tensor it builds (masks, positions,
 rotary tables, caches) is made there.
 """
@@ -48,13 +49,6 @@ class BlockSpan(torch.nn.Module):
     def cache_length(self, cache: DynamicCache | None, start: int | None = None) -> int:
         start = self.start if start is None else start
         return cache.get_seq_length(layer_idx=start) if cache is not None else 0
-
-    def truncate(self, cache: DynamicCache, length: int) -> None:
-        """Forget cached tokens past ``length`` (a client rewinding its session)."""
-        for index in range(self.start, min(self.end, len(cache.layers))):
-            extra = cache.layers[index].get_seq_length() - length
-            if extra > 0:
-                cache.layers[index].crop(-extra)  # transformers 5 crops by a negative count
 
     @torch.inference_mode()
     def forward(

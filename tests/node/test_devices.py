@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from devices import OTHER_DEVICE, StrictDevices
 from potluck.node import hardware
+from potluck.node.batching import StepWork, decode_together
 from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.sessions import SessionTable
@@ -35,15 +35,21 @@ def test_span_steps_stay_on_its_device(family, tiny_checkpoints):
     positions = torch.arange(5).expand(2, -1)
     padding = torch.ones(2, 8, dtype=torch.int64)
     padding[0, :2] = 0
-    cache = DynamicCache()
+    table = SessionTable(1000)
+    session = table.open(msg.OpenSession("s", 0, 4, 16, 2), span)  # its cache: the pool, on the span's device
+    short, long = (table.open(msg.OpenSession(name, 0, 4, 16, 1), span) for name in ("short", "long"))
     with StrictDevices():
-        out = span(hidden, positions, padding[:, :5], cache)  # prefill with a padding mask
+        out = session.step(hidden, positions, padding[:, :5], 0)  # prefill with a padding mask
         assert (out.device, out.dtype) == (OTHER_DEVICE, torch.bfloat16)
-        out = span(hidden[:, :1], positions[:, :1] + 5, None, cache)  # one decoding step, no mask
-        out = span(hidden[:, :2], positions[:, :2] + 6, padding, cache)  # two tokens on top of a cache
-        span.truncate(cache, 6)
+        out = session.step(hidden[:, :1], positions[:, :1] + 5, None, 5)  # one decoding step, no mask
+        out = session.step(hidden[:, :2], positions[:, :2] + 6, padding, 6)  # two tokens on top of a cache
+        short.step(hidden[:1, :2], positions[:1, :2], None, 0)
+        long.step(hidden[:1], positions[:1], None, 0)
+        works = [StepWork(s, hidden[:1, :1], positions[:1, :1] + s.cached, None, s.cached) for s in (short, long)]
+        together = decode_together(works)  # a batch of two cache lengths, padded
         out = span(hidden, positions, None, None, 1, 3)  # a forward through part of the span
-    assert out.device == OTHER_DEVICE and span.cache_length(cache) == 6
+    assert out.device == OTHER_DEVICE and session.pool.keys[0].device == OTHER_DEVICE
+    assert [t.device for t in together] == [OTHER_DEVICE] * 2 and (short.cached, long.cached) == (3, 6)
     assert span.rotary.inv_freq.device == OTHER_DEVICE
 
 

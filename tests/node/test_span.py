@@ -4,6 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import potluck.node.span as span_module
+from potluck.node.sessions import SessionTable
+from potluck.protocol.messages import OpenSession
 from potluck.node.span import causal_mask, load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
 
@@ -52,16 +54,16 @@ def test_left_padding_matches_local_model(tiny_checkpoints):
     assert torch.allclose(got[1], expected[1], atol=1e-4)
 
 
-def test_truncate_rewinds_the_cache(tiny_checkpoints):
+def test_a_session_rewinds_by_writing_over_its_later_tokens(tiny_checkpoints):
     checkpoint = resolve_checkpoint(str(tiny_checkpoints["qwen2"]))
     span = load_span(checkpoint, 2, 5, torch.float32)
     hidden = torch.randn(1, 10, 64)
     positions = torch.arange(10).unsqueeze(0)
-    cache = DynamicCache()
-    span(hidden, positions, None, cache)
-    span.truncate(cache, 6)
-    assert span.cache_length(cache) == 6
-    again = span(hidden[:, 6:], positions[:, 6:], None, cache)
+    session = SessionTable(100).open(OpenSession("s", 2, 5, 20, 1), span)
+    session.step(torch.randn(1, 10, 64), positions, None, 0)  # tokens 6..9 are dropped below
+    session.step(hidden[:, :6], positions[:, :6], None, 0)
+    again = session.step(hidden[:, 6:], positions[:, 6:], None, 6)
+    assert session.cached == 10
     assert torch.allclose(again, span(hidden, positions, None, None)[:, 6:], atol=1e-5)
 
 

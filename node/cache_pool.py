@@ -1,0 +1,79 @@
+"""The node's attention cache: one pool of token slots per span, shared by the sessions on it.
+
+Each block of the span has one keys and one values tensor of token slots [slots, kv heads,
+head dim], allocated when the span's first session opens and sized by the node's cache budget
+(on a GPU the memory is taken then; on the CPU pages are touched only as tokens are written). A
+session owns ``max_length x batch`` slots from the moment it opens, so a step never waits for
+memory nor copies a session's cache to grow it; closing gives them back.
+
+A pass through the blocks (``PassCache``) writes its new tokens' keys and values into their
+slots and reads each row's slots back as one left-padded tensor per block: one indexing
+operation for all rows, not a copy per session. The last slot holds zeros; padding reads it,
+and the mask hides it (a masked zero key adds exactly nothing).
+"""
+from __future__ import annotations
+
+import torch
+
+from potluck.protocol.errors import CacheFull
+from potluck.protocol.families import kv_shape
+
+
+class CachePool:
+    """Token slots for blocks ``span.start:span.end`` on the span's device and dtype."""
+
+    def __init__(self, span, capacity: int):
+        kv_heads, head_dim = kv_shape(span.config)
+        shape = (capacity + 1, kv_heads, head_dim)  # the last slot: zeros, for padding
+        self.start, self.device, self.pad = span.start, span.device, capacity
+        self.keys = [torch.empty(shape, dtype=span.dtype, device=span.device) for _ in range(span.start, span.end)]
+        self.values = [torch.empty(shape, dtype=span.dtype, device=span.device) for _ in range(span.start, span.end)]
+        for tensor in self.keys + self.values:
+            tensor[capacity].zero_()
+        self._free = torch.arange(capacity)  # a stack of free slot numbers (CPU); the first `_top` are free
+        self._top = capacity
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.pad - self._top
+
+    def take(self, rows: int, length: int) -> torch.Tensor:
+        """Slots for ``rows`` sequences of up to ``length`` tokens: [rows, length] (CPU)."""
+        count = rows * length
+        if count > self._top:  # the session table's budget keeps this from happening
+            raise CacheFull(f"{count} cache slots asked, {self._top} free")
+        self._top -= count
+        return self._free[self._top:self._top + count].clone().view(rows, length)
+
+    def give_back(self, slots: torch.Tensor) -> None:
+        flat = slots.reshape(-1)
+        self._free[self._top:self._top + len(flat)] = flat
+        self._top += len(flat)
+
+
+class PassCache:
+    """Rows of a pool as the transformers cache of one pass: row b holds ``lengths[b]`` tokens in
+    the first slots of ``rows[b]`` and gets ``new`` more; rows are left-padded to the longest."""
+
+    def __init__(self, pool: CachePool, rows: list[torch.Tensor], lengths: list[int], new: int):
+        self.pool, self.prefix = pool, max(lengths)
+        if len(set(lengths)) == 1:  # one session (or its own batch): no padding
+            read = torch.stack([row[:self.prefix + new] for row in rows])
+        else:
+            read = torch.full((len(rows), self.prefix + new), pool.pad)
+            for b, (row, length) in enumerate(zip(rows, lengths)):
+                read[b, self.prefix - length:] = row[:length + new]
+        write = torch.stack([row[length:length + new] for row, length in zip(rows, lengths)])
+        self.read, self.write = read.to(pool.device), write.to(pool.device)  # [B, prefix + new], [B, new]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prefix
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Called by each attention layer with its new keys/values [B, heads, new, dim]; returns
+        the row's whole keys/values [B, heads, prefix + new, dim]."""
+        block = layer_idx - self.pool.start
+        pool_keys, pool_values = self.pool.keys[block], self.pool.values[block]
+        pool_keys[self.write] = keys.transpose(1, 2)
+        pool_values[self.write] = values.transpose(1, 2)
+        return pool_keys[self.read].transpose(1, 2), pool_values[self.read].transpose(1, 2)
