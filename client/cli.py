@@ -177,7 +177,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     tokenizer, model = _load(args)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
-    model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
+    try:
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
+    finally:
+        model.swarm_view.swarm.close()
     return 0
 
 

@@ -1,10 +1,10 @@
 """The batching loop behind `potluck serve`: every active request advances one token per round.
 
 A round takes each decoding request's last token, embeds them, sends every request's step to the
-swarm at once (each request has its own inference session; the nodes batch the steps that meet
-there), then runs the final norm and the lm_head for all of them as one batch, together with the
-requests whose prompt came back since (a prompt's step runs beside the rounds, so a long one
-holds up no one), and picks each request's next token with its own sampling parameters and
+swarm at once (each request has its own inference session; their steps leave in one bundle per
+node, and the nodes batch them), then runs the final norm and the lm_head for all of them as one
+batch, together with the requests whose prompt came back since (a prompt's step runs beside the
+rounds, so a long one holds up no one), and picks each request's next token with its own sampling parameters and
 random generator. A request that ends (end of text, a stop string, its token limit) or whose
 client leaves drops out at once and its session closes; new requests join at the next round.
 One thread runs the rounds, so per-token Python work is paid once per round, not per request.
@@ -100,7 +100,8 @@ class DecodeLoop:
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         results = []
         if decoding:
-            steps = [self._step(r, r.tokens[-1:]) for r in decoding]
+            hidden = self._embed([r.tokens[-1:] for r in decoding])  # every request's last token: [N, 1, H]
+            steps = [self._step(r, row) for r, row in zip(decoding, hidden.split(1))]
             results = list(zip(decoding, self.view.swarm.call(_together(steps))))
         prompted = [r for r in self._active if not r.tokens and r.prefill.done()]
         results += [(r, r.prefill.exception() or r.prefill.result()) for r in prompted]
@@ -114,23 +115,28 @@ class DecodeLoop:
             return
         with torch.no_grad():
             last = torch.stack([out for _, out in done]).to(self.model.device)  # [N, H]
-            logits = self.model.lm_head(self.model.model.norm(last)).float().cpu()  # [N, V]: CPU generators sample
-        for (request, _), row in zip(done, logits):
-            token = self._choose(request, row)
+            logits = self.model.lm_head(self.model.model.norm(last)).float()  # [N, V]
+            greedy = logits.argmax(-1).tolist()  # every row's greedy choice in one operation
+            if any(request.temperature for request, _ in done):
+                logits = logits.cpu()  # each sampling request's CPU generator draws from its row
+        for row, (request, _) in enumerate(done):
+            token = greedy[row] if request.temperature == 0 else self._choose(request, logits[row])
             request.tokens.append(token)
             stop = request.on_token(token)
             if stop or token in self.eos_ids or len(request.tokens) >= request.max_tokens:
                 self._finish(request, None)
 
-    def _step(self, request: Request, ids: list[int]):
-        """The coroutine of ``request``'s next step: ``ids`` embedded here, the blocks on the swarm."""
+    def _embed(self, ids: list[list[int]]) -> torch.Tensor:
         with torch.no_grad():
-            hidden = self.model.model.embed_tokens(torch.tensor([ids], device=self.model.device)).cpu()
+            return self.model.model.embed_tokens(torch.tensor(ids, device=self.model.device)).cpu()
+
+    def _step(self, request: Request, hidden: torch.Tensor):
+        """The coroutine of ``request``'s next step: new tokens' embeddings [1, T, H] through the swarm."""
         start = request.session.position
-        return request.session.step_async(hidden, torch.arange(start, start + len(ids)).unsqueeze(0))
+        return request.session.step_async(hidden, torch.arange(start, start + hidden.shape[1]).unsqueeze(0))
 
     def _start(self, request: Request, ids: list[int]) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(self._step(request, ids), self.view.swarm.loop)
+        return asyncio.run_coroutine_threadsafe(self._step(request, self._embed([ids])), self.view.swarm.loop)
 
     @staticmethod
     def _choose(request: Request, logits: torch.Tensor) -> int:

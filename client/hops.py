@@ -1,10 +1,12 @@
 """The streams of one inference session to the nodes of its chain, and what each hop was sent.
 
-An open hop is a ``HopSession``: a long-lived stream to one node (a new stream per message costs
-far more than a round trip on an open one) and the inputs the node's cache was built from.
-``HopStreams`` opens hops, sends requests numbered by attempt (``seq``) and receives answers: a
-task per stream copies frames into one inbox, so one coroutine can wait on any hop of a chain;
-an answer to an attempt given up on is dropped, and a stream that breaks marks its hop failed.
+An open hop is a ``HopSession``: a session on one node, reached over this client's long-lived
+stream to that node (``channels``: a new stream per message costs far more than a round trip on
+an open one, and sessions sharing a stream share its bundles), and the inputs the node's cache
+was built from. ``HopStreams`` opens hops, sends requests numbered by attempt (``seq``) and
+receives answers: every hop of a session delivers into one inbox, so one coroutine can wait on
+any hop of a chain; an answer to an attempt given up on is dropped, and a stream that breaks
+marks its hop failed.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.protocol.errors import NodeUnavailable, PotluckError
 
+from .channels import NodeChannel
 from .routing import Hop
 from .swarm_view import SwarmView, expect_hidden
 
@@ -40,13 +43,11 @@ class HopSession:
 
     hop: Hop
     session_id: str
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    channel: NodeChannel
     history: list[StepInputs] = field(default_factory=list)  # what the node's cache was built from
     history_tokens: int = 0  # tokens in ``history``
     history_known: bool = True  # False once a hand-off step fed this hop without the client seeing it
     failed: PotluckError | None = None  # the stream broke while the client waited on another hop
-    reading: asyncio.Task | None = None  # copies frames from the stream into the inbox
 
     def remember(self, inputs: StepInputs, step_start: int) -> None:
         if step_start < self.history_tokens:  # a rewind: drop the tail
@@ -62,9 +63,9 @@ class HopSession:
         return f"node {self.hop.peer_id} ({name}, blocks {self.hop.start}:{self.hop.end})"
 
     def close(self) -> None:
-        if self.reading is not None:
-            self.reading.cancel()
-        self.writer.close()
+        """Stop listening and ask the node to free the session (the stream stays, for other sessions)."""
+        if self.channel.listeners.pop(self.session_id, None) is not None and self.channel.usable:
+            self.channel.send(msg.CloseSession(self.session_id).to_meta())
 
 
 class HopStreams:
@@ -77,10 +78,8 @@ class HopStreams:
 
     async def open(self, hop: Hop, max_length: int, batch_size: int) -> HopSession:
         """A session on ``hop``'s node, reserving ``max_length x batch_size`` cache tokens there."""
-        reader, writer = await self.view.swarm.open_stream(hop.peer_id, msg.INFERENCE_HANDLER,
-                                                           self.view.policy.request_timeout)
-        hop_session = HopSession(hop, uuid.uuid4().hex, reader, writer)
-        hop_session.reading = asyncio.create_task(self._read_forever(hop_session))
+        channel = await self.view.swarm.channels.get(hop.peer_id, self.view.policy.request_timeout)
+        hop_session = self.listen(HopSession(hop, uuid.uuid4().hex, channel))
         try:
             await self.send(hop_session, msg.OpenSession(hop_session.session_id, hop.start, hop.end, max_length,
                                                          batch_size), None)
@@ -96,7 +95,7 @@ class HopStreams:
         return hop_session
 
     def close(self, hop_session: HopSession) -> None:
-        """End a hop's stream (the node then frees its session)."""
+        """Close a hop's session on its node."""
         hop_session.close()
         sessions = self.view.costs.local_sessions
         sessions[hop_session.hop.peer_id] = max(0, sessions.get(hop_session.hop.peer_id, 1) - 1)
@@ -117,11 +116,7 @@ class HopStreams:
             request = dataclasses.replace(request, seq=self.seq)
         tensors = () if inputs is None else [inputs.hidden, inputs.positions] + (
             [] if inputs.mask is None else [inputs.mask])
-        try:
-            await msg.write_frame(hop_session.writer, request.to_meta(), tensors)
-        except (ConnectionError, OSError) as e:
-            raise NodeUnavailable(f"{hop_session.describe()} failed: {type(e).__name__} {e}",
-                                  hop_session.hop.peer_id) from None
+        hop_session.channel.send(request.to_meta(), tensors)  # leaves with the other sessions' steps of this turn
 
     async def receive(self, expected: HopSession | None, deadline: float,
                       waiting_on: list[HopSession]) -> tuple[HopSession, msg.Frame]:
@@ -147,17 +142,21 @@ class HopStreams:
             if expected is None or source is expected:
                 return source, msg.raise_if_error(item, source.hop.peer_id)
 
-    async def _read_forever(self, hop_session: HopSession) -> None:
-        try:
-            while True:
-                frame = await msg.read_frame(hop_session.reader)
-                if "seq" not in frame.meta:  # an unasked error: the node gave up on the session
-                    hop_session.failed = hop_session.failed or msg.error_of(frame, hop_session.hop.peer_id)
-                self.inbox.put_nowait((hop_session, frame))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, PotluckError) as e:
+    def listen(self, hop_session: HopSession) -> HopSession:
+        """Have the hop's channel deliver the hop's answers into this inbox."""
+        hop_session.channel.listeners[hop_session.session_id] = lambda item: self._deliver(hop_session, item)
+        return hop_session
+
+    def _deliver(self, hop_session: HopSession, item: msg.Frame | PotluckError) -> None:
+        """An answer for ``hop_session`` from its channel, or the channel's failure."""
+        if isinstance(item, PotluckError):
             hop_session.failed = hop_session.failed or NodeUnavailable(
-                f"{hop_session.describe()} failed: {type(e).__name__} {e}".rstrip(), hop_session.hop.peer_id)
+                f"{hop_session.describe()} failed: {item}", hop_session.hop.peer_id)
             self.inbox.put_nowait((hop_session, hop_session.failed))
+            return
+        if "seq" not in item.meta:  # an unasked error: the node gave up on the session
+            hop_session.failed = hop_session.failed or msg.error_of(item, hop_session.hop.peer_id)
+        self.inbox.put_nowait((hop_session, item))
 
 
 def joined(history: list[StepInputs]) -> StepInputs:

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
@@ -84,13 +84,13 @@ def _swarm_error(error: PotluckError) -> ApiError:
 
 
 def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="Potluck", description="OpenAI-compatible API over a Potluck swarm")
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
+    async def check_key(request: Request) -> None:
+        # a dependency of every route, not an HTTP middleware: those relay each streamed chunk through a task
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            return ApiError(401, "incorrect API key provided", "invalid_request_error", code="invalid_api_key").response()
-        return await call_next(request)
+            raise ApiError(401, "incorrect API key provided", "invalid_request_error", code="invalid_api_key")
+
+    app = FastAPI(title="Potluck", description="OpenAI-compatible API over a Potluck swarm",
+                  dependencies=[Depends(check_key)])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

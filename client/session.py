@@ -186,6 +186,6 @@ class InferenceSession:
 
     async def _close(self) -> None:
         for hop_session in self.hop_sessions:
-            self.streams.close(hop_session)  # the node closes the stream's sessions when it ends
+            self.streams.close(hop_session)  # the node frees the session's cache
         self.hop_sessions.clear()
 

@@ -7,6 +7,7 @@ costs one thread hop, not one per node.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import threading
@@ -19,6 +20,8 @@ from potluck.protocol import messages as msg
 from potluck.protocol.errors import NodeUnavailable, NoRoute
 from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm
 from potluck.protocol.replies import Info, request_info
+
+from .channels import Channels
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +41,8 @@ class SwarmConnection:
         self._thread = threading.Thread(target=self.loop.run_forever, name="potluck-client", daemon=True)
         self._thread.start()
         self.p2p, self.dht = self.call(self._connect(), connect_timeout)
+        self.channels = Channels(self.open_stream)  # one inference stream per node, shared by sessions
+        atexit.register(self.close)  # a program that never closes it still leaves no daemon and no stream behind
 
     async def _connect(self) -> tuple[P2P, DHTNode]:
         return await join_swarm(self.initial_peers, client_mode=True)
@@ -69,11 +74,13 @@ class SwarmConnection:
         return await request_info(self.p2p, peer_id, timeout)
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         if not self.loop.is_running():
             return
         async def _shutdown() -> None:
             for task in list(self._tasks):
                 task.cancel()
+            self.channels.close()
             await self.dht.shutdown()
             await self.p2p.shutdown()
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]

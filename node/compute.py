@@ -4,10 +4,11 @@ Requests become jobs for the ``Scheduler``; one engine task on the event loop ta
 batch (``schedule``), runs it on the worker thread (``batching``), records it (``update``) and
 answers each job's request, then takes the next. Steps that arrive while a batch runs wait for
 the next one, so under load decoding steps of many sessions go through the weights together
-(continuous batching); only a decoding batch started from idle waits a moment (``gather_window``,
-2 ms) for the steps sent along with its first one. A decoding step of the only open session, with
-nothing else waiting, runs right on the loop instead: a thread hand-over would cost about as much
-as the step. Other exclusive work (a speed measurement) goes to the same thread between batches.
+(continuous batching); only a lone decoding step arriving at an idle lane waits a moment
+(``gather_window``, 2 ms) for steps sent along with it (steps bundled together need no wait). A
+decoding step of the only open session, with nothing else waiting, runs right on the loop
+instead: a thread hand-over would cost about as much as the step. Other exclusive work (a speed
+measurement) goes to the same thread between batches.
 """
 from __future__ import annotations
 
@@ -77,9 +78,10 @@ class ComputeLane:
     async def _drive(self) -> None:
         """Run batches until nothing waits."""
         loop = asyncio.get_running_loop()
-        # decoding steps sent together (a gateway's round, a previous node's batch) arrive one read
-        # apart: let them in before the first batch; later batches fill while the previous one runs
-        if self.scheduler.waiting and self.scheduler.waiting[0].kind is JobKind.DECODE:
+        # a decoding step that arrived alone may have company one read behind it (other clients'
+        # steps of the same moment): let it in before the first batch. Steps that came in one bundle
+        # are all here already; later batches fill while the previous one runs
+        if len(self.scheduler.waiting) == 1 and self.scheduler.waiting[0].kind is JobKind.DECODE:
             await asyncio.sleep(self.gather_window)
         while (batch := self.scheduler.schedule()) is not None:
             if batch.kind is JobKind.DECODE and self.scheduler.in_prefill():

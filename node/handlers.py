@@ -20,6 +20,7 @@ from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
 from potluck.protocol import replies
+from potluck.protocol.bundles import FrameBatcher, unbundle
 from potluck.protocol.errors import (
     BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeOutOfMemory, NodeUnavailable, PotluckError,
 )
@@ -55,7 +56,7 @@ class BlockServicer:
         self.draining = False
         self.counters: Counter[str] = Counter()  # what was served, reported by info
         self._client_streams: dict[str, asyncio.StreamWriter] = {}  # session id -> stream it was opened on
-        self._tasks: set[asyncio.Task] = set()  # pushes being served
+        self._tasks: set[asyncio.Task] = set()  # requests being served in their own tasks
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_binary_stream_handler(msg.INFERENCE_HANDLER, self._inference_stream)
@@ -64,11 +65,14 @@ class BlockServicer:
         await p2p.add_binary_stream_handler(msg.INFO_HANDLER, self._single_request_stream)
 
     async def _inference_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # one client's sessions on this node share its stream; each request is served in its own task, so
+        # a long prompt does not hold up the steps sent after it, and answers leave in bundles
         opened: dict[str, Session] = {}  # sessions owned by this stream; they close when it ends
+        out = FrameBatcher(writer)
         self.counters["streams"] += 1
         try:
-            await self._serve_stream(reader, writer, lambda frame: self._inference_request(frame, opened, writer),
-                                     counter="client_messages")
+            await self._serve_stream(reader, out, lambda frame: self._inference_request(frame, opened, out),
+                                     counter="client_messages", in_tasks=True)
         finally:
             for session_id in opened:
                 self.sessions.close(session_id)
@@ -77,44 +81,51 @@ class BlockServicer:
     async def _push_stream(self, info, reader, writer) -> None:
         # one stream carries the pushes of every session the previous node hands on: each is served in
         # its own task, so they meet in the compute lane's batches instead of queueing behind each other
-        await self._serve_stream(reader, writer, self._push_request, counter="pushes_received", in_tasks=True)
+        await self._serve_stream(reader, FrameBatcher(writer), self._push_request, counter="pushes_received",
+                                 in_tasks=True)
 
     async def _single_request_stream(self, info, reader, writer) -> None:
-        await self._serve_stream(reader, writer, self._single_request, counter="messages", once=True)
+        await self._serve_stream(reader, FrameBatcher(writer), self._single_request, counter="messages", once=True)
 
-    async def _serve_stream(self, reader, writer, serve: Callable, counter: str, once: bool = False,
+    async def _serve_stream(self, reader, out: FrameBatcher, serve: Callable, counter: str, once: bool = False,
                             in_tasks: bool = False) -> None:
-        """Answer frames until the peer closes the stream; a frame over the size limit ends it,
-        since its payload cannot be skipped safely. ``in_tasks``: serve each frame in its own task
-        (for requests that answer elsewhere, not on this stream)."""
+        """Answer messages until the peer closes the stream; a frame over the size limit ends it,
+        since its payload cannot be skipped safely. A bundle's parts are served as separate
+        messages. ``in_tasks``: serve each message in its own task (answers go out as they finish)."""
         try:
             while True:
                 try:
                     frame = await msg.read_frame(reader, self.limits.max_frame_bytes)
+                    parts = unbundle(frame)
                 except MessageTooLarge as e:
                     self.counters["errors"] += 1
-                    await msg.write_frame(writer, msg.error_meta(e))
+                    out.write(msg.error_meta(e))
                     break
                 except BadRequest as e:
                     self.counters["errors"] += 1
-                    await msg.write_frame(writer, msg.error_meta(e))
+                    out.write(msg.error_meta(e))
                     continue
-                self.counters[counter] += 1
-                if in_tasks:
-                    task = asyncio.create_task(self._serve_safely(serve, frame))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                    continue
-                reply = await self._serve_safely(serve, frame)
-                if reply is not None:
-                    self.counters["to_client" if counter == "client_messages" else "replies"] += 1
-                    await msg.write_frame(writer, *reply)
+                self.counters["bundles_received"] += len(parts) > 1
+                for part in parts:
+                    self.counters[counter] += 1
+                    if in_tasks:
+                        task = asyncio.create_task(self._answer(serve, part, out, counter))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    else:
+                        await self._answer(serve, part, out, counter)
                 if once:
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away
         finally:
-            writer.close()
+            out.close()
+
+    async def _answer(self, serve: Callable, frame: msg.Frame, out: FrameBatcher, counter: str) -> None:
+        reply = await self._serve_safely(serve, frame)
+        if reply is not None and not out.is_closing():
+            self.counters["to_client" if counter == "client_messages" else "replies"] += 1
+            out.write(*reply)
 
     async def _serve_safely(self, serve: Callable, frame: msg.Frame) -> Reply | None:
         try:
@@ -128,14 +139,14 @@ class BlockServicer:
             error = PotluckError(f"internal error on the node: {type(e).__name__}: {e}")
             return msg.error_meta(error, frame.meta), ()
 
-    async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], writer) -> Reply | None:
+    async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], out) -> Reply | None:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.OpenSession):
             if self.draining:
                 raise NodeDraining("this node is shutting down and takes no new sessions")
             self._check_span(request.start, request.end)
             opened[request.session_id] = self.sessions.open(request, self.span)
-            self._client_streams[request.session_id] = writer
+            self._client_streams[request.session_id] = out
             self.counters["sessions_opened"] += 1
             return replies.Opened(request.session_id).to_meta(), ()
         if isinstance(request, msg.Step):
@@ -167,7 +178,7 @@ class BlockServicer:
             reply = msg.error_meta(e, frame.meta), ()
         if reply is not None and client is not None and not client.is_closing():
             self.counters["to_client"] += 1
-            await msg.write_frame(client, *reply)
+            client.write(*reply)
         return None
 
     async def _step(self, session: Session, request: msg.Step | msg.Push, tensors) -> Reply | None:
@@ -182,14 +193,15 @@ class BlockServicer:
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
         out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
         if not request.next:
-            return replies.Result(session.cached, request.seq).to_meta(), (out,)
+            return replies.Result(session.cached, request.seq, session.id).to_meta(), (out,)
         following = request.next[0]
         push = msg.Push(following.session_id, start, request.next[1:], request.seq)
         try:
             await self.links.push(following.peer_id, push.to_meta(), [out, *tensors[1:]])
         except NodeUnavailable as e:  # the client carries on from here itself
             self.counters["handoff_failures"] += 1
-            return replies.HandoffFailed(following.peer_id, str(e), session.cached, request.seq).to_meta(), (out,)
+            return replies.HandoffFailed(following.peer_id, str(e), session.cached, request.seq,
+                                         session.id).to_meta(), (out,)
         self.counters["pushes_sent"] += 1
         return None
 
@@ -221,7 +233,7 @@ class BlockServicer:
             raise NodeOutOfMemory(f"the node ran out of {device.type} memory; try another node") from None
 
     def stop(self) -> None:
-        """Cancel the pushes still being served (the node is going away)."""
+        """Cancel the requests still being served (the node is going away)."""
         for task in list(self._tasks):
             task.cancel()
 
@@ -230,19 +242,19 @@ class BlockServicer:
 
     async def evict(self, reason: PotluckError, span: BlockSpan | None = None) -> None:
         """Send every open session's client (or only those computing on ``span``) ``reason``
-        (unasked, so with no seq) and end its stream: the client fails over at once instead of
-        waiting out a timeout."""
-        for session_id, writer in list(self._client_streams.items()):
+        (unasked, so with no seq) and close the session: the client fails over at once instead of
+        waiting out a timeout. The client's stream stays open for its other sessions."""
+        for session_id, out in list(self._client_streams.items()):
             session = self.sessions.sessions.get(session_id)
             if span is not None and (session is None or session.span is not span):
                 continue
             self._client_streams.pop(session_id)
-            if not writer.is_closing():
+            if not out.is_closing():
                 try:
-                    await msg.write_frame(writer, msg.error_meta(reason))
+                    out.write(msg.error_meta(reason, session_id=session_id))
+                    await out.writer.drain()
                 except (ConnectionError, OSError):
                     pass
-                writer.close()
             self.sessions.close(session_id)
 
     def _check_span(self, start: int, end: int) -> None:

@@ -119,12 +119,16 @@ def _decode_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
     return deserialize_torch_tensor(proto)
 
 
-def error_meta(error: PotluckError, request: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An error answer; it echoes the request's ``seq`` so the client can match it."""
+def error_meta(error: PotluckError, request: dict[str, Any] | None = None,
+               session_id: str | None = None) -> dict[str, Any]:
+    """An error answer; it echoes the request's ``seq`` and ``session_id`` (or names ``session_id``,
+    for an error nobody asked for) so the client can match it."""
     meta = {"type": "error", "error": error.to_wire()}
-    seq = (request or {}).get("seq")
+    seq, session = (request or {}).get("seq"), (request or {}).get("session_id", session_id)
     if isinstance(seq, int) and not isinstance(seq, bool):
         meta["seq"] = seq
+    if isinstance(session, str) and _SESSION_ID.match(session):
+        meta["session_id"] = session
     return meta
 
 

@@ -42,6 +42,7 @@ class Result(Message):
 
     length: int | None = None  # tokens the session's cache holds after the step
     seq: int | None = None  # the step attempt answered
+    session_id: str | None = None  # the session it belongs to (its stream may carry many)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class HandoffFailed(Message):
     reason: str
     length: int
     seq: int | None = None
+    session_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ Reply = Opened | Closed | Result | HandoffFailed | Info
 _KINDS: dict[str, type] = {cls.KIND: cls for cls in (Opened, Closed, Result, HandoffFailed, Info)}
 _INT_OR_NONE = (int, type(None))
 _TYPES: dict[str, tuple[type, ...]] = {
-    "session_id": (str,), "peer_id": (str,), "reason": (str,), "model": (str,), "state": (str,), "version": (str,),
-    "dtype": (str,), "device": (str,), "public_name": (str,), "start": (int,), "end": (int,),
+    "session_id": (str, type(None)), "peer_id": (str,), "reason": (str,), "model": (str,), "state": (str,),
+    "version": (str,), "dtype": (str,), "device": (str,), "public_name": (str,), "start": (int,), "end": (int,),
     "cache_tokens_left": (int,), "open_sessions": (int,), "length": _INT_OR_NONE, "seq": _INT_OR_NONE,
     "counters": (dict,),
 }

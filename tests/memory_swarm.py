@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from potluck.client.channels import Channels
 from potluck.client.swarm_view import FailoverPolicy, SwarmView
 from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
@@ -87,6 +88,7 @@ class MemorySwarm:
         self.dead: set[str] = set()
         self._server_writers: dict[str, list[MemoryWriter]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.channels = Channels(self.open_stream)
 
     def add_node(self, name: str, checkpoint_path, start: int, end: int, speed: float = 100.0) -> str:
         span = load_span(resolve_checkpoint(str(checkpoint_path)), start, end, torch.float32)

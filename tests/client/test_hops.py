@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from memory_swarm import peer_id, stream_pair
+from potluck.client.channels import NodeChannel
 from potluck.client.hops import HopSession, HopStreams, StepInputs, cut, joined
 from potluck.client.routing import Hop
 from potluck.client.swarm_view import FailoverPolicy, SwarmView
@@ -18,8 +19,7 @@ def hop_with_node(streams: HopStreams, name: str):
     """A hop whose far end the test plays by hand: returns (hop session, node reader, node writer)."""
     (reader, writer), (node_reader, node_writer) = stream_pair()
     record = NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE, public_name=name)
-    hop_session = HopSession(Hop(peer_id(name), 0, 4, record), "s", reader, writer)
-    hop_session.reading = asyncio.ensure_future(streams._read_forever(hop_session))
+    hop_session = streams.listen(HopSession(Hop(peer_id(name), 0, 4, record), "s", NodeChannel(name, reader, writer)))
     return hop_session, node_reader, node_writer
 
 
@@ -42,8 +42,8 @@ def test_a_late_answer_to_an_abandoned_attempt_is_dropped():
         redo = asyncio.ensure_future(hops.step(hop_session, inputs(), 0))
         frames = [await msg.read_frame(node_reader) for _ in range(2)]
         assert [f.meta["seq"] for f in frames] == [1, 2] and frames[1].meta["start_from"] == 0
-        await msg.write_frame(node_writer, Result(1, 1).to_meta(), [torch.full((1, 1, 4), 1.0)])  # too late
-        await msg.write_frame(node_writer, Result(1, 2).to_meta(), [torch.full((1, 1, 4), 2.0)])
+        await msg.write_frame(node_writer, Result(1, 1, "s").to_meta(), [torch.full((1, 1, 4), 1.0)])  # too late
+        await msg.write_frame(node_writer, Result(1, 2, "s").to_meta(), [torch.full((1, 1, 4), 2.0)])
         return await redo
 
     assert torch.equal(asyncio.run(exchange()), torch.full((1, 1, 4), 2.0))

@@ -108,7 +108,7 @@ def test_seeded_sampling_repeats(api):
 
 
 def test_sixteen_concurrent_streams_each_equal_the_request_alone(api, local):
-    client = api[0]
+    client, _, peers, connection = api
     prompts = [[{"role": "user", "content": f"Count to {i}."}] for i in range(16)]
     sampled = {i: dict(temperature=0.8, top_p=0.9, seed=100 + i) for i in range(12, 16)}  # own seeds, own params
 
@@ -120,7 +120,7 @@ def test_sixteen_concurrent_streams_each_equal_the_request_alone(api, local):
     alone = {}
     for i in sampled:
         run(i, alone)
-    together = {}
+    together, before = {}, [node_counters(connection, peer) for peer in peers]
     threads = [threading.Thread(target=run, args=(i, together)) for i in range(16)]
     for thread in threads:
         thread.start()
@@ -128,6 +128,9 @@ def test_sixteen_concurrent_streams_each_equal_the_request_alone(api, local):
         thread.join(300)
     assert [together.get(i) for i in range(12)] == [local_chat(local, prompts[i], 8 + i % 5) for i in range(12)]
     assert {i: together.get(i) for i in sampled} == alone
+    bundles = [node_counters(connection, p).get("bundles_received", 0) - b.get("bundles_received", 0)
+               for p, b in zip(peers, before)]
+    assert all(bundles), bundles  # the gateway's steps reached the first node, and its pushes the second, bundled
 
 
 def open_sessions(connection, peers):
@@ -192,8 +195,12 @@ def test_missing_blocks_are_a_503_naming_them(chat_model, swarm_factory, tmp_pat
         stop(proc)
 
 
+def node_counters(connection, peer):
+    return connection.call(connection.request(peer, msg.INFO_HANDLER, {"type": "info"})).meta["counters"]
+
+
 def node_tokens(connection, peer):
-    return connection.call(connection.request(peer, msg.INFO_HANDLER, {"type": "info"})).meta["counters"].get("tokens", 0)
+    return node_counters(connection, peer).get("tokens", 0)
 
 
 def test_chat_command_streams_and_sends_only_new_tokens(api, chat_model, local):

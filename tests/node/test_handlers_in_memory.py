@@ -56,9 +56,9 @@ def test_a_session_opens_steps_rewinds_and_closes(servicer):
         client = Client(servicer)
         assert (await client.ask(msg.OpenSession("s", 0, 4, 16, 1)))[0] == Opened("s")
         reply, (out,) = await client.ask(msg.Step("s", None, seq=1), *step_tensors(5))
-        assert reply == Result(5, 1) and out.shape == (1, 5, HIDDEN)
+        assert reply == Result(5, 1, "s") and out.shape == (1, 5, HIDDEN)
         reply, _ = await client.ask(msg.Step("s", 3, seq=2), *step_tensors(1, 3))  # rewind to 3, one more
-        assert reply == Result(4, 2)
+        assert reply == Result(4, 2, "s")
         assert (await client.ask(msg.CloseSession("s")))[0] == Closed("s")
         with pytest.raises(UnknownSession):
             await client.ask(msg.Step("s", None), *step_tensors(1))
