@@ -5,12 +5,15 @@ has many sessions on the same nodes. Over one stream per node, the steps its ses
 one turn of the event loop leave as one bundle (``protocol.bundles``), and the node's answers
 come back bundled too: one frame each way per node and round instead of one per session. A
 ``NodeChannel`` hands each answer to the session it names; when the stream breaks, every
-session on it hears so and fails over.
+session on it hears so and fails over. Nodes close a stream that stays silent with no session
+on it (a minute by default); a client does not reuse a channel idle for half that, so it never
+sends into a stream the node is closing.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
 
 from potluck.protocol import messages as msg
@@ -19,6 +22,7 @@ from potluck.protocol.errors import NodeUnavailable, PotluckError
 
 logger = logging.getLogger(__name__)
 Listener = Callable[[msg.Frame | PotluckError], None]  # gets a session's answers, or the stream's failure
+IDLE_REUSE = 30.0  # seconds a channel without sessions may idle and still be used
 OpenStream = Callable[[str, str, float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
@@ -28,16 +32,23 @@ class NodeChannel:
         self.out = FrameBatcher(writer)
         self.listeners: dict[str, Listener] = {}  # session id -> who gets its answers
         self.failed: PotluckError | None = None
+        self.last_used = time.monotonic()
         self._reading = asyncio.create_task(self._read_forever(reader))
 
     @property
     def usable(self) -> bool:
         return self.failed is None and not self.out.is_closing()
 
+    @property
+    def stale(self) -> bool:
+        """Idle without sessions long enough that the node may be closing it."""
+        return not self.listeners and time.monotonic() - self.last_used > IDLE_REUSE
+
     def send(self, meta: dict, tensors=()) -> None:
         """Queue a message (it leaves at the end of this loop turn); NodeUnavailable if the stream broke."""
         if not self.usable:
             raise self.failed or NodeUnavailable(f"the stream to node {self.peer_id} is closed", self.peer_id)
+        self.last_used = time.monotonic()
         try:
             self.out.write(meta, tensors)
         except (ConnectionError, OSError) as e:
@@ -74,11 +85,13 @@ class Channels:
 
     async def get(self, peer_id: str, timeout: float) -> NodeChannel:
         channel = self._channels.get(peer_id)
-        if channel is not None and channel.usable:
+        if channel is not None and channel.usable and not channel.stale:
             return channel
         async with self._opening.setdefault(peer_id, asyncio.Lock()):
             channel = self._channels.get(peer_id)
-            if channel is None or not channel.usable:
+            if channel is not None and channel.stale:
+                channel.close()
+            if channel is None or not channel.usable or channel.stale:
                 reader, writer = await self.open_stream(peer_id, msg.INFERENCE_HANDLER, timeout)
                 channel = self._channels[peer_id] = NodeChannel(peer_id, reader, writer)
             return channel

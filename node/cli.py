@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 
+from potluck.node.limits import Limits
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.network import initial_peers_from_env
 from potluck.protocol.records import ANNOUNCE_PERIOD
@@ -66,6 +67,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     network.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD,
                          help=f"seconds between announcements (default: {ANNOUNCE_PERIOD:g})")
 
+    limits = node.add_argument_group("what one peer may take (an open swarm: anyone can connect)")
+    limits.add_argument("--peer-sessions", type=int, default=Limits.sessions_per_peer, metavar="N",
+                        help="sessions one peer may hold open here (a potluck serve holds up to 64)")
+    limits.add_argument("--peer-cache-share", type=float, default=Limits.cache_share_per_peer, metavar="FRACTION",
+                        help="share of the cache tokens one peer may reserve")
+    limits.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout, metavar="SECONDS",
+                        help="close a stream with no open session that stays silent this long")
+    limits.add_argument("--frame-timeout", type=float, default=Limits.frame_timeout, metavar="SECONDS",
+                        help="close a stream whose message does not arrive within this long (plus 1 s per MiB)")
+
     operator = node.add_argument_group("operator")
     operator.add_argument("--public-name", default="", help="a name shown to users and on the health page")
     operator.add_argument("--drain-timeout", type=float, default=10.0,
@@ -81,7 +92,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dht.set_defaults(run=_run_dht)
 
     swarm = commands.add_parser("swarm", help="start a bootstrap peer and N nodes on loopback")
-    swarm.add_argument("model", nargs="?", default=None, help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
+    swarm.add_argument("model", nargs="?", default=None,
+                       help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
     swarm.add_argument("--nodes", type=int, default=3, help="how many nodes split the blocks evenly")
     swarm.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="the nodes' dtype (default: each node's own, as for potluck node)")
@@ -136,6 +148,8 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         raise BadRequest("--balance-quality must be in (0, 1] and --balance-period at least 0")
     if args.prefill_chunk < 1 or args.max_batch_sessions < 1:
         raise BadRequest("--prefill-chunk and --max-batch-sessions must be at least 1")
+    if args.peer_sessions < 1 or not 0 < args.peer_cache_share <= 1 or min(args.idle_timeout, args.frame_timeout) <= 0:
+        raise BadRequest("--peer-sessions must be at least 1, --peer-cache-share in (0, 1], and the timeouts positive")
     if args.throughput is not None and not args.throughput > 0:
         raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
@@ -149,6 +163,8 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
         max_batch_sessions=args.max_batch_sessions, drain_timeout=args.drain_timeout,
         identity_path=args.identity_path, public=args.public,
+        peer_limits=Limits(sessions_per_peer=args.peer_sessions, cache_share_per_peer=args.peer_cache_share,
+                           idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout),
     )
     starting = asyncio.create_task(Node.create(config))
     stopping = asyncio.create_task(stop.wait())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import torch
@@ -22,12 +22,14 @@ from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.protocol.bundles import FrameBatcher, unbundle
 from potluck.protocol.errors import (
-    BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeOutOfMemory, NodeUnavailable, PotluckError,
+    BadRequest, BlocksNotServed, MessageTooLarge, NodeDraining, NodeOutOfMemory, NodeUnavailable, PeerLimitReached,
+    PotluckError,
 )
 from .span import BlockSpan
 
 from . import hardware
 from .compute import ComputeLane
+from .limits import Limits, PeerLimits, step_frame_bytes
 from .links import PushLinks
 from .sessions import Session, SessionTable
 
@@ -37,8 +39,8 @@ Reply = tuple[dict[str, Any], tuple[torch.Tensor, ...]]
 
 @dataclass(frozen=True)
 class ServingLimits:
-    max_frame_bytes: int = msg.MAX_FRAME_BYTES
     max_batch_tokens: int = 8192  # batch x new tokens in one step or forward
+    peers: Limits = field(default_factory=Limits)  # what one peer may take of the node
 
 
 class BlockServicer:
@@ -55,7 +57,9 @@ class BlockServicer:
         self.hidden_size = span.config.hidden_size
         self.draining = False
         self.counters: Counter[str] = Counter()  # what was served, reported by info
-        self._client_streams: dict[str, asyncio.StreamWriter] = {}  # session id -> stream it was opened on
+        self.peers = PeerLimits(limits.peers, sessions.cache_tokens)
+        self.frame_bytes = step_frame_bytes(self.hidden_size, limits.max_batch_tokens, sessions.cache_tokens)
+        self._client_streams: dict[str, FrameBatcher] = {}  # session id -> stream it was opened on
         self._tasks: set[asyncio.Task] = set()  # requests being served in their own tasks
 
     async def register(self, p2p: P2P) -> None:
@@ -68,11 +72,11 @@ class BlockServicer:
         # one client's sessions on this node share its stream; each request is served in its own task, so
         # a long prompt does not hold up the steps sent after it, and answers leave in bundles
         opened: dict[str, Session] = {}  # sessions owned by this stream; they close when it ends
-        out = FrameBatcher(writer)
+        out, peer = FrameBatcher(writer), _peer_of(info)
         self.counters["streams"] += 1
         try:
-            await self._serve_stream(reader, out, lambda frame: self._inference_request(frame, opened, out),
-                                     counter="client_messages", in_tasks=True)
+            await self._serve_stream(reader, out, peer, lambda frame: self._inference_request(frame, opened, out, peer),
+                                     counter="client_messages", in_tasks=True, sessions_open=lambda: bool(opened))
         finally:
             for session_id in opened:
                 self.sessions.close(session_id)
@@ -81,25 +85,39 @@ class BlockServicer:
     async def _push_stream(self, info, reader, writer) -> None:
         # one stream carries the pushes of every session the previous node hands on: each is served in
         # its own task, so they meet in the compute lane's batches instead of queueing behind each other
-        await self._serve_stream(reader, FrameBatcher(writer), self._push_request, counter="pushes_received",
-                                 in_tasks=True)
+        await self._serve_stream(reader, FrameBatcher(writer), _peer_of(info), self._push_request,
+                                 counter="pushes_received", in_tasks=True, sessions_open=lambda: True)
 
     async def _single_request_stream(self, info, reader, writer) -> None:
-        await self._serve_stream(reader, FrameBatcher(writer), self._single_request, counter="messages", once=True)
+        await self._serve_stream(reader, FrameBatcher(writer), _peer_of(info), self._single_request,
+                                 counter="messages", once=True)
 
-    async def _serve_stream(self, reader, out: FrameBatcher, serve: Callable, counter: str, once: bool = False,
-                            in_tasks: bool = False) -> None:
-        """Answer messages until the peer closes the stream; a frame over the size limit ends it,
-        since its payload cannot be skipped safely. A bundle's parts are served as separate
+    async def _serve_stream(self, reader, out: FrameBatcher, peer: str, serve: Callable, counter: str,
+                            once: bool = False, in_tasks: bool = False,
+                            sessions_open: Callable[[], bool] = lambda: False) -> None:
+        """Answer messages until the peer closes the stream, under the peer's limits (``limits``).
+        A frame over a size limit, or a stream silent or trickling past its timeout, ends it with a
+        typed error (a payload cannot be skipped safely). A bundle's parts are served as separate
         messages. ``in_tasks``: serve each message in its own task (answers go out as they finish)."""
+        try:
+            self.peers.open_stream(peer)
+        except PeerLimitReached as e:
+            out.write(msg.error_meta(e))
+            out.close()
+            return
         try:
             while True:
                 try:
-                    frame = await msg.read_frame(reader, self.limits.max_frame_bytes)
+                    frame = await self.peers.read_frame(reader, peer, self.frame_bytes, sessions_open())
                     parts = unbundle(frame)
-                except MessageTooLarge as e:
+                except (MessageTooLarge, PeerLimitReached) as e:
                     self.counters["errors"] += 1
                     out.write(msg.error_meta(e))
+                    break
+                except TimeoutError:
+                    self.counters["streams_timed_out"] += 1
+                    out.write(msg.error_meta(PeerLimitReached("this stream was silent, or sent a frame too slowly, "
+                                                              "past its timeout; it is closed")))
                     break
                 except BadRequest as e:
                     self.counters["errors"] += 1
@@ -119,6 +137,7 @@ class BlockServicer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away
         finally:
+            self.peers.close_stream(peer)
             out.close()
 
     async def _answer(self, serve: Callable, frame: msg.Frame, out: FrameBatcher, counter: str) -> None:
@@ -139,13 +158,17 @@ class BlockServicer:
             error = PotluckError(f"internal error on the node: {type(e).__name__}: {e}")
             return msg.error_meta(error, frame.meta), ()
 
-    async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], out) -> Reply | None:
+    async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], out,
+                                 peer: str = "") -> Reply | None:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.OpenSession):
             if self.draining:
                 raise NodeDraining("this node is shutting down and takes no new sessions")
             self._check_span(request.start, request.end)
-            opened[request.session_id] = self.sessions.open(request, self.span)
+            needed = request.max_length * request.batch_size
+            if needed <= self.sessions.tokens_left:  # a full pool says so itself (CacheFull), whoever holds it
+                self.peers.check_session(peer, *self.sessions.held_by(peer), needed)
+            opened[request.session_id] = self.sessions.open(request, self.span, peer)
             self._client_streams[request.session_id] = out
             self.counters["sessions_opened"] += 1
             return replies.Opened(request.session_id).to_meta(), ()
@@ -208,7 +231,9 @@ class BlockServicer:
     async def _single_request(self, frame: msg.Frame) -> Reply:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.InfoRequest):
-            counters = {**self.counters, **self.compute.counters, "compute_seconds": self.compute.busy_seconds}
+            refusals = {f"refused_{limit}": count for limit, count in self.peers.refusals.items()}
+            counters = {**self.counters, **self.compute.counters, **refusals,
+                        "compute_seconds": self.compute.busy_seconds}
             return replies.Info(**self.describe(), open_sessions=len(self.sessions.sessions),
                                 counters=counters).to_meta(), ()
         if isinstance(request, msg.Forward):
@@ -267,3 +292,8 @@ class BlockServicer:
         tokens = hidden.shape[0] * hidden.shape[1]
         if tokens > self.limits.max_batch_tokens:
             raise BadRequest(f"{tokens} tokens in one message (limit {self.limits.max_batch_tokens}); split it")
+
+
+def _peer_of(info) -> str:
+    """The base58 id of the peer at the other end of a stream (info is None for in-memory streams)."""
+    return info.peer_id.to_base58() if info is not None else "memory"

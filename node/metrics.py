@@ -26,6 +26,7 @@ COUNTERS = {  # servicer counter -> (metric name, help)
     "decode_batches": ("potluck_node_decode_batches", "Batches of decoding steps run (sessions batched together)"),
     "decode_rows": ("potluck_node_decode_rows", "Decoding steps run in batches (rows / batches = mean batch size)"),
     "prefill_chunks": ("potluck_node_prefill_chunks", "Chunks of longer steps (prompts) run"),
+    "streams_timed_out": ("potluck_node_streams_timed_out", "Streams closed for idling or trickling past a timeout"),
     "bundles_received": ("potluck_node_bundles_received", "Frames that carried several messages (sessions' steps)"),
 }
 
@@ -59,6 +60,11 @@ class NodeCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=counters.get(key, 0))
         yield CounterMetricFamily("potluck_node_compute_seconds", "Seconds spent computing blocks",
                                   value=node.compute.busy_seconds)
+        refusals = CounterMetricFamily("potluck_node_refusals", "Requests refused because a peer reached a limit",
+                                       labels=["limit"])
+        for limit, count in (servicer.peers.refusals.items() if servicer is not None else ()):
+            refusals.add_metric([limit], count)
+        yield refusals
 
 
 def serve_metrics(node: "Node", port: int, host: str = "127.0.0.1"):

@@ -32,6 +32,7 @@ from . import hardware, placement
 from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
+from .limits import Limits
 from .links import PushLinks
 from .metrics import serve_metrics, status_line
 from .moving import Rebalancer
@@ -72,6 +73,7 @@ class NodeConfig:
     drain_timeout: float = 10.0  # seconds to wait for open sessions on shutdown
     identity_path: str | None = None  # None: the cache folder's key for public_name
     public: bool = False  # listen beyond loopback with UPnP even without initial peers beyond it
+    peer_limits: Limits = field(default_factory=Limits)  # what one peer may take of this node
 
 
 def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype) -> int:
@@ -140,7 +142,7 @@ class Node:
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
         self.sessions = SessionTable(tokens, on_change=self.announcer.nudge)
-        limits = ServingLimits(max_batch_tokens=config.max_batch_tokens)
+        limits = ServingLimits(max_batch_tokens=config.max_batch_tokens, peers=config.peer_limits)
         self.links = PushLinks(self.p2p)
         self.servicer = BlockServicer(span, self.compute, self.sessions, limits, self.describe, self.links)
         await self.servicer.register(self.p2p)

@@ -28,6 +28,7 @@ class Session:
     span: BlockSpan | None  # the blocks it computes on: a node moving elsewhere keeps them for it
     pool: CachePool | None = None  # the span's cache (None without a span)
     slots: torch.Tensor | None = None  # [batch, max_length] its slots in the pool (CPU)
+    peer: str = ""  # the peer that opened it
     cached: int = 0  # tokens in the cache
     closed: bool = False  # its slots went back to the pool: a step still queued for it must not run
     opened_at: float = field(default_factory=time.monotonic)
@@ -79,7 +80,12 @@ class SessionTable:
     def tokens_left(self) -> int:
         return self.cache_tokens - sum(s.reserved for s in self.sessions.values())
 
-    def open(self, request: OpenSession, span: BlockSpan | None) -> Session:
+    def held_by(self, peer: str) -> tuple[int, int]:
+        """(sessions, cache tokens reserved) of one peer."""
+        mine = [s for s in self.sessions.values() if s.peer == peer]
+        return len(mine), sum(s.reserved for s in mine)
+
+    def open(self, request: OpenSession, span: BlockSpan | None, peer: str = "") -> Session:
         if request.session_id in self.sessions:
             raise BadRequest(f"session {request.session_id} is already open")
         needed = request.max_length * request.batch_size
@@ -88,7 +94,7 @@ class SessionTable:
                 f"session needs {needed} cache tokens (max_length x batch), only {self.tokens_left} of "
                 f"{self.cache_tokens} are free here"
             )
-        session = Session(request, span)
+        session = Session(request, span, peer=peer)
         if span is not None:
             if span not in self.pools:
                 self.pools[span] = CachePool(span, self.cache_tokens)

@@ -20,6 +20,7 @@ class ErrorCode(enum.IntEnum):
     CACHE_FULL = 7
     NODE_DRAINING = 8
     OUT_OF_MEMORY = 9
+    PEER_LIMIT = 10
     NODE_UNAVAILABLE = 20  # client side: the peer died, timed out or cannot be reached
     NO_ROUTE = 21  # client side: no ONLINE chain covers the blocks
 
@@ -99,6 +100,13 @@ class NodeOutOfMemory(PotluckError):
     code = ErrorCode.OUT_OF_MEMORY
 
 
+class PeerLimitReached(PotluckError):
+    """This peer holds its share of the node (streams, sessions, cache, bytes being read, or a
+    stream idled or trickled past its timeout); another node may serve it."""
+
+    code = ErrorCode.PEER_LIMIT
+
+
 class NodeUnavailable(PotluckError):
     """A node died, hung past the timeout, or could not be reached."""
 
@@ -121,6 +129,7 @@ _BY_CODE: dict[ErrorCode, type[PotluckError]] = {
     ErrorCode.CACHE_FULL: CacheFull,
     ErrorCode.NODE_DRAINING: NodeDraining,
     ErrorCode.OUT_OF_MEMORY: NodeOutOfMemory,
+    ErrorCode.PEER_LIMIT: PeerLimitReached,
     ErrorCode.NODE_UNAVAILABLE: NodeUnavailable,
     ErrorCode.NO_ROUTE: NoRoute,
 }

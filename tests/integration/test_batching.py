@@ -120,7 +120,8 @@ def test_a_full_cache_pool_refuses_a_session_until_one_closes_and_the_router_goe
         tiny_checkpoints, swarm_factory, local):
     path = tiny_checkpoints["llama"]
     swarm = swarm_factory()
-    full = swarm.start_nodes(path, ["0:8"], "--cache-tokens", "192")[0]  # room for 3 sessions of 64 tokens
+    full = swarm.start_nodes(path, ["0:8"], "--cache-tokens", "192",  # room for 3 sessions of 64 tokens,
+                             "--peer-cache-share", "1")[0]  # all of which one peer may take
     connection = SwarmConnection(swarm.initial_peers)
     try:
         streams = [RawStream(connection, full) for _ in range(4)]

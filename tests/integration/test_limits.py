@@ -1,0 +1,105 @@
+"""One peer cannot starve a node: trickled frames, idle streams and a flood of sessions are capped and
+timed out, and another client is served meanwhile, exactly."""
+import asyncio
+import time
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import RawStream, open_meta
+from potluck import AutoDistributedModelForCausalLM
+from potluck.client.transport import SwarmConnection
+from potluck.node.limits import step_frame_bytes
+from potluck.protocol import messages as msg
+from potluck.protocol.errors import PeerLimitReached
+
+CACHE_TOKENS = 4096
+TIMEOUT = 3.0  # the node's --idle-timeout and --frame-timeout
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints, swarm_factory):
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    (peer,) = swarm.start_nodes(path, ["0:8"], "--cache-tokens", str(CACHE_TOKENS), "--idle-timeout", str(TIMEOUT),
+                                "--frame-timeout", str(TIMEOUT))
+    hostile, honest = SwarmConnection(swarm.initial_peers), SwarmConnection(swarm.initial_peers)  # two peer ids
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=honest)
+    yield hostile, peer, psutil.Process(swarm.nodes[peer].pid), remote, AutoModelForCausalLM.from_pretrained(path)
+    hostile.close()
+    honest.close()
+
+
+def served_exactly(remote, local, seed=0) -> bool:
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(seed))
+    return torch.equal(remote.generate(ids, max_new_tokens=6, do_sample=False),
+                       local.eval().generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def counters(connection, peer):
+    return connection.call(connection.info(peer, timeout=10))[0].counters
+
+
+def test_trickled_frames_and_idle_streams_are_bounded_and_closed(setup):
+    hostile, peer, node, remote, local = setup
+    rss_before = node.memory_info().rss
+    largest = step_frame_bytes(64, 8192, CACHE_TOKENS)  # the most a step frame may declare on this node
+
+    async def flood():
+        streams = [await hostile.open_stream(peer, msg.INFERENCE_HANDLER, 10) for _ in range(32 + 500)]
+        for _, writer in streams[:32]:  # declare the largest frame, then trickle it
+            writer.write(largest.to_bytes(msg.HEADER_BYTES, "big") + b"\0" * 1000)
+        return streams
+
+    streams = hostile.call(flood(), timeout=120)
+    began = time.monotonic()
+    assert served_exactly(remote, local)  # another client, meanwhile
+    rss_during = node.memory_info().rss
+
+    async def answers(reader):
+        """What the node said before it closed the stream."""
+        said = []
+        try:
+            while True:
+                said.append(msg.error_of(await asyncio.wait_for(msg.read_frame(reader), 3 * TIMEOUT + 5)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return said
+
+    async def all_answers():
+        return await asyncio.gather(*(answers(reader) for reader, _ in streams))
+
+    said = hostile.call(all_answers(), timeout=120)
+    waited = time.monotonic() - began
+    assert all(len(s) == 1 and isinstance(s[0], PeerLimitReached) for s in said)  # every stream closed, typed
+    refused_at_once = sum("streams_per_peer" in str(s[0]) for s in said)
+    assert refused_at_once == 32 + 500 - 256  # a peer holds at most 256 streams; the rest timed out
+    assert waited < 3 * TIMEOUT + 10
+    assert rss_during - rss_before < 64 * 2**20, (rss_during - rss_before) / 2**20
+    now = counters(hostile, peer)
+    assert now["streams_timed_out"] >= 256 and now["refused_streams_per_peer"] >= 276
+    for _, writer in streams:
+        writer.close()
+    assert served_exactly(remote, local, seed=1)
+
+
+def test_a_peer_flooding_sessions_gets_its_share_and_frees_it_when_it_leaves(setup):
+    hostile, peer, node, remote, local = setup
+    stream, opened = RawStream(hostile, peer), 0
+    while True:  # as fast as it can, 64 cache tokens each
+        reply = stream.send(open_meta(session_id=f"flood{opened}", start=0, end=8, max_length=64))
+        error = msg.error_of(reply)
+        if error is not None:
+            break
+        opened += 1
+    assert isinstance(error, PeerLimitReached) and "cache_share_per_peer" in str(error)
+    assert opened == CACHE_TOKENS // 2 // 64  # half the cache, one peer
+    assert served_exactly(remote, local, seed=2)  # the other half serves everyone else
+    info, _ = hostile.call(hostile.info(peer, timeout=10))
+    assert info.open_sessions == opened
+    stream.close()
+    deadline = time.monotonic() + 10
+    while hostile.call(hostile.info(peer, timeout=10))[0].open_sessions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hostile.call(hostile.info(peer, timeout=10))[0].open_sessions == 0
