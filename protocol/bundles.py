@@ -102,8 +102,11 @@ class FrameBatcher:
         pending, self._pending = self._pending, []
         if not pending or self.writer.is_closing():
             return
-        for meta, tensors in bundled(pending):
-            self.writer.write(encode_frame(meta, tensors))
+        try:
+            for meta, tensors in bundled(pending):
+                self.writer.write(encode_frame(meta, tensors))
+        except (ConnectionError, OSError, RuntimeError) as e:  # the peer closed the stream meanwhile
+            logger.debug("a stream closed before %d messages could be written: %s", len(pending), e)
 
     def is_closing(self) -> bool:
         return self.writer.is_closing()
