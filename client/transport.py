@@ -47,6 +47,11 @@ class SwarmConnection:
     async def _connect(self) -> tuple[P2P, DHTNode]:
         return await join_swarm(self.initial_peers, client_mode=True)
 
+    @property
+    def records_rejected(self) -> int:
+        """Node records this peer's DHT refused so far: unsigned, forged or altered (``signing``)."""
+        return self.dht.protocol.record_validator.rejected
+
     def own(self, task: asyncio.Task) -> None:
         """Keep a background task on this loop until it ends or the connection closes."""
         self._tasks.add(task)

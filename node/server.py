@@ -26,7 +26,7 @@ from potluck.protocol.directory import read_block_records
 from potluck.protocol.families import kv_shape
 from potluck.protocol.identity import identity_path
 from potluck.protocol.network import join_swarm
-from potluck.protocol.records import ANNOUNCE_PERIOD, ModelInfo, NodeRecord, NodeState
+from potluck.protocol.records import ANNOUNCE_PERIOD, PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState
 
 from . import hardware, placement
 from .announcer import Announcer
@@ -247,7 +247,7 @@ class Node:
             inference_steps_per_s=self.speed.steps_per_s, forward_tokens_per_s=self.speed.forward_tokens_per_s,
             cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             active_sessions=len(self.sessions.sessions) if self.sessions else 0,
-            max_batch_tokens=c.max_batch_tokens, pings=self.pings,
+            max_batch_tokens=c.max_batch_tokens, pings=self.pings, protocol=PROTOCOL_VERSION,
         )
 
     def describe(self) -> dict:

@@ -2,7 +2,9 @@
 
 Shared by every reader (clients, nodes measuring pings, the local swarm launcher, the health
 dashboard). One batched ``get_many`` reads all blocks of a model; malformed or foreign records are
-skipped, not trusted; of a node's records under several blocks the latest-expiring one counts.
+skipped, not trusted (forged ones never get here: ``signing``), and so are nodes that speak another
+protocol version (one log line each); of a node's records under several blocks the latest-expiring
+one counts.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from typing import Any
 
 from hivemind.dht.node import DHTNode
 
-from .records import ModelInfo, NodeRecord, block_key, unpack_model_info, unpack_node_record
+from .records import PROTOCOL_VERSION, ModelInfo, NodeRecord, block_key, unpack_model_info, unpack_node_record
 
 logger = logging.getLogger(__name__)
+_skipped: set[str] = set()  # peers already reported as speaking another protocol
 
 
 Found = dict[str, dict[str, tuple[NodeRecord, float]]]  # model -> peer id -> (record, its expiration time)
@@ -53,11 +56,22 @@ def parse_entries(entries: dict[str, Any], blocks: dict[str, int]) -> Found:
                 if record is None or record.model != model or record.end > num_blocks:
                     logger.debug("skipping a malformed record of %s under %s", peer_id, key)
                     continue
+                if record.protocol != PROTOCOL_VERSION:
+                    _skip_once(peer_id, record)
+                    continue
                 if peer_id not in records or expiration > records[peer_id][1]:
                     records[peer_id] = (record, expiration)
         if records:
             found[model] = records
     return found
+
+
+def _skip_once(peer_id: str, record: NodeRecord) -> None:
+    if peer_id not in _skipped:
+        _skipped.add(peer_id)
+        logger.warning("skipping node %s (%s, Potluck %s): it speaks protocol %d, this peer %d; one of you "
+                       "should upgrade", peer_id, record.public_name or "unnamed", record.version or "?",
+                       record.protocol, PROTOCOL_VERSION)
 
 
 def _subkey_items(entry: Any) -> dict[str, tuple[Any, float]]:

@@ -7,10 +7,14 @@ second process asking for the same key gets a new identity for this run and a wa
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from .default_model import default_cache_dir
@@ -20,9 +24,10 @@ logger = logging.getLogger(__name__)
 _held: list = []  # open lock files: each key stays locked until this process exits
 
 
-def identity_path(explicit: str | None, name: str, option: str = "--public-name") -> str | None:
+def identity_path(explicit: str | None, name: str, option: str = "--public-name") -> str:
     """The key file to start the P2P daemon with: ``explicit`` (--identity-path) if given, else the
-    cache folder's key for ``name``; None (a fresh identity) when another process holds that key."""
+    cache folder's key for ``name``; a fresh key for this run when another process holds that one.
+    (A node signs its records with this key, so it always has one.)"""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.parent.is_dir():
@@ -34,14 +39,14 @@ def identity_path(explicit: str | None, name: str, option: str = "--public-name"
         lock = open(path.with_suffix(".lock"), "w")
     except OSError as e:
         logger.warning("cannot keep an identity in %s (%s); this run gets a new peer id", path.parent, e)
-        return None
+        return _fresh_identity()
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
         logger.warning("another process on this machine uses the identity of %r; this run gets a new peer id "
                        "(give each node its own %s to keep one)", name, option)
-        return None
+        return _fresh_identity()
     _held.append(lock)
     if not path.exists():
         from hivemind.p2p import P2P
@@ -49,6 +54,17 @@ def identity_path(explicit: str | None, name: str, option: str = "--public-name"
         P2P.generate_identity(str(path))
         logger.debug("new identity for %r in %s", name, path)
     return str(path)
+
+
+def _fresh_identity() -> str:
+    """A key for this run only, in a private temporary folder removed at exit."""
+    from hivemind.p2p import P2P
+
+    folder = tempfile.mkdtemp(prefix="potluck-identity-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "identity.key")
+    P2P.generate_identity(path)
+    return path
 
 
 def _file_name(name: str) -> str:

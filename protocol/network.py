@@ -17,6 +17,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from .errors import BadRequest, NodeUnavailable
+from .signing import NodeRecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | 
                     "machines reach this peer at %s", " ".join(options["host_maddrs"]),
                     " ".join(addresses) or "no address yet (only loopback; see --announce-maddrs)")
     try:
-        dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=client_mode)
+        validator = NodeRecordValidator(identity_path)  # signs this peer's records, refuses forged ones
+        dht = await DHTNode.create(p2p=p2p, initial_peers=options["initial_peers"], client_mode=client_mode,
+                                   record_validator=validator)
     except BaseException:
         await p2p.shutdown()
         raise

@@ -18,6 +18,7 @@ MODEL_INDEX_KEY = "_potluck.models"
 ANNOUNCE_PERIOD = 15.0  # seconds between re-announcements of a node record
 RECORD_TTL_PERIODS = 2.5  # a record expires this many periods after it was stored
 MAX_RECORD_BYTES = 16 * 1024
+PROTOCOL_VERSION = 2  # what the RPCs mean; 2: sessions share a stream per node and messages travel in bundles
 
 
 class NodeState(enum.Enum):
@@ -59,6 +60,7 @@ class NodeRecord:
     active_sessions: int = 0  # inference sessions open when the record was stored
     max_batch_tokens: int = 0  # largest hidden-state message (batch x length) it accepts
     pings: dict[str, float] = field(default_factory=dict)  # peer id -> round trip in seconds
+    protocol: int = 1  # the node's PROTOCOL_VERSION (records from before it existed say nothing: 1)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -83,6 +85,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "active_sessions": (int,),
     "max_batch_tokens": (int,),
     "pings": (dict,),
+    "protocol": (int,),
 }
 
 

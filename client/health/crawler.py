@@ -65,6 +65,7 @@ class SwarmState:
     crawls: int = 0  # successful DHT reads so far
     failures: int = 0  # failed or timed-out DHT reads so far
     last_error: str = ""  # why the latest read failed; "" when it succeeded
+    records_rejected: int = 0  # node records this dashboard's DHT refused: unsigned, forged or altered
     period: float = 5.0  # seconds between crawls
 
 
@@ -158,7 +159,8 @@ class Crawler:
         nodes = merge(previous, index, found, now, self.settings.forget_after)
         self.state = dataclasses.replace(
             previous, models={m: models[m] for m in sorted(models) if m in index or m in nodes}, nodes=nodes,
-            updated_at=now, crawl_seconds=time.perf_counter() - began, crawls=previous.crawls + 1, last_error="")
+            updated_at=now, crawl_seconds=time.perf_counter() - began, crawls=previous.crawls + 1, last_error="",
+            records_rejected=self.swarm.records_rejected)
         return self.state
 
     async def _read(self, previous: SwarmState) -> tuple[dict[str, ModelInfo], dict]:

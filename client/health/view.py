@@ -109,7 +109,7 @@ def state_json(state: SwarmState) -> dict[str, Any]:
     }
     crawl = {"period_s": state.period, "duration_s": round(state.crawl_seconds, 6),
              "probe_s": round(state.probe_seconds, 6), "crawls": state.crawls, "failures": state.failures,
-             "last_error": state.last_error or None}
+             "last_error": state.last_error or None, "records_rejected": state.records_rejected}
     return {"schema_version": SCHEMA_VERSION, "updated_at": state.updated_at, "crawl": crawl, "totals": totals,
             "models": models}
 
@@ -174,6 +174,8 @@ def metrics_text(state: SwarmState) -> str:
             [("", state.probe_seconds)])
     _family(lines, "potluck_crawls_total", "counter", "Successful DHT reads", [("", state.crawls)])
     _family(lines, "potluck_crawl_failures_total", "counter", "Failed or timed-out DHT reads", [("", state.failures)])
+    _family(lines, "potluck_records_rejected_total", "counter", "Node records refused: unsigned, forged or altered",
+            [("", state.records_rejected)])
     if state.updated_at is not None:
         _family(lines, "potluck_state_updated_timestamp_seconds", "gauge", "Time of the last successful DHT read",
                 [("", state.updated_at)])

@@ -13,7 +13,7 @@ from potluck.client.health.crawler import NodeView, SwarmState, merge
 from potluck.protocol.directory import parse_entries
 from potluck.client.health.server import HealthServer
 from potluck.client.health.view import block_counts, metrics_text, state_json, status, synthetic_state
-from potluck.protocol.records import ModelInfo, NodeRecord, NodeState, block_key, pack
+from potluck.protocol.records import PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState, block_key, pack
 
 MODEL = ModelInfo("m", 8, "llama", 64)
 A, B, C = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "12D3KooWB", "12D3KooWC"
@@ -106,14 +106,16 @@ def test_parse_entries_keeps_valid_records_with_expiration():
     from hivemind.dht.storage import DictionaryDHTValue
     from hivemind.utils import ValueWithExpiration
 
-    good = NodeRecord(model="m", start=0, end=2, state=NodeState.ONLINE)
-    foreign = NodeRecord(model="other", start=0, end=2, state=NodeState.ONLINE)
+    good = NodeRecord(model="m", start=0, end=2, state=NodeState.ONLINE, protocol=PROTOCOL_VERSION)
+    foreign = NodeRecord(model="other", start=0, end=2, state=NodeState.ONLINE, protocol=PROTOCOL_VERSION)
+    older = NodeRecord(model="m", start=0, end=2, state=NodeState.ONLINE)  # before records said their protocol
     entries, expires = {}, time.time() + 100
     for block in range(2):
         value = DictionaryDHTValue()
         value.store(A, pack(good), expires + block)
         value.store(B, pack(foreign), expires)
         value.store(C, b"\xc1 not msgpack", expires)
+        value.store(C + "x", pack(older), expires)
         entries[block_key("m", block)] = ValueWithExpiration(value, expires + 1)
     found = parse_entries(entries, {"m": MODEL.num_blocks})
     assert found == {"m": {A: (good, expires + 1)}}  # the latest of its copies
@@ -223,11 +225,11 @@ def test_crawler_reads_in_one_batch_and_keeps_the_last_good_view_when_the_dht_ha
     from potluck.protocol.records import MODEL_INDEX_KEY
 
     expires = time.time() + 30
-    record = pack(NodeRecord(model="m", start=0, end=8, state=NodeState.ONLINE))
+    record = pack(NodeRecord(model="m", start=0, end=8, state=NodeState.ONLINE, protocol=PROTOCOL_VERSION))
     table = {MODEL_INDEX_KEY: {"m": (pack(MODEL), expires)}}
     table.update({block_key("m", b): {A: (record, expires)} for b in range(8)})
     dht = FakeDHT(table)
-    crawler = Crawler(SimpleNamespace(dht=dht), CrawlSettings(timeout=0.2))
+    crawler = Crawler(SimpleNamespace(dht=dht, records_rejected=2), CrawlSettings(timeout=0.2))
 
     async def run() -> tuple[SwarmState, SwarmState, SwarmState]:
         first = await crawler.crawl_once()  # learns the model: index, then its blocks
@@ -239,4 +241,5 @@ def test_crawler_reads_in_one_batch_and_keeps_the_last_good_view_when_the_dht_ha
     assert [len(keys) for keys in dht.reads] == [1, 8, 9, 9]
     assert first.nodes["m"][A].record.end == 8 and second.crawls == 2
     assert slow.nodes == second.nodes and slow.crawls == 2 and slow.failures == 1
+    assert second.records_rejected == 2 and state_json(second)["crawl"]["records_rejected"] == 2
     assert slow.last_error == "TimeoutError" and slow.updated_at == second.updated_at
