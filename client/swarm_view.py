@@ -162,10 +162,14 @@ class SwarmView:
 
 def expect_hidden(frame: msg.Frame, hop: Hop, shape: torch.Size) -> torch.Tensor:
     """The hidden states a node answered with (a result, or the output of a hand-off it could not
-    make); anything else, or the wrong shape, counts as a failed node."""
+    make); anything else, the wrong shape or dtype, or a NaN or infinite value counts as a failed
+    node (the session routes around it)."""
     reply = replies.parse_reply(frame, hop.peer_id)
     if not isinstance(reply, (replies.Result, replies.HandoffFailed)) or len(frame.tensors) != 1 \
-            or frame.tensors[0].shape != shape:
+            or frame.tensors[0].shape != shape or not frame.tensors[0].is_floating_point():
         raise NodeUnavailable(f"node {hop.peer_id} (blocks {hop.start}:{hop.end}) sent a malformed answer "
                               f"({type(reply).__name__})", hop.peer_id)
+    if not bool(torch.isfinite(frame.tensors[0]).all()):
+        raise NodeUnavailable(f"node {hop.peer_id} (blocks {hop.start}:{hop.end}) sent hidden states with NaN "
+                              "or infinite values", hop.peer_id)
     return frame.tensors[0]

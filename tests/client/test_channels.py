@@ -26,7 +26,7 @@ def streams() -> HopStreams:
 
 
 def one_token(value: float) -> StepInputs:
-    return StepInputs(torch.full((1, 1, 4), value), torch.zeros(1, 1, dtype=torch.int64), None)
+    return StepInputs(torch.full((1, 1, 4), float(value)), torch.zeros(1, 1, dtype=torch.int64), None)
 
 
 def test_two_sessions_share_a_bundle_each_way():

@@ -8,7 +8,7 @@ from memory_swarm import peer_id, stream_pair
 from potluck.client.channels import NodeChannel
 from potluck.client.hops import HopSession, HopStreams, StepInputs, cut, joined
 from potluck.client.routing import Hop
-from potluck.client.swarm_view import FailoverPolicy, SwarmView
+from potluck.client.swarm_view import FailoverPolicy, SwarmView, expect_hidden
 from potluck.protocol import messages as msg
 from potluck.protocol.errors import NodeUnavailable
 from potluck.protocol.records import NodeRecord, NodeState
@@ -69,3 +69,15 @@ def test_histories_join_and_cut_at_token_boundaries():
     history = [inputs(3), inputs(2)]
     assert joined(history).hidden.shape == (1, 5, 4)
     assert [s.hidden.shape[1] for s in cut(history, 4)] == [3, 1]
+
+
+def test_an_answer_with_nan_or_of_the_wrong_dtype_fails_its_node():
+    record = NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE)
+    hop = Hop(peer_id("a"), 0, 4, record)
+    good = torch.zeros(1, 1, 4)
+    assert torch.equal(expect_hidden(msg.Frame(Result(1, 1, "s").to_meta(), (good,)), hop, good.shape), good)
+    for bad in (torch.full((1, 1, 4), float("nan")), torch.full((1, 1, 4), float("inf")),
+                torch.zeros(1, 1, 4, dtype=torch.int64)):
+        with pytest.raises(NodeUnavailable) as caught:
+            expect_hidden(msg.Frame(Result(1, 1, "s").to_meta(), (bad,)), hop, good.shape)
+        assert caught.value.peer_id == peer_id("a")
