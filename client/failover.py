@@ -33,7 +33,8 @@ async def replace_hop(session: InferenceSession, index: int, error: PotluckError
 
     async def rebuilt_replacement() -> list[HopSession]:
         try:
-            replacement = await session.open_chain(failed.hop.start, failed.hop.end)
+            before = session.hop_sessions[index - 1].hop.peer_id if index > 0 else None
+            replacement = await session.open_chain(failed.hop.start, failed.hop.end, before)
         except NoRoute as no_route:
             raise NoRoute(f"{no_route}, after node {failed.hop.peer_id} failed: {error}",
                           failed.hop.peer_id) from error
@@ -48,6 +49,13 @@ async def replace_hop(session: InferenceSession, index: int, error: PotluckError
 
     replacement = await session.view.retrying(rebuilt_replacement)
     session.hop_sessions[index:index + 1] = replacement
+    after = index + len(replacement)
+    if after < len(session.hop_sessions):  # the next node takes pushes from the replacement now
+        following = session.hop_sessions[after]
+        try:
+            await session.streams.follow(following, replacement[-1].hop.peer_id)
+        except PotluckError as follow_error:  # that node fails too: the next step replaces it in turn
+            following.failed = following.failed or follow_error
     session.failovers += 1
     logger.info("replaced node %s (blocks %d:%d) with %s", failed.hop.peer_id, failed.hop.start, failed.hop.end,
                 ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement))

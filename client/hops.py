@@ -76,23 +76,31 @@ class HopStreams:
         self.inbox: asyncio.Queue = asyncio.Queue()  # (hop session, frame or error) from every stream
         self.seq = 0  # numbers each attempt; answers to earlier attempts are dropped
 
-    async def open(self, hop: Hop, max_length: int, batch_size: int) -> HopSession:
-        """A session on ``hop``'s node, reserving ``max_length x batch_size`` cache tokens there."""
+    async def open(self, hop: Hop, max_length: int, batch_size: int, previous: str | None = None) -> HopSession:
+        """A session on ``hop``'s node, reserving ``max_length x batch_size`` cache tokens there, that
+        takes hand-off pushes only from ``previous`` (the node before it in the chain)."""
         channel = await self.view.swarm.channels.get(hop.peer_id, self.view.policy.request_timeout)
         hop_session = self.listen(HopSession(hop, uuid.uuid4().hex, channel))
         try:
-            await self.send(hop_session, msg.OpenSession(hop_session.session_id, hop.start, hop.end, max_length,
-                                                         batch_size), None)
-            deadline = asyncio.get_running_loop().time() + self.view.policy.request_timeout
-            _, frame = await self.receive(hop_session, deadline, [hop_session])
-            if not isinstance(replies.parse_reply(frame, hop.peer_id), replies.Opened):
-                raise NodeUnavailable(f"{hop_session.describe()} did not confirm the session", hop.peer_id)
+            await self._ask(hop_session, msg.OpenSession(hop_session.session_id, hop.start, hop.end, max_length,
+                                                         batch_size, previous), replies.Opened)
         except BaseException:
             hop_session.close()
             raise
         sessions = self.view.costs.local_sessions  # routing counts this client's load on each node
         sessions[hop.peer_id] = sessions.get(hop.peer_id, 0) + 1
         return hop_session
+
+    async def follow(self, hop_session: HopSession, previous: str | None) -> None:
+        """Tell a hop's node that pushes for its session now come from ``previous``."""
+        await self._ask(hop_session, msg.Follow(hop_session.session_id, previous), replies.Followed)
+
+    async def _ask(self, hop_session: HopSession, request: msg.OpenSession | msg.Follow, expected: type) -> None:
+        await self.send(hop_session, request, None)
+        deadline = asyncio.get_running_loop().time() + self.view.policy.request_timeout
+        _, frame = await self.receive(hop_session, deadline, [hop_session])
+        if not isinstance(replies.parse_reply(frame, hop_session.hop.peer_id), expected):
+            raise NodeUnavailable(f"{hop_session.describe()} did not confirm {request.KIND}", hop_session.hop.peer_id)
 
     def close(self, hop_session: HopSession) -> None:
         """Close a hop's session on its node."""
@@ -107,7 +115,7 @@ class HopStreams:
         _, frame = await self.receive(hop_session, deadline, [hop_session])
         return expect_hidden(frame, hop_session.hop, inputs.hidden.shape)
 
-    async def send(self, hop_session: HopSession, request: msg.OpenSession | msg.Step,
+    async def send(self, hop_session: HopSession, request: msg.OpenSession | msg.Follow | msg.Step,
                    inputs: StepInputs | None) -> None:
         if hop_session.failed is not None:
             raise hop_session.failed

@@ -159,16 +159,18 @@ class InferenceSession:
             index += 1
         return inputs.hidden
 
-    async def open_chain(self, start: int, end: int) -> list[HopSession]:
-        """Route blocks start:end and open a session on each hop; unreachable nodes are banned
-        and routed around (NoRoute once nothing is left)."""
+    async def open_chain(self, start: int, end: int, previous: str | None = None) -> list[HopSession]:
+        """Route blocks start:end and open a session on each hop, each taking hand-off pushes only
+        from the hop before it (the first: from ``previous``); unreachable nodes are banned and
+        routed around (NoRoute once nothing is left)."""
         async def opened_chain() -> list[HopSession]:
             chain = await self.view.route(start, end, self.max_length * (self.batch_size or 1),
                                            self.view.chain_dtype(self.hops))  # a replacement keeps the dtype
             opened = []
             try:
                 for hop in chain:
-                    opened.append(await self.streams.open(hop, self.max_length, self.batch_size or 1))
+                    before = opened[-1].hop.peer_id if opened else previous
+                    opened.append(await self.streams.open(hop, self.max_length, self.batch_size or 1, before))
             except BaseException:
                 for hop_session in opened:
                     self.streams.close(hop_session)

@@ -85,7 +85,8 @@ class BlockServicer:
     async def _push_stream(self, info, reader, writer) -> None:
         # one stream carries the pushes of every session the previous node hands on: each is served in
         # its own task, so they meet in the compute lane's batches instead of queueing behind each other
-        await self._serve_stream(reader, FrameBatcher(writer), _peer_of(info), self._push_request,
+        peer = _peer_of(info)
+        await self._serve_stream(reader, FrameBatcher(writer), peer, lambda frame: self._push_request(frame, peer),
                                  counter="pushes_received", in_tasks=True, sessions_open=lambda: True)
 
     async def _single_request_stream(self, info, reader, writer) -> None:
@@ -177,6 +178,12 @@ class BlockServicer:
             if request.session_id not in opened:
                 raise BadRequest(f"session {request.session_id} belongs to another stream")
             return await self._step(session, request, frame.tensors)
+        if isinstance(request, msg.Follow):
+            session = self.sessions.get(request.session_id)
+            if request.session_id not in opened:
+                raise BadRequest(f"session {request.session_id} belongs to another stream")
+            session.previous = request.previous
+            return replies.Followed(request.session_id).to_meta(), ()
         if isinstance(request, msg.CloseSession):
             self.sessions.get(request.session_id)
             if request.session_id not in opened:
@@ -187,12 +194,15 @@ class BlockServicer:
             return replies.Closed(request.session_id).to_meta(), ()
         raise BadRequest(f"{type(request).__name__} is not valid on an inference stream")
 
-    async def _push_request(self, frame: msg.Frame) -> Reply | None:
-        """A step handed off by the previous node: errors go to the session's client, not back."""
+    async def _push_request(self, frame: msg.Frame, peer: str) -> Reply | None:
+        """A step handed off by the previous node: errors go to the session's client, not back;
+        a push from any other peer is refused back to that peer (it never reaches the client)."""
         request = msg.parse_request(frame.meta)
         if not isinstance(request, msg.Push):
             raise BadRequest("only push steps are valid on a push stream")
         session = self.sessions.get(request.session_id)
+        if session.previous != peer:
+            raise BadRequest(f"session {request.session_id} takes pushes only from the node before it in its chain")
         client = self._client_streams.get(request.session_id)
         try:
             reply = await self._step(session, request, frame.tensors)

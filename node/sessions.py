@@ -29,6 +29,7 @@ class Session:
     pool: CachePool | None = None  # the span's cache (None without a span)
     slots: torch.Tensor | None = None  # [batch, max_length] its slots in the pool (CPU)
     peer: str = ""  # the peer that opened it
+    previous: str | None = None  # the only peer whose pushes it takes (the chain's previous node)
     cached: int = 0  # tokens in the cache
     closed: bool = False  # its slots went back to the pool: a step still queued for it must not run
     opened_at: float = field(default_factory=time.monotonic)
@@ -94,7 +95,7 @@ class SessionTable:
                 f"session needs {needed} cache tokens (max_length x batch), only {self.tokens_left} of "
                 f"{self.cache_tokens} are free here"
             )
-        session = Session(request, span, peer=peer)
+        session = Session(request, span, peer=peer, previous=request.previous)
         if span is not None:
             if span not in self.pools:
                 self.pools[span] = CachePool(span, self.cache_tokens)

@@ -170,6 +170,7 @@ class OpenSession(Message):
     end: int
     max_length: int  # tokens reserved in the node's cache, per sequence
     batch_size: int
+    previous: str | None = None  # the node allowed to push steps into it (the chain's previous hop), if any
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,17 @@ class Push(Message):
 
 
 @dataclass(frozen=True)
+class Follow(Message):
+    """From now on, steps of the session are pushed by ``previous`` (the client replaced the node
+    before this one in the chain); answered with ``Followed``."""
+
+    KIND: ClassVar[str] = "follow"
+
+    session_id: str
+    previous: str | None
+
+
+@dataclass(frozen=True)
 class CloseSession(Message):
     KIND: ClassVar[str] = "close"
     session_id: str
@@ -228,7 +240,7 @@ class InfoRequest(Message):
     KIND: ClassVar[str] = "info"
 
 
-Request = OpenSession | Step | Push | CloseSession | Forward | InfoRequest
+Request = OpenSession | Step | Push | Follow | CloseSession | Forward | InfoRequest
 
 
 def parse_request(meta: dict[str, Any]) -> Request:
@@ -238,12 +250,15 @@ def parse_request(meta: dict[str, Any]) -> Request:
         start, end = _int(meta, "start", 0), _int(meta, "end", 1)
         if end <= start:
             raise BadRequest(f"empty span {start}:{end}")
-        return OpenSession(_session_id(meta), start, end, _int(meta, "max_length", 1), _int(meta, "batch_size", 1))
+        return OpenSession(_session_id(meta), start, end, _int(meta, "max_length", 1), _int(meta, "batch_size", 1),
+                           _previous(meta))
     if kind == "step":
         start_from = None if meta.get("start_from") is None else _int(meta, "start_from", 0)
         return Step(_session_id(meta), start_from, _next_hops(meta.get("next", [])), _seq(meta))
     if kind == "push":
         return Push(_session_id(meta), _int(meta, "start_from", 0), _next_hops(meta.get("next", [])), _seq(meta))
+    if kind == "follow":
+        return Follow(_session_id(meta), _previous(meta))
     if kind == "close":
         return CloseSession(_session_id(meta))
     if kind == "forward":
@@ -264,6 +279,13 @@ def _int(meta: dict[str, Any], name: str, minimum: int) -> int:
     value = meta.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**31:
         raise BadRequest(f"field {name!r} must be an integer >= {minimum}, got {value!r:.40}")
+    return value
+
+
+def _previous(meta: dict[str, Any]) -> str | None:
+    value = meta.get("previous")
+    if value is not None and not (isinstance(value, str) and _PEER_ID.match(value)):
+        raise BadRequest(f"field 'previous' must be a base58 peer id or absent, got {value!r:.40}")
     return value
 
 

@@ -27,6 +27,15 @@ class Opened(Message):
 
 
 @dataclass(frozen=True)
+class Followed(Message):
+    """The session now takes pushes from the node its ``Follow`` named."""
+
+    KIND: ClassVar[str] = "followed"
+
+    session_id: str
+
+
+@dataclass(frozen=True)
 class Closed(Message):
     KIND: ClassVar[str] = "closed"
 
@@ -79,8 +88,8 @@ class Info(Message):
     counters: dict[str, float] = field(default_factory=dict)  # requests, tokens, errors... since start
 
 
-Reply = Opened | Closed | Result | HandoffFailed | Info
-_KINDS: dict[str, type] = {cls.KIND: cls for cls in (Opened, Closed, Result, HandoffFailed, Info)}
+Reply = Opened | Followed | Closed | Result | HandoffFailed | Info
+_KINDS: dict[str, type] = {cls.KIND: cls for cls in (Opened, Followed, Closed, Result, HandoffFailed, Info)}
 _INT_OR_NONE = (int, type(None))
 _TYPES: dict[str, tuple[type, ...]] = {
     "session_id": (str, type(None)), "peer_id": (str,), "reason": (str,), "model": (str,), "state": (str,),

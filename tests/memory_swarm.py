@@ -64,13 +64,13 @@ def stream_pair() -> tuple[tuple[asyncio.StreamReader, MemoryWriter], tuple[asyn
 class MemoryLinks:
     """A node's hand-off links: pushes go straight to the next servicer's push handler."""
 
-    def __init__(self, swarm: "MemorySwarm"):
-        self.swarm = swarm
+    def __init__(self, swarm: "MemorySwarm", source: str):
+        self.swarm, self.source = swarm, source  # source: the pushing node's peer id
 
     async def push(self, peer: str, meta: dict, tensors) -> None:
         target = self.swarm.live_servicer(peer)
         frame = msg.decode_payload(msg.encode_frame(meta, tensors)[msg.HEADER_BYTES:])
-        asyncio.get_running_loop().create_task(target._push_request(frame))
+        asyncio.get_running_loop().create_task(target._push_request(frame, self.source))
 
     def close(self) -> None:
         pass
@@ -95,7 +95,7 @@ class MemorySwarm:
         peer = peer_id(name)
         describe = lambda: {"peer_id": peer, "model": "m", "start": start, "end": end, "state": "online"}  # noqa: E731
         self.servicers[peer] = BlockServicer(span, ComputeLane(), SessionTable(100_000), ServingLimits(),
-                                             describe=describe, links=MemoryLinks(self))
+                                             describe=describe, links=MemoryLinks(self, peer))
         self.records[peer] = NodeRecord(model="m", start=start, end=end, state=NodeState.ONLINE, public_name=name,
                                         inference_steps_per_s=speed, forward_tokens_per_s=speed * 100,
                                         cache_tokens_left=100_000)

@@ -75,3 +75,20 @@ def test_a_dead_node_is_replaced_and_its_cache_replayed(swarm, tiny_checkpoints,
         got += [session.step(*steps[2]), session.step(*steps[3])]
         assert session.failovers == 1 and session.hops[1].peer_id == replica and dead in view.banned
     assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
+
+
+def test_after_the_first_node_is_replaced_the_next_takes_its_replacement_s_pushes(swarm, tiny_checkpoints):
+    spare = swarm.add_node("d", tiny_checkpoints["llama"], 0, 4, speed=1.0)  # slower: routed only as a spare
+    hidden = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(2))
+    steps = [(hidden[:, :6], torch.arange(6).unsqueeze(0))] + [
+        (hidden[:, t:t + 1], torch.tensor([[t]])) for t in range(6, 9)]
+    expected = local_steps(tiny_checkpoints["llama"], steps)
+    view = swarm.view(8, handoff=True)
+    with InferenceSession(view, max_length=16) as session:
+        got = [session.step(*steps[0]), session.step(*steps[1])]
+        swarm.kill(session.hops[0].peer_id)
+        got.append(session.step(*steps[2]))  # fails over hop by hop, then tells the second node to follow
+        assert session.hops[0].peer_id == spare and session.handoff_fallbacks == 1
+        got.append(session.step(*steps[3]))  # handed off again: the second node takes the spare's push
+        assert session.handoff_fallbacks == 1
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))

@@ -79,6 +79,20 @@ def test_session_never_opened(setup):
     stream.close()
 
 
+def test_a_push_from_a_peer_that_is_not_the_previous_node_is_refused(setup):
+    connection, first, remote, local = setup
+    owner = RawStream(connection, first)
+    msg.raise_if_error(owner.send(open_meta("pushed")))  # opened by a client: it takes no pushes at all
+    intruder = RawStream(connection, first, msg.PUSH_HANDLER)
+    meta, tensors = step(session_id="pushed")
+    error = intruder.expect_error(BadRequest, {**meta, "type": "push", "start_from": 0}, tensors)
+    assert "takes pushes only from the node before it" in str(error)
+    reply = msg.raise_if_error(owner.send(*step(session_id="pushed")))  # the session did not move
+    assert reply.meta["length"] == 1
+    intruder.close()
+    owner.close()
+
+
 def test_random_bytes_then_the_node_still_serves(setup):
     connection, first, remote, local = setup
     stream = RawStream(connection, first)

@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 from memory_swarm import peer_id, stream_pair
 from potluck.node.announcer import Announcer
+from potluck.protocol.bundles import FrameBatcher
 from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.links import PushLinks
@@ -16,7 +17,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol.checkpoint import resolve_checkpoint
 from potluck.protocol.errors import BadRequest, BlocksNotServed, NodeDraining, NodeUnavailable, UnknownSession
 from potluck.protocol.records import MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState, unpack_node_record
-from potluck.protocol.replies import Closed, Opened, Result, parse_reply
+from potluck.protocol.replies import Closed, Followed, Opened, Result, parse_reply
 
 HIDDEN = 64
 
@@ -88,6 +89,44 @@ def test_a_bad_step_changes_nothing_and_a_vanished_client_frees_its_sessions(ser
 
     asyncio.run(talk())
     assert not servicer.sessions.sessions and servicer.sessions.tokens_left == 1000
+
+
+def test_only_the_previous_node_may_push_into_a_session_and_follow_changes_which(servicer):
+    async def talk():
+        client = Client(servicer)
+        await client.ask(msg.OpenSession("s", 0, 4, 16, 1, previous=peer_id("before")))
+
+        async def push(frm: str, start: int):
+            (reader, writer), (node_reader, node_writer) = stream_pair()
+            serving = asyncio.ensure_future(servicer._serve_stream(
+                node_reader, FrameBatcher(node_writer), frm, lambda frame: servicer._push_request(frame, frm),
+                counter="pushes_received", in_tasks=True))
+            await msg.write_frame(writer, msg.Push("s", start, (), seq=start).to_meta(), step_tensors(1, start))
+            try:
+                return await asyncio.wait_for(msg.read_frame(reader), 0.5)  # an answer here is a refusal
+            except asyncio.TimeoutError:
+                return None  # taken: the answer went to the client
+            finally:
+                writer.close()
+                await serving
+
+        refused = await push(peer_id("stranger"), 0)
+        assert "takes pushes only from the node before it" in str(msg.error_of(refused))
+        assert servicer.sessions.get("s").cached == 0  # nothing ran
+        assert await push(peer_id("before"), 0) is None
+        reply = parse_reply(await asyncio.wait_for(msg.read_frame(client.reader), 10))
+        assert reply == Result(1, 0, "s")
+        assert (await client.ask(msg.Follow("s", peer_id("newnode"))))[0] == Followed("s")
+        assert msg.error_of(await push(peer_id("before"), 1)) is not None  # the old previous node no more
+        assert await push(peer_id("newnode"), 1) is None
+        assert parse_reply(await asyncio.wait_for(msg.read_frame(client.reader), 10)) == Result(2, 1, "s")
+        other = Client(servicer)
+        with pytest.raises(BadRequest, match="another stream"):  # only the session's own client says whom to follow
+            await other.ask(msg.Follow("s", peer_id("stranger")))
+        await client.hang_up()
+        await other.hang_up()
+
+    asyncio.run(talk())
 
 
 class MemoryP2P:
