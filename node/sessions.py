@@ -59,13 +59,10 @@ class Session:
              start: int) -> torch.Tensor:
         """Runs on the compute thread: append after the first ``start`` cached tokens (a rewind
         when the cache holds more: later tokens are overwritten)."""
-        out = self.span(hidden, positions, mask, self.pass_cache([start] * len(self.slots), hidden.shape[1]),
-                        self.request.start, self.request.end)
+        cache = PassCache(self.pool, list(self.slots), [start] * len(self.slots), hidden.shape[1])
+        out = self.span(hidden, positions, mask, cache, self.request.start, self.request.end)
         self.cached = start + hidden.shape[1]
         return out
-
-    def pass_cache(self, lengths: list[int], new: int) -> PassCache:
-        return PassCache(self.pool, list(self.slots), lengths, new)
 
 
 class SessionTable:
