@@ -287,8 +287,8 @@ class BlockServicer:
             if not out.is_closing():
                 try:
                     out.write(msg.error_meta(reason, session_id=session_id))
-                    await out.writer.drain()
-                except (ConnectionError, OSError):
+                    await out.drained()
+                except (ConnectionError, OSError, TimeoutError):  # a client that does not read is not waited for
                     pass
             self.sessions.close(session_id)
 

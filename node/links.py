@@ -30,7 +30,7 @@ class PushLinks:
         """Send one push frame to ``peer_id``; NodeUnavailable if it cannot be reached."""
         try:
             writer = await self._writer(peer_id)
-            await writer.send(meta, tensors)
+            await writer.send(meta, tensors, self.connect_timeout)  # a next node that stops reading is unreachable
         except Exception as e:  # p2pd dial errors, timeouts and broken pipes all mean "unreachable"
             self._drop(peer_id)
             raise NodeUnavailable(f"cannot hand off to node {peer_id}: {type(e).__name__} {e}", peer_id) from None

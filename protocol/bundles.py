@@ -93,10 +93,15 @@ class FrameBatcher:
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
 
-    async def send(self, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> None:
-        """``write``, then wait while the stream's buffer is full."""
+    async def send(self, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = (), timeout: float = 10.0) -> None:
+        """``write``, then wait while the stream's buffer is full: TimeoutError if the peer does
+        not read for ``timeout`` seconds."""
         self.write(meta, tensors)
-        await self.writer.drain()
+        await self.drained(timeout)
+
+    async def drained(self, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            await self.writer.drain()
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
