@@ -25,13 +25,20 @@ def setup(tiny_checkpoints, swarm_factory):
     connection.close()
 
 
-def counters(connection, peers):
-    total = {}
-    for peer in peers:
-        frame = connection.call(connection.request(peer, msg.INFO_HANDLER, {"type": "info"}))
-        for name, value in frame.meta["counters"].items():
-            total[name] = total.get(name, 0) + value
-    return total
+def counters(connection, peers, settled=False):
+    """The nodes' counters summed; ``settled`` waits until no session is open (a client's close is sent
+    without waiting for it, so it may still be on its way when ``generate`` returns)."""
+    deadline = time.monotonic() + 10
+    while True:
+        total, open_sessions = {}, 0
+        for peer in peers:
+            frame = connection.call(connection.request(peer, msg.INFO_HANDLER, {"type": "info"}))
+            open_sessions += frame.meta["open_sessions"]
+            for name, value in frame.meta["counters"].items():
+                total[name] = total.get(name, 0) + value
+        if not settled or open_sessions == 0 or time.monotonic() > deadline:
+            return total
+        time.sleep(0.05)
 
 
 def test_one_message_each_way_per_step(setup):
@@ -56,9 +63,9 @@ def test_same_tokens_with_and_without_handoff(setup):
     ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
     remote.swarm_view.handoff = False
     try:
-        before = counters(connection, peers)
+        before = counters(connection, peers, settled=True)
         direct = remote.generate(ids, max_new_tokens=12, do_sample=False)
-        delta = {n: v - before.get(n, 0) for n, v in counters(connection, peers).items()}
+        delta = {n: v - before.get(n, 0) for n, v in counters(connection, peers, settled=True).items()}
     finally:
         remote.swarm_view.handoff = True
     assert delta.get("pushes_sent", 0) == 0
