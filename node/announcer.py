@@ -30,7 +30,7 @@ class Announcer:
         expiration = get_dht_time() + (ttl if ttl is not None else self.period * RECORD_TTL_PERIODS)
         keys = [block_key(record.model, i) for i in range(record.start, record.end)] + [MODEL_INDEX_KEY]
         values = [pack(record)] * (len(keys) - 1) + [pack(self.model)]
-        subkeys = [self.peer_id] * (len(keys) - 1) + [self.model.name]
+        subkeys = [self.peer_id] * len(keys)  # the index entry too: only this node can write or withdraw it
         try:
             stored = await self.dht.store_many(keys, values, expiration, subkeys=subkeys)
         except Exception as e:  # the DHT raises various errors when no peer answers; retried next period

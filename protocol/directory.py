@@ -14,6 +14,7 @@ from typing import Any
 from hivemind.dht.node import DHTNode
 
 from .records import PROTOCOL_VERSION, ModelInfo, NodeRecord, block_key, unpack_model_info, unpack_node_record
+from .signing import names_a_peer
 
 logger = logging.getLogger(__name__)
 _skipped: set[str] = set()  # peers already reported as speaking another protocol
@@ -34,13 +35,17 @@ def block_keys(model: str, num_blocks: int) -> list[str]:
 
 
 def parse_index(entry: Any) -> dict[str, ModelInfo]:
-    """The model index from a DHT answer: name -> ModelInfo, malformed entries skipped."""
-    models = {}
-    for name, (raw, _) in _subkey_items(entry).items():
+    """The model index from a DHT answer: name -> ModelInfo. Each node signs its own entry; where
+    nodes describe one model differently, most of them win (then the latest to expire). Entries
+    not under a peer id (unsigned) or malformed are skipped."""
+    claims: dict[str, dict[ModelInfo, tuple[int, float]]] = {}  # name -> info -> (nodes, latest expiration)
+    for subkey, (raw, expiration) in _subkey_items(entry).items():
         info = unpack_model_info(raw)
-        if info is not None and info.name == name:
-            models[name] = info
-    return models
+        if info is None or not names_a_peer(subkey):
+            continue
+        nodes, latest = claims.setdefault(info.name, {}).get(info, (0, float("-inf")))
+        claims[info.name][info] = (nodes + 1, max(latest, expiration))
+    return {name: max(infos, key=infos.__getitem__) for name, infos in claims.items()}
 
 
 def parse_entries(entries: dict[str, Any], blocks: dict[str, int]) -> Found:

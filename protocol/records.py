@@ -1,8 +1,9 @@
 """What nodes announce on the DHT, and under which keys.
 
 Keys: ``{model}.{block}`` holds one subkey per node (its peer id in base58) whose value is a
-packed ``NodeRecord``; ``MODEL_INDEX_KEY`` holds one subkey per model with its ``ModelInfo``, so a
-swarm can serve several models. Records are frozen dataclasses packed with msgpack; unpacking
+packed ``NodeRecord``; ``MODEL_INDEX_KEY`` holds one subkey per node (its peer id, so the entry is
+signed like its record) with the ``ModelInfo`` of the model it serves, so a swarm can serve several
+models. Records are frozen dataclasses packed with msgpack; unpacking
 ignores unknown fields (old and new peers read each other) and rejects records of the wrong shape.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ MODEL_INDEX_KEY = "_potluck.models"
 ANNOUNCE_PERIOD = 15.0  # seconds between re-announcements of a node record
 RECORD_TTL_PERIODS = 2.5  # a record expires this many periods after it was stored
 MAX_RECORD_BYTES = 16 * 1024
+MAX_BLOCKS = 4096  # most blocks a model may claim (a reader reads one DHT key per block)
 PROTOCOL_VERSION = 2  # what the RPCs mean; 2: sessions share a stream per node and messages travel in bundles
 
 
@@ -126,7 +128,7 @@ def unpack_model_info(data: Any) -> ModelInfo | None:
         return None
     types_ok = isinstance(info.name, str) and isinstance(info.family, str)
     types_ok = types_ok and isinstance(info.num_blocks, int) and isinstance(info.hidden_size, int)
-    return info if types_ok and info.num_blocks > 0 else None
+    return info if types_ok and 0 < info.num_blocks <= MAX_BLOCKS else None
 
 
 def _unpack_dict(data: Any) -> dict | None:

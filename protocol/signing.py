@@ -6,7 +6,8 @@ node appends its public key and a signature over (key, subkey, value, expiration
 ``NodeRecordValidator`` is installed in every peer's DHT (``network.join_swarm``): it signs this
 peer's own records, and refuses to store or believe any record under a peer-id subkey whose key
 does not hash to that peer id or whose signature does not verify (an unsigned one included).
-Other subkeys (the model index, keyed by model name) are not bound to a peer and pass.
+Other subkeys are not bound to a peer and pass; readers trust only peer-id subkeys
+(``names_a_peer``): the model index too holds one entry per node, under its peer id.
 """
 from __future__ import annotations
 
@@ -100,13 +101,18 @@ class NodeRecordValidator(RecordValidatorBase):
         return False
 
 
+def names_a_peer(subkey: object) -> bool:
+    """Whether a (decoded) subkey is a peer id, so that the DHT kept its value only if signed by that peer."""
+    return isinstance(subkey, str) and _PEER_ID.match(subkey) is not None
+
+
 def _subkey_peer(record: DHTRecord) -> str | None:
     """The peer id a record's subkey names, or None if it names no peer."""
     try:
         subkey = msgpack.unpackb(record.subkey, raw=False)
     except Exception:  # not msgpack, or not a regular subkey at all
         return None
-    return subkey if isinstance(subkey, str) and _PEER_ID.match(subkey) else None
+    return subkey if names_a_peer(subkey) else None
 
 
 def _signed_bytes(record: DHTRecord) -> bytes:

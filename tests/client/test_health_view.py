@@ -226,7 +226,7 @@ def test_crawler_reads_in_one_batch_and_keeps_the_last_good_view_when_the_dht_ha
 
     expires = time.time() + 30
     record = pack(NodeRecord(model="m", start=0, end=8, state=NodeState.ONLINE, protocol=PROTOCOL_VERSION))
-    table = {MODEL_INDEX_KEY: {"m": (pack(MODEL), expires)}}
+    table = {MODEL_INDEX_KEY: {A: (pack(MODEL), expires)}}
     table.update({block_key("m", b): {A: (record, expires)} for b in range(8)})
     dht = FakeDHT(table)
     crawler = Crawler(SimpleNamespace(dht=dht, records_rejected=2), CrawlSettings(timeout=0.2))

@@ -228,5 +228,5 @@ def test_the_announcer_stores_every_block_and_the_index_and_comes_back_when_nudg
     asyncio.run(announce())
     assert len(dht.stores) == 2  # the announcement, then the nudge's, not a period's
     keys = [(key, subkey) for key, subkey, _ in dht.stores[0]]
-    assert keys == [("m.2", me), ("m.3", me), ("m.4", me), (MODEL_INDEX_KEY, "m")]
+    assert keys == [("m.2", me), ("m.3", me), ("m.4", me), (MODEL_INDEX_KEY, me)]
     assert unpack_node_record(dht.stores[0][0][2]).state == NodeState.ONLINE

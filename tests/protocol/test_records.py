@@ -52,3 +52,23 @@ def test_errors_travel_with_their_class(error):
 def test_malformed_error_payload_is_a_protocol_violation():
     assert isinstance(PotluckError.from_wire({"code": 2}), ProtocolViolation)
     assert type(PotluckError.from_wire({"code": 999, "message": "?"})) is PotluckError
+
+
+def test_the_model_index_counts_signed_entries_and_most_nodes_win():
+    from types import SimpleNamespace
+
+    from potluck.protocol.directory import parse_index
+
+    def entry(items):
+        return SimpleNamespace(value={k: SimpleNamespace(value=pack(v), expiration_time=t) for k, (v, t) in items})
+
+    real, fake = ModelInfo("m", 8, "llama", 64), ModelInfo("m", 4000, "llama", 64)
+    a, b, c = ("12D3KooW" + ch * 44 for ch in "abc")
+    index = parse_index(entry([(a, (real, 10.0)), (b, (real, 11.0)), (c, (fake, 99.0)),
+                               ("m", (fake, 99.0))]))  # an entry under a model name: nobody signed it
+    assert index == {"m": real}
+    assert parse_index(entry([("m", (real, 10.0))])) == {}
+    too_big = ModelInfo("huge", 10**6, "llama", 64)  # a reader would read a million keys
+    assert parse_index(entry([(a, (too_big, 10.0))])) == {}
+    tie = parse_index(entry([(a, (real, 10.0)), (b, (ModelInfo("m", 9, "llama", 64), 12.0))]))
+    assert tie["m"].num_blocks == 9  # as many nodes each way: the latest to expire
