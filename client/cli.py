@@ -144,6 +144,9 @@ def _add_local_args(parser: argparse.ArgumentParser) -> None:
                              "(default: cpu)")
     parser.add_argument("--mix-dtypes", action="store_true",
                         help="let one chain combine nodes of different dtypes (default: each answer keeps to one)")
+    parser.add_argument("--verify", type=float, default=0.0, metavar="FRACTION",
+                        help="check this share of steps against other replicas of each node's blocks and ban nodes "
+                             "caught computing wrong, e.g. 0.05 (default: 0; suspicious outputs are always checked)")
 
 
 def _load(args: argparse.Namespace):
@@ -158,7 +161,7 @@ def _load(args: argparse.Namespace):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
     model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), initial_peers,
                                                             model_name=checkpoint.name, device=args.device,
-                                                            mix_dtypes=args.mix_dtypes)
+                                                            mix_dtypes=args.mix_dtypes, verify=args.verify)
     return tokenizer, model
 
 

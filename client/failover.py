@@ -73,11 +73,11 @@ async def rebuild_history(session: InferenceSession, failed: HopSession) -> list
     return [StepInputs(hidden, full.positions, full.mask)]
 
 
-async def replay(streams: HopStreams, hops: list[HopSession], history: list[StepInputs]) -> None:
+async def replay(streams: HopStreams, hops: list[HopSession], history: list[StepInputs]) -> StepInputs | None:
     """Rebuild the caches of new hops from the inputs the failed hop had received, in chunks
-    each node accepts (its announced ``max_batch_tokens``)."""
+    each node accepts (its announced ``max_batch_tokens``); the last hop's outputs for them."""
     if not history:
-        return
+        return None
     full = joined(history)
     batch, length = full.hidden.shape[:2]
     for hop_session in hops:
@@ -90,6 +90,7 @@ async def replay(streams: HopStreams, hops: list[HopSession], history: list[Step
             outputs.append(await streams.step(hop_session, chunk, offset))
         hop_session.rebuilt_from(full)
         full = StepInputs(torch.cat(outputs, 1), full.positions, full.mask)
+    return full
 
 
 async def probe(session: InferenceSession) -> None:

@@ -173,22 +173,28 @@ class AutoDistributedModelForCausalLM:
                         model_name: str | None = None, dtype: str | torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", node_dtypes: Sequence[str] | None = None,
                         mix_dtypes: bool = False, request_timeout: float = 5.0, policy: FailoverPolicy | None = None,
-                        handoff: bool = True, swarm: SwarmConnection | None = None) -> PreTrainedModel:
+                        handoff: bool = True, verify: float = 0.0,
+                        swarm: SwarmConnection | None = None) -> PreTrainedModel:
         """The model whose decoder layers run through the swarm.
 
         ``dtype``/``device``: of the local part (embeddings, final norm, lm_head); the CPU serves
         people without a GPU. ``node_dtypes``: route only through nodes computing in these (None:
         any). ``mix_dtypes``: let one chain combine nodes of different dtypes (off: each session
-        keeps to one dtype, the fastest available)."""
+        keeps to one dtype, the fastest available). ``verify``: the share of steps checked against
+        other replicas of each node's blocks (``verification``); a node caught computing wrong is
+        banned and the step redone without it. Suspicious outputs are checked whatever the share."""
         checkpoint = resolve_checkpoint(model, model_name)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if not 0.0 <= verify <= 1.0:
+            raise BadRequest(f"verify={verify}: pass the share of steps to check, from 0 (none) to 1 (every step)")
         unknown = set(node_dtypes or ()) - set(DTYPES)
         if unknown:
             raise BadRequest(f"node_dtypes {sorted(unknown)} are not dtypes nodes use; pick from {', '.join(DTYPES)}")
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
         policy = policy or FailoverPolicy(request_timeout=request_timeout)
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
-                          dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes)
+                          dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes,
+                          verify=verify)
         return build_local_part(checkpoint, view, dtype, _local_device(device))
 
 

@@ -29,7 +29,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.protocol.errors import PotluckError
 
-from . import failover
+from . import failover, verification
 from .hops import HopSession, HopStreams, StepInputs
 from .routing import Hop
 from .swarm_view import SwarmView, expect_hidden
@@ -53,6 +53,7 @@ class InferenceSession:
         self._direct_links: set[tuple[str, str]] = set()  # (peer, next peer) that could not hand off
         self.failovers = 0  # hops replaced so far
         self.handoff_fallbacks = 0  # hand-off steps redone hop by hop
+        self.usual_scale: float | None = None  # typical RMS of a token's output, to spot suspicious ones
         self.closed = False
 
     def __enter__(self) -> "InferenceSession":
@@ -97,9 +98,14 @@ class InferenceSession:
         if not self.hop_sessions:
             self.hop_sessions = await self.open_chain(0, self.view.num_blocks)
         step_start = self.position  # where this step begins; ``start_from`` is None or the same number
-        if self._can_hand_off():
+        verify = self.view.verify > 0 and self.view.rng.random() < self.view.verify
+        if self._can_hand_off() and not verify:
             try:
-                return await self._handoff_step(inputs, start_from, step_start)
+                out = await self._handoff_step(inputs, start_from, step_start)
+                if not verification.suspicious(out, self.usual_scale):
+                    return self._noted(out)
+                logger.info("a step's output looks suspicious (scale far from the session's usual); checking it")
+                verify = True  # redo it hop by hop (nodes rewind to the step's start) and check each hop
             except PotluckError as error:
                 if not error.retriable:
                     raise
@@ -107,8 +113,18 @@ class InferenceSession:
                 logger.info("hand-off step failed (%s); redoing it hop by hop", error)
                 if error.peer_id is None:  # a timeout somewhere along the chain: find who hangs
                     await failover.probe(self)
-                start_from = step_start  # nodes that already took this step rewind and take it again
-        return await self._hop_by_hop(inputs, start_from, step_start, 0)
+            start_from = step_start  # nodes that already took this step rewind and take it again
+        outputs: list[torch.Tensor] = []
+        out = await self._hop_by_hop(inputs, start_from, step_start, 0, outputs)
+        if verify:
+            out = await verification.check_step(self, outputs)
+        return self._noted(out)
+
+    def _noted(self, out: torch.Tensor) -> torch.Tensor:
+        """``out``, its scale noted as the session's usual (a running mean of steps' medians)."""
+        scale = float(verification.token_scale(out).median())
+        self.usual_scale = scale if self.usual_scale is None else 0.9 * self.usual_scale + 0.1 * scale
+        return out
 
     def _can_hand_off(self) -> bool:
         pairs = zip(self.hop_sessions, self.hop_sessions[1:])
@@ -142,7 +158,8 @@ class InferenceSession:
         return out
 
     async def _hop_by_hop(self, inputs: StepInputs, start_from: int | None, step_start: int,
-                          index: int) -> torch.Tensor:
+                          index: int, outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The step from hop ``index`` on, one hop at a time; each hop's output goes into ``outputs``."""
         failures = 0
         while index < len(self.hop_sessions):
             hop_session = self.hop_sessions[index]
@@ -155,6 +172,8 @@ class InferenceSession:
                 await failover.replace_hop(self, index, error)
                 continue  # the same step, now on the replacement hops
             hop_session.remember(inputs, step_start)
+            if outputs is not None:
+                outputs.append(hidden)
             inputs = StepInputs(hidden, inputs.positions, inputs.mask)
             index += 1
         return inputs.hidden

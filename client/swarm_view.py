@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
@@ -35,6 +37,7 @@ class FailoverPolicy:
     max_retries: int = 4  # replacement chains tried for one failed step
     backoff: float = 0.1  # seconds before the first retry, doubling after each
     probe_timeout: float = 1.0  # seconds a node may take to answer an info request after a chain timed out
+    wrong_result_ban: float = 3600.0  # seconds a node caught computing wrong (verification) is not routed through
 
 
 @dataclass
@@ -47,6 +50,9 @@ class SwarmView:
     dtypes: frozenset[str] | None = None  # route only through nodes computing in these (None: any)
     mix_dtypes: bool = False  # one chain may hold nodes of different dtypes
     refresh_period: float = 5.0  # seconds between background reads of the records
+    verify: float = 0.0  # share of steps checked against other replicas (``verification``)
+    verify_counts: Counter = field(default_factory=Counter)  # steps verified, mismatches, nodes banned...
+    rng: random.Random = field(default_factory=random.Random)  # which steps are verified
     records: dict[str, NodeRecord] = field(default_factory=dict)
     costs: RouteCosts = field(default_factory=RouteCosts)
     banned: dict[str, float] = field(default_factory=dict)  # peer id -> monotonic time the ban ends
@@ -81,9 +87,10 @@ class SwarmView:
                 except PotluckError:
                     continue
 
-    def ban(self, peer_id: str, reason: str) -> None:
-        logger.warning("banning node %s for %.0f s: %s", peer_id, self.policy.ban_time, reason)
-        self.banned[peer_id] = time.monotonic() + self.policy.ban_time
+    def ban(self, peer_id: str, reason: str, seconds: float | None = None) -> None:
+        seconds = self.policy.ban_time if seconds is None else seconds
+        logger.warning("banning node %s for %.0f s: %s", peer_id, seconds, reason)
+        self.banned[peer_id] = max(self.banned.get(peer_id, 0.0), time.monotonic() + seconds)
 
     def _active_bans(self) -> frozenset[str]:
         now = time.monotonic()
@@ -91,19 +98,20 @@ class SwarmView:
         return frozenset(self.banned)
 
     async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0,
-                    dtype: str | None = None) -> list[Hop]:
+                    dtype: str | None = None, avoid: frozenset[str] = frozenset()) -> list[Hop]:
         """The fastest chain for blocks start:end (in ``dtype``, for the rest of a chain in that
-        dtype, unless mixing is allowed). Routes on the current view (kept fresh in the background,
-        so a failover does not wait on the DHT) and reads the DHT again only when the view is empty
-        or has no chain."""
+        dtype, unless mixing is allowed), not through the nodes in ``avoid``. Routes on the current
+        view (kept fresh in the background, so a failover does not wait on the DHT) and reads the DHT
+        again only when the view is empty or has no chain."""
         end = self.num_blocks if end is None else end
         if not self.records or time.monotonic() - self._refreshed_at > 3 * self.refresh_period:
             await self.refresh()
         dtypes = self.dtypes if dtype is None or self.mix_dtypes else frozenset({dtype})
         for attempt in range(2):
             try:
-                return find_chain(self.records, start, end, banned=self._active_bans(), cache_tokens=cache_tokens,
-                                  costs=self.costs, dtypes=dtypes, mix_dtypes=self.mix_dtypes)
+                return find_chain(self.records, start, end, banned=self._active_bans() | avoid,
+                                  cache_tokens=cache_tokens, costs=self.costs, dtypes=dtypes,
+                                  mix_dtypes=self.mix_dtypes)
             except NoRoute:
                 if attempt == 1:
                     raise
@@ -128,19 +136,23 @@ class SwarmView:
         """Whole sequences through every block, no cache kept on the nodes; failed hops are replaced."""
         return self.swarm.call(self.forward_async(hidden, positions, mask, 0, self.num_blocks))
 
-    async def forward_async(self, hidden, positions, mask, start: int, end: int,
-                            dtype: str | None = None) -> torch.Tensor:
+    async def forward_async(self, hidden, positions, mask, start: int, end: int, dtype: str | None = None,
+                            avoid: frozenset[str] = frozenset(), used: list[Hop] | None = None) -> torch.Tensor:
+        """Blocks start:end without a cache, not through the nodes in ``avoid``; the hops that
+        computed it are appended to ``used``."""
         extra = [positions] + ([] if mask is None else [mask])
         block = start
 
         async def rest_of_the_chain() -> torch.Tensor:  # from the first block not yet computed
             nonlocal hidden, block, dtype
-            for hop in await self.route(block, end, dtype=dtype):
+            for hop in await self.route(block, end, dtype=dtype, avoid=avoid):
                 dtype = self.chain_dtype([hop])
                 frame = await self.swarm.request(
                     hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
                     [hidden, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]))
                 hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
+                if used is not None:
+                    used.append(hop)
             return hidden
 
         return await self.retrying(rest_of_the_chain)

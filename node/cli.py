@@ -72,10 +72,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="sessions one peer may hold open here (a potluck serve holds up to 64)")
     limits.add_argument("--peer-cache-share", type=float, default=Limits.cache_share_per_peer, metavar="FRACTION",
                         help="share of the cache tokens one peer may reserve")
+    limits.add_argument("--peer-request-rate", type=float, default=Limits.requests_per_peer_s, metavar="PER_SECOND",
+                        help="messages one peer may send a second (default: %(default)g)")
     limits.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout, metavar="SECONDS",
                         help="close a stream with no open session that stays silent this long")
     limits.add_argument("--frame-timeout", type=float, default=Limits.frame_timeout, metavar="SECONDS",
                         help="close a stream whose message does not arrive within this long (plus 1 s per MiB)")
+
+    # tests of clients' verification only: a node that computes wrong (noise of SCALE x its outputs' RMS)
+    limits.add_argument("--test-corrupt-outputs", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
 
     operator = node.add_argument_group("operator")
     operator.add_argument("--public-name", default="", help="a name shown to users and on the health page")
@@ -148,8 +153,10 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         raise BadRequest("--balance-quality must be in (0, 1] and --balance-period at least 0")
     if args.prefill_chunk < 1 or args.max_batch_sessions < 1:
         raise BadRequest("--prefill-chunk and --max-batch-sessions must be at least 1")
-    if args.peer_sessions < 1 or not 0 < args.peer_cache_share <= 1 or min(args.idle_timeout, args.frame_timeout) <= 0:
-        raise BadRequest("--peer-sessions must be at least 1, --peer-cache-share in (0, 1], and the timeouts positive")
+    if args.peer_sessions < 1 or not 0 < args.peer_cache_share <= 1 or not min(
+            args.idle_timeout, args.frame_timeout, args.peer_request_rate) > 0:
+        raise BadRequest("--peer-sessions must be at least 1, --peer-cache-share in (0, 1], and the timeouts and "
+                         "--peer-request-rate positive")
     if args.throughput is not None and not args.throughput > 0:
         raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
@@ -164,7 +171,9 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         max_batch_sessions=args.max_batch_sessions, drain_timeout=args.drain_timeout,
         identity_path=args.identity_path, public=args.public,
         peer_limits=Limits(sessions_per_peer=args.peer_sessions, cache_share_per_peer=args.peer_cache_share,
-                           idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout),
+                           idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
+                           requests_per_peer_s=args.peer_request_rate),
+        corrupt_outputs=args.test_corrupt_outputs,
     )
     starting = asyncio.create_task(Node.create(config))
     stopping = asyncio.create_task(stop.wait())

@@ -49,11 +49,13 @@ class BlockServicer:
     without room for both spans."""
 
     def __init__(self, span: BlockSpan, compute: ComputeLane, sessions: SessionTable, limits: ServingLimits,
-                 describe: Callable[[], dict[str, Any]], links: PushLinks):
-        """``describe()``: the node's own fields of an info reply (peer id, model, span, state...)."""
+                 describe: Callable[[], dict[str, Any]], links: PushLinks, corrupt_outputs: float = 0.0):
+        """``describe()``: the node's own fields of an info reply (peer id, model, span, state...).
+        ``corrupt_outputs``: tests of clients' verification only, noise of this scale on every result."""
         self.span: BlockSpan | None = span
         self.compute, self.sessions, self.limits = compute, sessions, limits
         self.describe, self.links = describe, links
+        self.corrupt_outputs = corrupt_outputs
         self.hidden_size = span.config.hidden_size
         self.draining = False
         self.counters: Counter[str] = Counter()  # what was served, reported by info
@@ -127,6 +129,12 @@ class BlockServicer:
                 self.counters["bundles_received"] += len(parts) > 1
                 for part in parts:
                     self.counters[counter] += 1
+                    try:
+                        self.peers.take_request(peer)
+                    except PeerLimitReached as e:
+                        self.counters["errors"] += 1
+                        out.write(msg.error_meta(e, part.meta))
+                        continue
                     if in_tasks:
                         task = asyncio.create_task(self._answer(serve, part, out, counter))
                         self._tasks.add(task)
@@ -261,11 +269,15 @@ class BlockServicer:
         """Await block work on ``device`` from the compute lane; running out of device memory fails
         the requests of that batch only."""
         try:
-            return await work
+            out = await work
         except torch.OutOfMemoryError:
             hardware.release_memory(device)
             logger.warning("out of memory on %s; the request failed, the node goes on", device)
             raise NodeOutOfMemory(f"the node ran out of {device.type} memory; try another node") from None
+        if self.corrupt_outputs:
+            scale = out.float().pow(2).mean().sqrt() * self.corrupt_outputs
+            out = out + (torch.randn(out.shape, device=out.device) * scale).to(out.dtype)
+        return out
 
     def stop(self) -> None:
         """Cancel the requests still being served (the node is going away)."""

@@ -1,9 +1,9 @@
 """What one peer may take of a node, checked before anything is allocated.
 
 In an open swarm anyone can connect. ``PeerLimits`` counts, per peer id, the streams it holds
-open, the sessions and cache tokens it has reserved and the frame bytes being read from it, and
-refuses what goes past a limit with a typed ``PeerLimitReached`` naming the limit (the router
-takes it as "try another node"). ``read_frame`` reads a frame under those limits: the header is
+open, the sessions and cache tokens it has reserved, the frame bytes being read from it and the
+requests it sent in the last second (a token bucket), and refuses what goes past a limit with a
+typed ``PeerLimitReached`` naming the limit (the router takes it as "try another node"). ``read_frame`` reads a frame under those limits: the header is
 awaited for at most the idle timeout, the size it declares is checked against what that stream's
 requests can need and against the peer's and the node's byte budgets, and the payload must
 arrive within the frame timeout. Each refusal is counted by kind (info, ``/metrics``).
@@ -11,6 +11,7 @@ arrive within the frame timeout. Each refusal is counted by kind (info, ``/metri
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ class Limits:
     frame_timeout: float = 10.0  # seconds for a frame's payload to arrive (plus 1 s per MiB), once its header has
     idle_timeout: float = 60.0  # seconds a stream without open sessions may stay silent
     session_idle_timeout: float = 1800.0  # seconds a stream with open sessions may stay silent (a person thinking)
+    requests_per_peer_s: float = 10000.0  # messages a second from one peer, over any of its streams (a burst of
+    # one second's worth is let through at once; a busy `potluck serve` sends one per session and token)
 
 
 def step_frame_bytes(hidden_size: int, max_batch_tokens: int, cache_tokens: int) -> int:
@@ -45,6 +48,7 @@ class PeerLimits:
         self.streams: Counter[str] = Counter()  # peer id -> open streams
         self.reading: Counter[str] = Counter()  # peer id -> frame bytes being read
         self.reading_total = 0
+        self.requests: dict[str, tuple[float, float]] = {}  # peer id -> (requests it may still send, as of when)
         self.refusals: Counter[str] = Counter()  # limit -> refusals
 
     def refuse(self, limit: str, message: str) -> PeerLimitReached:
@@ -60,6 +64,18 @@ class PeerLimits:
         self.streams[peer] -= 1
         if self.streams[peer] <= 0:
             del self.streams[peer]
+
+    def take_request(self, peer: str) -> None:
+        """Count one request from ``peer``; refused past its rate."""
+        rate, now = self.limits.requests_per_peer_s, time.monotonic()
+        allowance, since = self.requests.get(peer, (rate, now))
+        allowance = min(rate, allowance + (now - since) * rate)
+        if allowance < 1:
+            self.requests[peer] = (allowance, now)
+            raise self.refuse("requests_per_peer_s", f"this peer sent more than {rate:g} requests a second")
+        self.requests[peer] = (allowance - 1, now)
+        if len(self.requests) > 4096:  # forget peers whose allowance is whole again
+            self.requests = {p: (a, t) for p, (a, t) in self.requests.items() if a + (now - t) * rate < rate}
 
     def check_session(self, peer: str, sessions: int, reserved: int, needed: int) -> None:
         """Before a session of ``needed`` cache tokens opens for a peer that has ``sessions``

@@ -74,6 +74,7 @@ class NodeConfig:
     identity_path: str | None = None  # None: the cache folder's key for public_name
     public: bool = False  # listen beyond loopback with UPnP even without initial peers beyond it
     peer_limits: Limits = field(default_factory=Limits)  # what one peer may take of this node
+    corrupt_outputs: float = 0.0  # tests only: noise of this scale (x the output's RMS) on every result
 
 
 def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype) -> int:
@@ -144,7 +145,8 @@ class Node:
         self.sessions = SessionTable(tokens, on_change=self.announcer.nudge)
         limits = ServingLimits(max_batch_tokens=config.max_batch_tokens, peers=config.peer_limits)
         self.links = PushLinks(self.p2p)
-        self.servicer = BlockServicer(span, self.compute, self.sessions, limits, self.describe, self.links)
+        self.servicer = BlockServicer(span, self.compute, self.sessions, limits, self.describe, self.links,
+                                      corrupt_outputs=config.corrupt_outputs)
         await self.servicer.register(self.p2p)
         await self.announcer.announce(NodeState.ONLINE)
         self._own(self.announcer.run(before=self._before_announce))

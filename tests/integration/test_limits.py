@@ -13,6 +13,7 @@ from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 from potluck.node.limits import step_frame_bytes
 from potluck.protocol import messages as msg
+from potluck.protocol.bundles import unbundle
 from potluck.protocol.errors import PeerLimitReached
 
 CACHE_TOKENS = 4096
@@ -103,3 +104,34 @@ def test_a_peer_flooding_sessions_gets_its_share_and_frees_it_when_it_leaves(set
     while hostile.call(hostile.info(peer, timeout=10))[0].open_sessions and time.monotonic() < deadline:
         time.sleep(0.1)
     assert hostile.call(hostile.info(peer, timeout=10))[0].open_sessions == 0
+
+
+def test_a_peer_past_its_request_rate_is_refused_and_others_are_served(tiny_checkpoints, swarm_factory):
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    (peer,) = swarm.start_nodes(path, ["0:8"], "--peer-request-rate", "100", name="rated")
+    hostile, honest = SwarmConnection(swarm.initial_peers), SwarmConnection(swarm.initial_peers)
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=honest)
+        stream = RawStream(hostile, peer)
+
+        async def flood():  # 400 requests at once: closes of sessions that do not exist
+            for n in range(400):
+                stream.writer.write(msg.encode_frame({"type": "close", "session_id": f"s{n}"}))
+            await stream.writer.drain()
+            answers = []
+            while len(answers) < 400:  # answers written in one turn come bundled
+                answers += unbundle(await asyncio.wait_for(msg.read_frame(stream.reader), 10))
+            return [msg.error_of(answer) for answer in answers]
+
+        errors = hostile.call(flood(), timeout=60)
+        refused = [e for e in errors if isinstance(e, PeerLimitReached)]
+        assert 0 < len(refused) < 400 and all("requests_per_peer_s" in str(e) for e in refused)
+        assert served_exactly(remote, AutoModelForCausalLM.from_pretrained(path))  # another peer, meanwhile
+        assert counters(honest, peer)["refused_requests_per_peer_s"] == len(refused)
+        time.sleep(1.5)  # the flooder's allowance refills: it is served again
+        msg.raise_if_error(stream.send(open_meta("again", 0, 8)))
+        stream.close()
+    finally:
+        hostile.close()
+        honest.close()

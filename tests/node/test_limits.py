@@ -65,3 +65,25 @@ def test_a_frame_is_checked_before_its_payload_is_read():
         return await limits.read_frame(honest, "a", max_bytes=5000, sessions_open=True)
 
     assert asyncio.run(scenario()).meta == {"type": "info"}
+
+
+def test_requests_per_peer_refill_at_the_rate(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("potluck.node.limits.time.monotonic", lambda: now[0])
+    limits = PeerLimits(Limits(requests_per_peer_s=10), cache_tokens=1000)
+    for _ in range(10):  # a second's worth at once
+        limits.take_request("a")
+    with pytest.raises(PeerLimitReached, match="requests_per_peer_s"):
+        limits.take_request("a")
+    limits.take_request("b")  # another peer is not held back
+    now[0] += 0.25  # 2.5 requests' worth later
+    limits.take_request("a")
+    limits.take_request("a")
+    with pytest.raises(PeerLimitReached):
+        limits.take_request("a")
+    assert limits.refusals["requests_per_peer_s"] == 2
+    now[0] += 60  # long quiet: a whole second's worth again, never more
+    for _ in range(10):
+        limits.take_request("a")
+    with pytest.raises(PeerLimitReached):
+        limits.take_request("a")
