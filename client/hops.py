@@ -23,7 +23,7 @@ from potluck.protocol.errors import NodeUnavailable, PotluckError
 
 from .channels import NodeChannel
 from .routing import Hop
-from .swarm_view import SwarmView, expect_hidden
+from .swarm_view import SwarmView, dial_patience, expect_hidden
 
 
 @dataclass
@@ -79,7 +79,8 @@ class HopStreams:
     async def open(self, hop: Hop, max_length: int, batch_size: int, previous: str | None = None) -> HopSession:
         """A session on ``hop``'s node, reserving ``max_length x batch_size`` cache tokens there, that
         takes hand-off pushes only from ``previous`` (the node before it in the chain)."""
-        channel = await self.view.swarm.channels.get(hop.peer_id, self.view.policy.request_timeout)
+        channel = await self.view.swarm.channels.get(hop.peer_id, self.view.policy.request_timeout,
+                                                     dial_patience(hop.record))
         hop_session = self.listen(HopSession(hop, uuid.uuid4().hex, channel))
         try:
             await self._ask(hop_session, msg.OpenSession(hop_session.session_id, hop.start, hop.end, max_length,

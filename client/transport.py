@@ -66,13 +66,15 @@ class SwarmConnection:
             future.cancel()
             raise NodeUnavailable(f"the swarm did not answer within {timeout} s") from None
 
-    async def open_stream(self, peer_id: str, handler: str, timeout: float):
-        """Open a stream to a node's handler; NodeUnavailable if it cannot be reached."""
-        return await msg.open_stream(self.p2p, peer_id, handler, timeout)
+    async def open_stream(self, peer_id: str, handler: str, timeout: float, patience: float = 0.0):
+        """Open a stream to a node's handler; NodeUnavailable if it cannot be reached (within
+        ``patience`` seconds of dialling again: see ``messages.open_stream``)."""
+        return await msg.open_stream(self.p2p, peer_id, handler, timeout, patience)
 
-    async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0) -> msg.Frame:
+    async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0,
+                      patience: float = 0.0) -> msg.Frame:
         """One request on a fresh stream (info, forward); raises the node's typed error if it sent one."""
-        return await msg.call_once(self.p2p, peer_id, handler, meta, tensors, timeout)
+        return await msg.call_once(self.p2p, peer_id, handler, meta, tensors, timeout, patience)
 
     async def info(self, peer_id: str, timeout: float) -> tuple[Info, float]:
         """A node's info reply and its round trip."""

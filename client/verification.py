@@ -10,6 +10,8 @@ own node, its cache and those after it were built from wrong states: the chain f
 is rebuilt from the checked inputs, so this step's result, and the tokens after it, are exact.
 Without a third replica the client cannot tell who is wrong; it says so in its log and keeps the
 chain's result. Blocks served by one node only cannot be checked; the check goes on after them.
+A check whose replicas keep failing is given up (the step keeps the chain's result): checking
+never fails a step that the chain itself computed.
 """
 from __future__ import annotations
 
@@ -61,32 +63,47 @@ def suspicious(hidden: torch.Tensor, usual: float | None) -> bool:
         (scale > usual * OUTLIER_SCALE).any())
 
 
+class _CheckFailed(Exception):
+    """The replicas asked for an opinion could not give one (they failed, or none is left)."""
+
+
 async def check_step(session: InferenceSession, outputs: list[torch.Tensor]) -> torch.Tensor:
     """Check a step run hop by hop (``outputs``: each hop's output for the step's tokens) and
     return the step's result: the chain's, or, after a node of the chain was caught, the rebuilt
-    chain's."""
+    chain's. A check that cannot be made (the replicas asked fail) leaves the chain's result."""
     view = session.view
     view.verify_counts["steps_verified"] += 1
-    dtype = session.hop_sessions[0].hop.record.dtype
-    tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
+    try:
+        return await _check_hops(session, outputs)
+    except _CheckFailed as e:
+        view.verify_counts["checks_failed"] += 1
+        logger.info("could not check a step against other replicas (%s); keeping the chain's result", e)
+        return outputs[-1]
+
+
+async def _check_hops(session: InferenceSession, outputs: list[torch.Tensor]) -> torch.Tensor:
+    view = session.view
     full = joined(session.hop_sessions[0].history)  # the first hop's inputs: every token so far
     tokens = outputs[-1].shape[1]
     checked = full.hidden  # inputs of the hop being checked, for every token, known to be right
     for index, hop_session in enumerate(list(session.hop_sessions)):
         hop, mine = hop_session.hop, outputs[index]
-        theirs, others = await _opinion(view, full, checked, hop, frozenset({hop.peer_id}), dtype)
+        theirs, others = await _opinion(view, full, checked, hop, frozenset({hop.peer_id}))
         if theirs is None:  # no other node serves these blocks: take this one's word and go on
             view.verify_counts["hops_unverifiable"] += 1
-            checked, _ = await _opinion(view, full, checked, hop, frozenset(), dtype)
+            checked, _ = await _opinion(view, full, checked, hop, frozenset())
+            if checked is None:
+                raise _CheckFailed(f"no node serves blocks {hop.start}:{hop.end} for a check")
             continue
         view.verify_counts["hops_checked"] += 1
+        tolerance = _tolerance([hop, *others])
         error = difference(mine, theirs[:, -tokens:])
         if error <= tolerance:
             checked = theirs
             continue
         view.verify_counts["mismatches"] += 1
-        asked = frozenset({hop.peer_id, *(h.peer_id for h in others)})
-        third, _ = await _opinion(view, full, checked, hop, asked, dtype)
+        third, more = await _opinion(view, full, checked, hop, frozenset({hop.peer_id, *(h.peer_id for h in others)}))
+        tolerance = _tolerance([hop, *others, *more])
         if third is not None and difference(third[:, -tokens:], theirs[:, -tokens:]) <= tolerance:
             _ban(view, [hop], error, tolerance, "two other replicas agree with each other")
             return await _rebuild_from(session, index, StepInputs(checked, full.positions, full.mask), tokens)
@@ -103,15 +120,24 @@ async def check_step(session: InferenceSession, outputs: list[torch.Tensor]) -> 
     return outputs[-1]
 
 
-async def _opinion(view: SwarmView, full: StepInputs, hidden: torch.Tensor, hop: Hop, avoid: frozenset[str],
-                   dtype: str) -> tuple[torch.Tensor | None, list[Hop]]:
-    """Blocks hop.start:hop.end run on ``hidden`` (every token so far) by nodes not in ``avoid``:
-    their output and the hops that computed it; (None, []) when no such node is there."""
+def _tolerance(hops: list[Hop]) -> float:
+    """The largest tolerance of the dtypes these hops compute in (chains mixing dtypes compare loosest)."""
+    return max(TOLERANCE.get(h.record.dtype, TOLERANCE["bfloat16"]) for h in hops)
+
+
+async def _opinion(view: SwarmView, full: StepInputs, hidden: torch.Tensor, hop: Hop,
+                   avoid: frozenset[str]) -> tuple[torch.Tensor | None, list[Hop]]:
+    """Blocks hop.start:hop.end run on ``hidden`` (every token so far) by nodes not in ``avoid``, in
+    the hop's dtype: their output and the hops that computed it; (None, []) when no such node is
+    there; _CheckFailed when they fail."""
     used: list[Hop] = []
     try:
-        out = await view.forward_async(hidden, full.positions, full.mask, hop.start, hop.end, dtype, avoid, used)
+        out = await view.forward_async(hidden, full.positions, full.mask, hop.start, hop.end, hop.record.dtype,
+                                       avoid, used)
     except NoRoute:
         return None, []
+    except PotluckError as e:
+        raise _CheckFailed(str(e)) from None
     return out, used
 
 

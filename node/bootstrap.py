@@ -1,7 +1,8 @@
 """`potluck dht`: a bootstrap peer other peers join through; it serves the DHT and nothing else.
 
 On loopback unless asked to be public (--public, --host-maddrs, or initial peers beyond
-loopback); it prints the addresses others can use, as a line POTLUCK_INITIAL_PEERS=... that a
+loopback); it answers nodes' reachability checks and relays for nodes behind NAT (unless
+--no-relay-service); it prints the addresses others can use, as a line POTLUCK_INITIAL_PEERS=... that a
 shell can export. It keeps its peer id across restarts (see ``identity``), so that line stays
 valid as long as the port does (fix it with --host-maddrs /ip4/0.0.0.0/tcp/PORT).
 """
@@ -13,16 +14,19 @@ from typing import Sequence
 
 from potluck.protocol.identity import identity_path
 from potluck.protocol.network import INITIAL_PEERS_ENV, dialable, join_swarm, p2p_options
+from potluck.protocol.reachability import serve_dialback
 
 logger = logging.getLogger(__name__)
 
 
 async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str],
-                        identity: str | None, public: bool, stop: asyncio.Event) -> None:
+                        identity: str | None, public: bool, stop: asyncio.Event, relay_service: bool = True) -> None:
     reachable = p2p_options(initial_peers, host_maddrs, public=public)["nat_port_map"]
     key = identity_path(identity, "dht", "--identity-path")
-    p2p, dht = await join_swarm(initial_peers, host_maddrs, announce_maddrs, key, public=public)
+    p2p, dht = await join_swarm(initial_peers, host_maddrs, announce_maddrs, key, public=public,
+                                relay_service=relay_service)
     try:
+        await serve_dialback(p2p)  # nodes ask their bootstrap peers whether others can reach them
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         shown = dialable(maddrs) if reachable else maddrs
         if reachable and not shown:

@@ -120,6 +120,9 @@ def _add_network_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--public", action="store_true",
                         help="listen on every interface with UPnP port mapping, so other machines can connect "
                              "(default: loopback only, unless --initial-peers or --host-maddrs are beyond loopback)")
+    parser.add_argument("--no-relay-service", dest="relay_service", action="store_false",
+                        help="do not relay connections for peers behind NAT (by default a peer that others can reach "
+                             "offers to, so volunteers behind home routers can serve)")
     parser.add_argument("--identity-path", default=None,
                         help="private key file behind the peer id (default: one kept per name in the cache folder, "
                              "so a restart is the same peer)")
@@ -169,7 +172,7 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,
         max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
         max_batch_sessions=args.max_batch_sessions, drain_timeout=args.drain_timeout,
-        identity_path=args.identity_path, public=args.public,
+        identity_path=args.identity_path, public=args.public, relay_service=args.relay_service,
         peer_limits=Limits(sessions_per_peer=args.peer_sessions, cache_share_per_peer=args.peer_cache_share,
                            idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                            requests_per_peer_s=args.peer_request_rate),
@@ -197,7 +200,7 @@ async def _run_dht(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from .bootstrap import run_bootstrap
 
     await run_bootstrap(initial_peers_from_env(args.initial_peers), args.host_maddrs, args.announce_maddrs,
-                        args.identity_path, args.public, stop)
+                        args.identity_path, args.public, stop, args.relay_service)
     return 0
 
 

@@ -3,10 +3,11 @@
 In an open swarm anyone can connect. ``PeerLimits`` counts, per peer id, the streams it holds
 open, the sessions and cache tokens it has reserved, the frame bytes being read from it and the
 requests it sent in the last second (a token bucket), and refuses what goes past a limit with a
-typed ``PeerLimitReached`` naming the limit (the router takes it as "try another node"). ``read_frame`` reads a frame under those limits: the header is
-awaited for at most the idle timeout, the size it declares is checked against what that stream's
-requests can need and against the peer's and the node's byte budgets, and the payload must
-arrive within the frame timeout. Each refusal is counted by kind (info, ``/metrics``).
+typed ``PeerLimitReached`` naming the limit (the router takes it as "try another node").
+``read_frame`` reads a frame under those limits: the header is awaited for at most the idle
+timeout, the size it declares is checked against what that stream's requests can need and
+against the peer's and the node's byte budgets, and the payload must arrive within the frame
+timeout. Each refusal is counted by kind (info, ``/metrics``).
 """
 from __future__ import annotations
 

@@ -34,10 +34,11 @@ class SwarmStartError(RuntimeError):
 class Child:
     """One child process whose output lines are kept, logged and searched as they arrive."""
 
-    def __init__(self, name: str, args: Sequence[str], log: Path | None, echo: bool):
+    def __init__(self, name: str, args: Sequence[str], log: Path | None, echo: bool, prefix: Sequence[str] = ()):
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "potluck", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [*prefix, sys.executable, "-m", "potluck", *args],  # prefix: e.g. `ip netns exec NAME`
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, text=True, errors="replace",
             start_new_session=True,  # Ctrl-C reaches children once, via stop()
             preexec_fn=_die_with_parent)
@@ -87,20 +88,22 @@ class LocalSwarm:
         self.children: list[Child] = []
         self.initial_peers: list[str] = []
         self.nodes: dict[str, subprocess.Popen] = {}  # peer id -> its process
+        self.node_children: dict[str, Child] = {}  # peer id -> its process and output
         self._abort = threading.Event()
 
-    def start_dht(self, timeout: float = 60) -> str:
+    def start_dht(self, timeout: float = 60, *, prefix: Sequence[str] = (), host_maddr: str = LOOPBACK_MADDR) -> str:
         """A bootstrap peer on loopback; returns its multiaddr (also in ``initial_peers``)."""
-        child = self._spawn("dht", ["dht", "--host-maddrs", LOOPBACK_MADDR])
+        child = self._spawn("dht", ["dht", "--host-maddrs", host_maddr], prefix)
         found = child.wait_for(re.compile(rf"{INITIAL_PEERS_ENV}=(\S+)"), timeout, self._abort)
         self.initial_peers = [found.group(1)]
         return found.group(1)
 
     def start_nodes(self, model: Path, spans: Sequence[str | tuple[int, int] | None], *extra: str,
-                    timeout: float = 300, name: str | None = None) -> list[str]:
+                    timeout: float = 300, name: str | None = None, prefix: Sequence[str] = ()) -> list[str]:
         """One node per span (None: the node chooses), started together; waits until each logs
         ONLINE and returns their peer ids. Nodes are named ``{name}-{start}_{end}-{n}`` (or
-        ``{name}-auto-{n}``; default name: the model folder's)."""
+        ``{name}-auto-{n}``; default name: the model folder's). ``prefix`` goes before each
+        command line (e.g. ``ip netns exec NAME``: the nodes run in that network namespace)."""
         started = []
         for span in spans:
             start, end = span.split(":") if isinstance(span, str) else span or (None, None)
@@ -109,13 +112,17 @@ class LocalSwarm:
             blocks = [] if start is None else ["--blocks", f"{start}:{end}"]
             args = ["node", str(model), *blocks, "--initial-peers", *self.initial_peers,
                     "--public-name", node_name, *self.node_args, *extra]
-            started.append(self._spawn(node_name, args))
+            started.append(self._spawn(node_name, args, prefix))
         peers = []
         for child in started:
             peer = child.wait_for(ONLINE_LINE, timeout, self._abort).group(1)
-            self.nodes[peer] = child.proc
+            self.nodes[peer], self.node_children[peer] = child.proc, child
             peers.append(peer)
         return peers
+
+    def wait_for_line(self, peer: str, pattern: str, timeout: float = 60) -> re.Match:
+        """The first line of node ``peer``'s output that matches ``pattern``, waiting up to ``timeout``."""
+        return self.node_children[peer].wait_for(re.compile(pattern), timeout, self._abort)
 
     def exited(self) -> list[str]:
         """Names of the children that are no longer running."""
@@ -125,9 +132,9 @@ class LocalSwarm:
         """Make a start that is waiting (in another thread) give up at once."""
         self._abort.set()
 
-    def _spawn(self, name: str, args: list[str]) -> Child:
+    def _spawn(self, name: str, args: list[str], prefix: Sequence[str] = ()) -> Child:
         log = None if self.logs is None else self.logs / f"{name}.log"
-        child = Child(name, args, log, self.echo)
+        child = Child(name, args, log, self.echo, prefix)
         self.children.append(child)
         return child
 

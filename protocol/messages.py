@@ -331,21 +331,27 @@ def check_step_tensors(
     return hidden, positions, mask
 
 
-async def open_stream(p2p, peer_id: str, handler: str, timeout: float):
-    """(reader, writer) of a new stream to a peer's handler; NodeUnavailable if it cannot be reached."""
-    try:
-        _, reader, writer = await asyncio.wait_for(
-            p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
-    except Exception as e:  # p2pd reports unreachable peers with its own ControlFailure, timeouts, OSErrors
-        raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}", peer_id) from None
-    return reader, writer
+async def open_stream(p2p, peer_id: str, handler: str, timeout: float, patience: float = 0.0):
+    """(reader, writer) of a new stream to a peer's handler; NodeUnavailable if it cannot be reached.
+    ``patience``: seconds to keep dialling a peer that cannot be reached yet (a peer behind NAT is
+    reached through a relay or a hole punched by both sides, which takes a few seconds at first)."""
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        try:
+            _, reader, writer = await asyncio.wait_for(
+                p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
+            return reader, writer
+        except Exception as e:  # p2pd reports unreachable peers with its own ControlFailure, timeouts, OSErrors
+            if asyncio.get_running_loop().time() + 1.0 > deadline:
+                raise NodeUnavailable(f"node {peer_id} cannot be reached: {type(e).__name__}: {e}", peer_id) from None
+        await asyncio.sleep(1.0)
 
 
 async def call_once(p2p, peer_id: str, handler: str, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
-                    timeout: float = 30.0) -> Frame:
+                    timeout: float = 30.0, patience: float = 0.0) -> Frame:
     """One request on a fresh stream to ``peer_id`` and its answer; a peer that cannot be reached
     or does not answer in time raises NodeUnavailable, a typed refusal raises its own error."""
-    reader, writer = await open_stream(p2p, peer_id, handler, timeout)
+    reader, writer = await open_stream(p2p, peer_id, handler, timeout, patience)
     try:
         await write_frame(writer, meta, tensors)
         frame = await asyncio.wait_for(read_frame(reader), timeout)

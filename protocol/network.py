@@ -5,6 +5,11 @@ peers, identities, and ``join_swarm``, the one place a P2P daemon and a DHT node
 Safe by default: a peer listens on 127.0.0.1 with NAT port mapping (UPnP) off unless it is asked
 to be reachable: ``--public``, explicit non-loopback ``--host-maddrs``, or initial peers that are
 not all loopback (joining a real swarm, where volunteers behind home routers need UPnP).
+
+Behind a router that forwards no port, a node is still served: such peers also turn on libp2p's
+auto-relay (p2pd finds out it cannot be dialled and reserves a slot on a public peer, which then
+relays connections to it). Peers that serve (nodes and bootstrap peers) offer that relay service
+to others unless told not to (``relay_service=False``); clients never do.
 """
 from __future__ import annotations
 
@@ -75,15 +80,17 @@ def is_loopback(maddr: str) -> bool:
 
 def p2p_options(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
                 announce_maddrs: Sequence[str] | None = None, public: bool = False) -> dict[str, Any]:
-    """Keyword arguments for ``hivemind.P2P.create`` / ``DHTNode.create``: loopback and no UPnP
-    unless ``public``, non-loopback ``host_maddrs`` or initial peers beyond loopback say otherwise."""
+    """Keyword arguments for ``hivemind.P2P.create`` / ``DHTNode.create``: loopback, no UPnP and no
+    auto-relay unless ``public``, non-loopback ``host_maddrs`` or initial peers beyond loopback say
+    otherwise."""
     if host_maddrs:
         reachable = not all(map(is_loopback, host_maddrs))
         hosts = list(host_maddrs)
     else:
         reachable = public or any(not is_loopback(peer) for peer in initial_peers)
         hosts = [PUBLIC_MADDR if reachable else LOOPBACK_MADDR]
-    options: dict[str, Any] = dict(host_maddrs=hosts, nat_port_map=reachable, initial_peers=list(initial_peers))
+    options: dict[str, Any] = dict(host_maddrs=hosts, nat_port_map=reachable, use_auto_relay=reachable,
+                                   initial_peers=list(initial_peers))
     if announce_maddrs:
         options["announce_maddrs"] = list(announce_maddrs)
     return options
@@ -94,16 +101,30 @@ def dialable(maddrs: Sequence[Any]) -> list[str]:
     return [str(m) for m in maddrs if not is_loopback(str(m))]
 
 
+def _p2p_class(relay_service: bool) -> type[P2P]:
+    """hivemind's P2P, its daemon started with or without the relay service (hivemind has no
+    option for it; p2pd offers it by default)."""
+    def process_args(*args, **kwargs) -> list[str]:
+        return P2P._make_process_args(*args, relayService=relay_service, **kwargs)
+
+    return type("P2P", (P2P,), {"_make_process_args": staticmethod(process_args)})
+
+
 async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
                      announce_maddrs: Sequence[str] | None = None, identity_path: str | None = None,
-                     client_mode: bool = False, public: bool = False) -> tuple[P2P, DHTNode]:
+                     client_mode: bool = False, public: bool = False,
+                     relay_service: bool = True) -> tuple[P2P, DHTNode]:
     """Start this peer's P2P daemon and DHT node. ``client_mode``: read and store records but serve
-    none (clients, the dashboard). An initial peer that cannot be reached raises NodeUnavailable."""
+    none (clients, the dashboard), relay for nobody and reach nodes behind NAT through relays.
+    ``relay_service``: relay connections to peers behind NAT (a serving peer that others can
+    reach). An initial peer that cannot be reached raises NodeUnavailable."""
     options = p2p_options(initial_peers, host_maddrs, announce_maddrs, public)
     if client_mode:
         options["nat_port_map"] = False  # a client dials out; nobody needs to reach it through the router
+        options["use_auto_relay"], relay_service = False, False
     try:
-        p2p = await P2P.create(identity_path=identity_path, check_if_identity_free=False, **options)
+        p2p = await _p2p_class(relay_service).create(identity_path=identity_path, check_if_identity_free=False,
+                                                     **options)
     except Exception as e:  # hivemind's P2PDaemonError and friends: say what to check
         logger.debug("P2P daemon did not start", exc_info=True)
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -130,14 +130,15 @@ class MemorySwarm:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def open_stream(self, peer: str, handler: str, timeout: float):
+    async def open_stream(self, peer: str, handler: str, timeout: float, patience: float = 0.0):
         servicer = self.live_servicer(peer)
         (client_reader, client_writer), (server_reader, server_writer) = stream_pair()
         self._server_writers.setdefault(peer, []).append(server_writer)
         self.own(asyncio.create_task(servicer._inference_stream(None, server_reader, server_writer)))
         return client_reader, client_writer
 
-    async def request(self, peer: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0) -> msg.Frame:
+    async def request(self, peer: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0,
+                      patience: float = 0.0) -> msg.Frame:
         servicer = self.live_servicer(peer)
         frame = msg.decode_payload(msg.encode_frame(meta, tensors)[msg.HEADER_BYTES:])
         reply_meta, reply_tensors = await servicer._serve_safely(servicer._single_request, frame)

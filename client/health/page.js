@@ -110,7 +110,8 @@ function nodeRow(model, node, key) {
     el("td", {class: "num opt"}, fmt.count(node.cache_tokens_left)),
     el("td", {class: "opt"}, `${node.dtype} · ${node.device || "cpu"}`),
     el("td", {class: "opt"}, node.version || "–"),
-    el("td", {class: "opt"}, node.connection || "–"),
+    el("td", {class: "opt", title: `how other machines reach this node, as it reports: ${node.reachability}`},
+       node.reachability === "relayed" ? "via relay" : node.connection || "–"),
     el("td", {class: "num opt", title: `record expires in ${fmt.ago(Math.max(0, node.expires_in_s - sinceUpdate()))}`},
        fmt.ago(age(node))),
     el("td", {class: "num"}, fmt.ms(node.ping_s)));
@@ -129,7 +130,8 @@ function detailRow(node, names, columns) {
     ["forward", node.forward_tokens_per_s.toFixed(0) + " tokens/s"], ["cache left", fmt.count(node.cache_tokens_left)],
     ["open sessions", String(node.active_sessions)],
     ["tokens served", fmt.count(node.tokens_served)], ["dtype", node.dtype], ["device", node.device || "cpu"], ["version", node.version || "–"],
-    ["connection", node.connection || "not connected"], ["record age", fmt.ago(age(node))],
+    ["connection", node.connection || "not connected"], ["reachable", node.reachability],
+    ["record age", fmt.ago(age(node))],
     ["expires in", fmt.ago(Math.max(0, node.expires_in_s - sinceUpdate()))],
   ];
   return el("tr", {class: "details"}, el("td", {colspan: String(columns)},

@@ -24,6 +24,18 @@ def test_loopback_unless_asked_to_be_reachable():
     assert listening(initial_peers=[], host_maddrs=["/ip4/0.0.0.0/tcp/31337"]) == (["/ip4/0.0.0.0/tcp/31337"], True)
 
 
+def test_auto_relay_where_the_peer_joins_beyond_loopback():
+    assert not p2p_options(initial_peers=[LOCAL])["use_auto_relay"]
+    assert p2p_options(initial_peers=[REMOTE])["use_auto_relay"]  # behind a home router, relays serve it
+
+
+def test_the_relay_service_is_a_daemon_flag():
+    from potluck.protocol.network import _p2p_class
+
+    assert "-relayService=0" in _p2p_class(False)._make_process_args("p2pd", relay=True)
+    assert "-relayService=1" in _p2p_class(True)._make_process_args("p2pd", relay=True)
+
+
 def test_initial_peers_must_be_peer_multiaddrs(monkeypatch):
     check_peer_maddr(REMOTE)
     for bad in ["127.0.0.1:37677", "/ip4/127.0.0.1/tcp/4000", "/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb",
