@@ -32,7 +32,7 @@ from potluck.protocol.errors import PotluckError
 from . import failover, verification
 from .hops import HopSession, HopStreams, StepInputs
 from .routing import Hop
-from .swarm_view import SwarmView, expect_hidden
+from .swarm_view import SwarmView, expect_hidden, wire_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +87,17 @@ class InferenceSession:
             self.batch_size = hidden.shape[0]
         start_from = self.position if self._rewound else None
         try:
-            out = await self._step(StepInputs(hidden, positions, mask), start_from)
+            if not self.hop_sessions:
+                self.hop_sessions = await self.open_chain(0, self.view.num_blocks)
+            wire = wire_dtype(self.hops[0], hidden.dtype)
+            out = await self._step(StepInputs(hidden.to(wire), positions, mask), start_from)
         except BaseException:
             self._rewound = True  # some hops may hold this step's tokens: the next step re-sends from position
             raise
         self.position, self._rewound = self.position + hidden.shape[1], False
-        return out
+        return out.to(hidden.dtype)
 
     async def _step(self, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
-        if not self.hop_sessions:
-            self.hop_sessions = await self.open_chain(0, self.view.num_blocks)
         step_start = self.position  # where this step begins; ``start_from`` is None or the same number
         verify = self.view.verify > 0 and self.view.rng.random() < self.view.verify
         if self._can_hand_off() and not verify:

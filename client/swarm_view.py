@@ -18,6 +18,7 @@ import torch
 
 from potluck.protocol import messages as msg
 from potluck.protocol import replies
+from potluck.protocol.checkpoint import DTYPES
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
 from potluck.protocol.records import NodeRecord, NodeState
@@ -148,16 +149,18 @@ class SwarmView:
             nonlocal hidden, block, dtype
             for hop in await self.route(block, end, dtype=dtype, avoid=avoid):
                 dtype = self.chain_dtype([hop])
+                wire = hidden.to(wire_dtype(hop, hidden.dtype))
                 frame = await self.swarm.request(
                     hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
-                    [hidden, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]),
+                    [wire, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]),
                     dial_patience(hop.record))
                 hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
                 if used is not None:
                     used.append(hop)
             return hidden
 
-        return await self.retrying(rest_of_the_chain)
+        given = hidden.dtype
+        return (await self.retrying(rest_of_the_chain)).to(given)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it works. A retriable failure bans the node that caused it and backs
@@ -172,6 +175,13 @@ class SwarmView:
                 self.ban(error.peer_id, str(error))
                 await asyncio.sleep(self.policy.backoff * 2**tries)
         raise AssertionError("unreachable")
+
+
+def wire_dtype(hop: Hop, given: torch.dtype) -> torch.dtype:
+    """What to send ``hop`` hidden states in: its own dtype where that is 16-bit (it computes in it
+    anyway, so sending fewer bytes changes nothing), else as ``given``."""
+    dtype = DTYPES.get(hop.record.dtype)
+    return dtype if dtype is not None and dtype.itemsize == 2 and given.itemsize > 2 else given
 
 
 def dial_patience(record: NodeRecord) -> float:

@@ -232,6 +232,7 @@ class BlockServicer:
                                   self.compute.step(session, hidden, positions, mask, start, alone))
         self.counters["steps"] += 1
         self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
+        self.counters["hidden_bytes_in"] += hidden.numel() * hidden.element_size()  # as sent: 16-bit halves it
         out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
         if not request.next:
             return replies.Result(session.cached, request.seq, session.id).to_meta(), (out,)
@@ -262,6 +263,7 @@ class BlockServicer:
             out = await self._compute(span.device,
                                       self.compute.forward(span, hidden, positions, mask, request.start, request.end))
             self.counters["forwards"] += 1
+            self.counters["hidden_bytes_in"] += hidden.numel() * hidden.element_size()
             return replies.Result().to_meta(), (out.to(hidden.dtype),)
         raise BadRequest(f"{type(request).__name__} is not valid on this stream")
 

@@ -28,3 +28,44 @@ def test_bfloat16_nodes_match_local_bfloat16(tiny_checkpoints, swarm_factory):
         assert difference < 1e-2, difference
     finally:
         connection.close()
+
+
+def test_a_float32_client_sends_bfloat16_nodes_16_bit_activations(tiny_checkpoints, swarm_factory):
+    """The nodes compute in bfloat16 anyway: the client sends them 2 bytes a value, not 4, and gets
+    the same logits as when it sent float32 (the node's first step is to round them)."""
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    peers = swarm.start_nodes(path, ["0:4", "4:8"], "--dtype", "bfloat16")
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection)  # float32 locally
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(6))
+
+        def received():
+            infos = [connection.call(connection.request(p, msg.INFO_HANDLER, {"type": "info"})) for p in peers]
+            return sum(i.meta["counters"].get("hidden_bytes_in", 0) for i in infos), \
+                sum(i.meta["counters"].get("tokens", 0) for i in infos)
+
+        value_bytes = local.config.hidden_size * 2  # a token's hidden state in bfloat16
+        before = received()
+        with torch.no_grad():
+            logits = remote(ids).logits  # a forward: 16 tokens through each node
+        assert logits.dtype == torch.float32
+        assert received()[0] - before[0] == 2 * 16 * value_bytes
+        before = received()
+        with remote.inference_session(max_length=32):
+            remote.generate(ids, max_new_tokens=8, do_sample=False)
+        after = received()
+        tokens = after[1] - before[1]  # steps: the prompt and 7 more, through each node
+        assert tokens == 2 * (16 + 7) and after[0] - before[0] == tokens * value_bytes
+        # the same logits as float32 activations would give: the layers' bfloat16 output, normed in float32
+        seen = {}
+        local16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        local16.model.norm.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0]))
+        with torch.no_grad():
+            local16(ids)
+            expected = local.lm_head(local.model.norm(seen["hidden"].float()))
+        assert (logits - expected).abs().max() < 1e-2
+    finally:
+        connection.close()
