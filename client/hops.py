@@ -3,10 +3,10 @@
 An open hop is a ``HopSession``: a session on one node, reached over this client's long-lived
 stream to that node (``channels``: a new stream per message costs far more than a round trip on
 an open one, and sessions sharing a stream share its bundles), and the inputs the node's cache
-was built from. ``HopStreams`` opens hops, sends requests numbered by attempt (``seq``) and
-receives answers: every hop of a session delivers into one inbox, so one coroutine can wait on
-any hop of a chain; an answer to an attempt given up on is dropped, and a stream that breaks
-marks its hop failed.
+was built from. ``HopStreams`` opens a chain's hops at once, sends requests numbered by attempt
+(``seq``) and receives answers: every hop of a session delivers into one inbox, so one coroutine
+can wait on any hop of a chain; an answer to an attempt given up on is dropped, and a stream
+that breaks marks its hop failed.
 """
 from __future__ import annotations
 
@@ -76,32 +76,51 @@ class HopStreams:
         self.inbox: asyncio.Queue = asyncio.Queue()  # (hop session, frame or error) from every stream
         self.seq = 0  # numbers each attempt; answers to earlier attempts are dropped
 
-    async def open(self, hop: Hop, max_length: int, batch_size: int, previous: str | None = None) -> HopSession:
-        """A session on ``hop``'s node, reserving ``max_length x batch_size`` cache tokens there, that
-        takes hand-off pushes only from ``previous`` (the node before it in the chain)."""
-        channel = await self.view.swarm.channels.get(hop.peer_id, self.view.policy.request_timeout,
-                                                     dial_patience(hop.record))
-        hop_session = self.listen(HopSession(hop, uuid.uuid4().hex, channel))
+    async def open(self, chain: list[Hop], max_length: int, batch_size: int,
+                   previous: str | None = None) -> list[HopSession]:
+        """A session on each hop's node, reserving ``max_length x batch_size`` cache tokens there and
+        taking hand-off pushes only from the node before it (the first: from ``previous``). All
+        hops are asked at once: over slow links a chain opens in one round trip, not one per hop."""
+        timeout, before = self.view.policy.request_timeout, [previous] + [hop.peer_id for hop in chain[:-1]]
+        channels = await asyncio.gather(*(self.view.swarm.channels.get(hop.peer_id, timeout, dial_patience(hop.record))
+                                          for hop in chain))
+        opened = [self.listen(HopSession(hop, uuid.uuid4().hex, channel)) for hop, channel in zip(chain, channels)]
         try:
-            await self._ask(hop_session, msg.OpenSession(hop_session.session_id, hop.start, hop.end, max_length,
-                                                         batch_size, previous), replies.Opened)
+            for hop_session, peer in zip(opened, before):
+                hop = hop_session.hop
+                await self.send(hop_session, msg.OpenSession(hop_session.session_id, hop.start, hop.end, max_length,
+                                                             batch_size, peer), None)
+            await self._confirmed(opened, replies.Opened, "open")
         except BaseException:
-            hop_session.close()
+            for hop_session in opened:
+                hop_session.close()
             raise
         sessions = self.view.costs.local_sessions  # routing counts this client's load on each node
-        sessions[hop.peer_id] = sessions.get(hop.peer_id, 0) + 1
-        return hop_session
+        for hop in chain:
+            sessions[hop.peer_id] = sessions.get(hop.peer_id, 0) + 1
+        return opened
 
     async def follow(self, hop_session: HopSession, previous: str | None) -> None:
         """Tell a hop's node that pushes for its session now come from ``previous``."""
-        await self._ask(hop_session, msg.Follow(hop_session.session_id, previous), replies.Followed)
+        await self.send(hop_session, msg.Follow(hop_session.session_id, previous), None)
+        await self._confirmed([hop_session], replies.Followed, "follow")
 
-    async def _ask(self, hop_session: HopSession, request: msg.OpenSession | msg.Follow, expected: type) -> None:
-        await self.send(hop_session, request, None)
+    async def _confirmed(self, hop_sessions: list[HopSession], expected: type, what: str) -> None:
+        """Wait for each hop's ``expected`` answer; a hop's error, another answer or silence past the
+        request timeout raises (naming that hop)."""
         deadline = asyncio.get_running_loop().time() + self.view.policy.request_timeout
-        _, frame = await self.receive(hop_session, deadline, [hop_session])
-        if not isinstance(replies.parse_reply(frame, hop_session.hop.peer_id), expected):
-            raise NodeUnavailable(f"{hop_session.describe()} did not confirm {request.KIND}", hop_session.hop.peer_id)
+        waiting = list(hop_sessions)
+        while waiting:
+            try:
+                source, frame = await self.receive(None, deadline, waiting)
+            except NodeUnavailable as error:
+                if error.peer_id is None:  # silence: blame a hop that did not answer
+                    error = NodeUnavailable(f"{waiting[0].describe()} did not confirm {what} in time",
+                                            waiting[0].hop.peer_id)
+                raise error from None
+            if not isinstance(replies.parse_reply(frame, source.hop.peer_id), expected):
+                raise NodeUnavailable(f"{source.describe()} did not confirm {what}", source.hop.peer_id)
+            waiting.remove(source)
 
     def close(self, hop_session: HopSession) -> None:
         """Close a hop's session on its node."""

@@ -186,16 +186,7 @@ class InferenceSession:
         async def opened_chain() -> list[HopSession]:
             chain = await self.view.route(start, end, self.max_length * (self.batch_size or 1),
                                            self.view.chain_dtype(self.hops))  # a replacement keeps the dtype
-            opened = []
-            try:
-                for hop in chain:
-                    before = opened[-1].hop.peer_id if opened else previous
-                    opened.append(await self.streams.open(hop, self.max_length, self.batch_size or 1, before))
-            except BaseException:
-                for hop_session in opened:
-                    self.streams.close(hop_session)
-                raise
-            return opened
+            return await self.streams.open(chain, self.max_length, self.batch_size or 1, previous)
 
         return await self.view.retrying(opened_chain)
 

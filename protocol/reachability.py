@@ -2,12 +2,13 @@
 
 A node asks a few peers it knows (its initial peers, then other nodes) to dial it back: it sends
 the TCP addresses it announces, and each peer tries a plain TCP connection to each of them from
-its own side of the internet and answers which ones it reached. A node reached by any peer is
-``direct``; one that peers answered but could not reach is ``relayed`` (it is served through a
+its own side of the internet and answers which ones it reached (a libp2p listener greets a new
+connection first; an accepted connection alone proves nothing behind a proxy). A node reached
+by any peer is ``direct``; one that peers answered but could not reach is ``relayed`` (it is served through a
 relay: libp2p's auto-relay reserves it a slot on a public peer); with no answer it stays
 ``unknown``. Every serving peer answers these requests (``serve_dialback``): at most four
 addresses, each a public or private IP with a TCP port (no names, no loopback), a connection
-attempt that sends nothing, and one request per peer every few seconds.
+that sends nothing and reads a greeting, and one request per peer every few seconds.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ MAX_ADDRESSES = 4
 DIAL_TIMEOUT = 3.0  # seconds for one TCP connection attempt
 MIN_GAP = 5.0  # seconds between two requests of one peer
 DIRECT, RELAYED, UNKNOWN = "direct", "relayed", "unknown"
+LIBP2P_GREETING = b"\x13/multistream/1.0.0\n"  # what a libp2p listener sends first on a new connection
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,18 @@ def parse_request(meta: Any) -> list[tuple[str, tuple[str, int]]]:
 
 
 async def _connects(ip: str, port: int) -> bool:
+    """Whether a libp2p peer listens at ip:port: it greets a new TCP connection with multistream-select's
+    header (a bare accepted connection proves nothing: a proxy or firewall may accept and drop it)."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), DIAL_TIMEOUT)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), DIAL_TIMEOUT)
     except (OSError, asyncio.TimeoutError):
         return False
+    try:
+        greeting = await asyncio.wait_for(reader.readexactly(len(LIBP2P_GREETING)), DIAL_TIMEOUT)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        greeting = b""
     writer.close()
-    return True
+    return greeting == LIBP2P_GREETING
 
 
 async def serve_dialback(p2p) -> None:

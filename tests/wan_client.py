@@ -1,6 +1,11 @@
-"""Run by tests/integration/test_wan.py inside the client's network namespace: generate through the
-swarm and print, as one JSON line, whether the tokens equal local transformers' and what the
-node records and the health dashboard's crawler say about each node's reachability."""
+"""Run by tests/integration/test_wan.py inside the client's network namespace; prints one JSON line.
+
+    wan_client.py relay PATH INITIAL_PEERS...   generate through the swarm: whether the tokens equal
+        local transformers', and what the node records and the health crawler say about each node's
+        reachability
+    wan_client.py steps PATH PEER... -- INITIAL_PEERS...   generate in one session: whether the
+        tokens equal local transformers', steps taken, and the messages the client sent the nodes
+"""
 import json
 import sys
 
@@ -33,5 +38,31 @@ def main(path: str, initial_peers: list[str]) -> dict:
         connection.close()
 
 
+def steps(path: str, peers: list[str], initial_peers: list[str]) -> dict:
+    connection = SwarmConnection(initial_peers)
+
+    def client_messages() -> int:
+        return sum(connection.call(connection.info(peer, timeout=30))[0].counters.get("client_messages", 0)
+                   for peer in peers)
+
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm=connection, request_timeout=30.0)
+        ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(1))
+        with remote.inference_session(max_length=32):
+            remote.generate(ids, max_new_tokens=2, do_sample=False)  # opens the chain
+            before = client_messages()
+            got = remote.generate(ids, max_new_tokens=8, do_sample=False)
+            sent = client_messages() - before
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        return {"tokens_equal": torch.equal(got, local.generate(ids, max_new_tokens=8, do_sample=False)),
+                "steps": 8, "client_messages": sent}
+    finally:
+        connection.close()
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2:])), flush=True)
+    if sys.argv[1] == "relay":
+        print(json.dumps(main(sys.argv[2], sys.argv[3:])), flush=True)
+    else:
+        split = sys.argv.index("--")
+        print(json.dumps(steps(sys.argv[2], sys.argv[3:split], sys.argv[split + 1:])), flush=True)

@@ -16,7 +16,7 @@ CLIENT = Path(__file__).parent.parent / "wan_client.py"
 
 @pytest.fixture
 def bed():
-    with NetBed() as bed:
+    with NetBed(extra=["n1", "n2", "n3"]) as bed:
         yield bed
 
 
@@ -33,7 +33,8 @@ def test_a_node_behind_nat_serves_through_a_relay(bed, tiny_checkpoints, tmp_pat
         advice = swarm.wait_for_line(home, r"cannot connect to this node .* forward TCP port (\d+)")
         listening = swarm.wait_for_line(home, r"reach this peer at /ip4/[\d.]+/tcp/(\d+)")
         assert advice.group(1) == listening.group(1)  # the port to forward is the one it listens on
-        client = subprocess.run([*bed.prefix("client"), sys.executable, str(CLIENT), str(path), *swarm.initial_peers],
+        client = subprocess.run([*bed.prefix("client"), sys.executable, str(CLIENT), "relay", str(path),
+                                 *swarm.initial_peers],
                                 capture_output=True, text=True, timeout=300)
         assert client.returncode == 0, client.stderr[-3000:]
         report = json.loads(client.stdout.strip().splitlines()[-1])
@@ -43,3 +44,25 @@ def test_a_node_behind_nat_serves_through_a_relay(bed, tiny_checkpoints, tmp_pat
     assert report["chain"] == ["outside-0_4-1", "home-4_8-2"]
     assert report["records"] == {"outside-0_4-1": "direct", "home-4_8-2": "relayed"}
     assert report["health"] == report["records"]
+
+
+def test_over_slow_links_a_step_is_one_message_from_the_client(bed, tiny_checkpoints, tmp_path):
+    """50 ms one way on every link (the bed's delaying proxy): hand-off still takes one message per
+    step from the client, and the tokens are exact. (How long a token takes: scripts/bench wan.)"""
+    path = tiny_checkpoints["llama"]
+    bed.delay(50)
+    swarm = LocalSwarm(tmp_path, node_args=["--num-threads", "1", "--throughput", "1000"])
+    try:
+        swarm.start_dht(prefix=bed.prefix("public"), host_maddr=f"/ip4/{bed.address('public')}/tcp/0")
+        peers = []
+        for place, span in zip(["n1", "n2", "n3"], ["0:3", "3:6", "6:8"]):
+            peers += swarm.start_nodes(path, [span], "--host-maddrs", f"/ip4/{bed.address(place)}/tcp/0",
+                                       prefix=bed.prefix(place), name=place)
+        client = subprocess.run([*bed.prefix("client"), sys.executable, str(CLIENT), "steps", str(path), *peers,
+                                 "--", *swarm.initial_peers], capture_output=True, text=True, timeout=300)
+        assert client.returncode == 0, client.stderr[-3000:]
+        report = json.loads(client.stdout.strip().splitlines()[-1])
+    finally:
+        swarm.stop()
+    assert report["tokens_equal"]
+    assert report["client_messages"] == report["steps"]  # one per step, not one per hop

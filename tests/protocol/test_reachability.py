@@ -27,3 +27,26 @@ def test_a_request_names_a_few_addresses():
                  {"type": "dialback", "addresses": ["/ip4/127.0.0.1/tcp/5"]}]:
         with pytest.raises(BadRequest):
             parse_request(meta)
+
+
+def test_a_dial_back_counts_only_a_libp2p_greeting():
+    import asyncio
+
+    from potluck.protocol.reachability import LIBP2P_GREETING, _connects
+
+    async def run():
+        async def greeter(reader, writer):
+            writer.write(LIBP2P_GREETING)
+            await writer.drain()
+
+        async def silent(reader, writer):  # accepts and says nothing, as a proxy with nowhere to go
+            writer.close()
+
+        servers = [await asyncio.start_server(handler, "127.0.0.1", 0) for handler in (greeter, silent)]
+        ports = [server.sockets[0].getsockname()[1] for server in servers]
+        results = [await _connects("127.0.0.1", port) for port in ports]
+        for server in servers:
+            server.close()
+        return results
+
+    assert asyncio.run(run()) == [True, False]
