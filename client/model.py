@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_tensors, resolve_checkpoint
 from potluck.protocol.errors import BadRequest
@@ -62,7 +62,7 @@ class RemoteDecoder(torch.nn.Module):
         self.embed_tokens, self.norm, self.view = embed_tokens, norm, view
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
-                **kwargs) -> BaseModelOutputWithPast:
+                **kwargs) -> MoeModelOutputWithPast:
         past_key_values = kwargs.get(CACHE_ARG)
         if (input_ids is None) == (inputs_embeds is None):
             raise BadRequest("pass exactly one of input_ids or inputs_embeds")
@@ -85,7 +85,8 @@ class RemoteDecoder(torch.nn.Module):
                     previous = session.token_ids if session.token_ids is not None else input_ids[:, :0]
                     session.token_ids = torch.cat([previous[:, :prefix], input_ids], dim=1)
             hidden = out.to(hidden.device)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_ARG: past_key_values})
+        # the MoE output class: mixture-of-experts heads read router_logits (None: the routers run on the nodes)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden), **{CACHE_ARG: past_key_values})
 
 
 class DistributedModelMixin:

@@ -158,15 +158,25 @@ class LocalSwarm:
 
 def make_tiny_checkpoint(family: str, folder: Path, *, hidden: int = 64, layers: int = 8, vocab: int = 1000,
                          heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, seed: int = 0) -> Path:
-    """A random checkpoint of ``family`` (llama, mistral, qwen2, qwen3), saved as a real one is
-    (config.json + safetensors), for tests and benchmarks."""
+    """A random checkpoint of ``family`` (a model_type: llama, mistral, qwen2, qwen3, mixtral,
+    qwen3_moe, phi3, gpt_oss), saved as a real one is (config.json + safetensors), for tests and
+    benchmarks. Mixture-of-experts families get 4 experts, 2 per token."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    extra = {
+        "qwen3": {"head_dim": hidden // heads},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "qwen3_moe": {"head_dim": hidden // heads, "num_experts": 4, "num_experts_per_tok": 2,
+                      "moe_intermediate_size": hidden},
+        "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        "gpt_oss": {"head_dim": hidden // heads, "num_local_experts": 4, "num_experts_per_tok": 2,
+                    "sliding_window": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    }.get(family, {})
     config = AutoConfig.for_model(
         family, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=512,
-        tie_word_embeddings=False, **({"head_dim": hidden // heads} if family == "qwen3" else {}),
+        tie_word_embeddings=False, **extra,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

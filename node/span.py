@@ -20,6 +20,7 @@ from transformers import DynamicCache, PretrainedConfig
 
 from potluck.protocol.checkpoint import Checkpoint, load_tensors, tensor_files
 from potluck.protocol.errors import BadRequest
+from potluck.protocol.conversion import convert_block
 from potluck.protocol.families import CACHE_ARG, Family, family_of
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
             continue
         prefix = family.block_prefix.format(index)
         names = [n for n in files if n.startswith(prefix)]
-        weights = load_tensors(checkpoint.path, names, dtype, device)
+        weights = convert_block(checkpoint.config.model_type, load_tensors(checkpoint.path, names, dtype, device))
         blocks.append(place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()}))
         logger.debug("loaded block %d (%d tensors)", index, len(names))
     return BlockSpan(checkpoint.config, family, start, blocks).eval()

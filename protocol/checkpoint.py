@@ -37,6 +37,15 @@ class Checkpoint:
         return self.config.num_hidden_layers
 
 
+def attention_for(config) -> str:
+    """PyTorch's SDPA where the model's transformers code supports it, else its eager attention
+    (what transformers itself would pick: gpt-oss's attention sinks, for one, need eager)."""
+    from transformers import AutoModelForCausalLM
+
+    model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "sdpa" if model_cls is None or getattr(model_cls, "_supports_sdpa", False) else "eager"
+
+
 def resolve_checkpoint(model: str | None = None, name: str | None = None) -> Checkpoint:
     """Find a checkpoint: None → the default model; a folder; or an HF id already in the HF cache."""
     if model is None or model == DEFAULT_MODEL:
@@ -61,8 +70,8 @@ def resolve_checkpoint(model: str | None = None, name: str | None = None) -> Che
                              f"`hf download {model}` (or pass a checkpoint folder as MODEL)") from None
         default_name = model
     config = AutoConfig.from_pretrained(path)
-    config._attn_implementation = "sdpa"
     family_of(config)  # fail early on an unsupported family
+    config._attn_implementation = attention_for(config)
     return Checkpoint(path, name or default_name, config)
 
 

@@ -2,7 +2,12 @@
 
 A family is a small adapter over the installed transformers classes: which decoder-layer and
 rotary-embedding classes it uses, where a block's weights live in a checkpoint, and which blocks
-use a sliding attention window. Register a new family with ``register_family``.
+use a sliding attention window. Any decoder-only model whose transformers code follows the
+common layout (one ``*DecoderLayer`` class called with hidden states, position embeddings from
+one ``*RotaryEmbedding``, a mask and a cache, returning hidden states) is served by a family
+derived from its ``model_type`` (``family_of``): Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE,
+Phi-3 and gpt-oss are tested. Register a family with ``register_family`` only where a model
+differs; an architecture outside the layout gets a BadRequest naming what is missing.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import PretrainedConfig
 
 from .errors import BadRequest
@@ -20,7 +26,8 @@ from .errors import BadRequest
 class Family:
     model_type: str  # config.model_type
     module: str  # transformers.models.<module>.modeling_<module>
-    prefix: str  # class-name prefix, e.g. "Llama" for LlamaDecoderLayer
+    layer_class: str  # e.g. "LlamaDecoderLayer"
+    rotary_class: str  # e.g. "LlamaRotaryEmbedding"
     block_prefix: str = "model.layers.{}."  # where block i's weights live in the checkpoint
 
     def _modeling(self):
@@ -28,12 +35,12 @@ class Family:
 
     def make_block(self, config: PretrainedConfig, index: int) -> torch.nn.Module:
         """An uninitialised (meta-device) decoder layer for global block ``index``."""
-        layer_cls = getattr(self._modeling(), f"{self.prefix}DecoderLayer")
+        layer_cls = getattr(self._modeling(), self.layer_class)
         with torch.device("meta"):
             return layer_cls(config, index)
 
     def make_rotary(self, config: PretrainedConfig) -> torch.nn.Module:
-        return getattr(self._modeling(), f"{self.prefix}RotaryEmbedding")(config=config)
+        return getattr(self._modeling(), self.rotary_class)(config=config)
 
     def window(self, config: PretrainedConfig, index: int) -> int | None:
         """The sliding attention window of block ``index``, or None for full attention."""
@@ -67,19 +74,50 @@ def register_family(family: Family) -> None:
 
 
 def family_of(config: PretrainedConfig) -> Family:
+    """The registered family of ``config.model_type``, else one derived from its transformers code."""
+    family = _FAMILIES.get(config.model_type)
+    if family is None:
+        family = _FAMILIES[config.model_type] = derived_family(config.model_type)
+    return family
+
+
+def derived_family(model_type: str) -> Family:
+    """A family from the installed transformers' code for ``model_type``: its modeling module's
+    decoder-layer and rotary-embedding classes; BadRequest naming what is missing."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    base = MODEL_MAPPING_NAMES.get(model_type)
+    if base is None:
+        raise BadRequest(f"model type {model_type!r} has no transformers base model here (transformers "
+                         f"{transformers.__version__}); Potluck serves decoder-only models transformers knows")
+    module = model_type_to_module_name(model_type)
     try:
-        return _FAMILIES[config.model_type]
-    except KeyError:
-        raise BadRequest(
-            f"model family {config.model_type!r} is not supported; supported: {', '.join(sorted(_FAMILIES))}"
-        ) from None
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    except ImportError as e:
+        raise BadRequest(f"model type {model_type!r}: cannot import its transformers code ({e})") from None
+    prefix = base.removesuffix("Model")
+    found = {}
+    for suffix in ("DecoderLayer", "RotaryEmbedding"):
+        names = [n for n, v in vars(modeling).items() if n.endswith(suffix) and isinstance(v, type)]
+        preferred = f"{prefix}{suffix}"
+        if preferred in names or len(names) == 1:
+            found[suffix] = preferred if preferred in names else names[0]
+        else:
+            what = "decoder-layer" if suffix == "DecoderLayer" else "rotary position embedding"
+            raise BadRequest(f"model type {model_type!r} is not served: its transformers code has no single "
+                             f"{what} class (*{suffix}: {', '.join(names) or 'none'}); Potluck serves decoder-only "
+                             "models with one decoder-layer class and rotary position embeddings")
+    returns = inspect.signature(getattr(modeling, found["DecoderLayer"]).forward).return_annotation
+    if returns not in (torch.Tensor, "torch.Tensor"):
+        raise BadRequest(f"model type {model_type!r} is not served yet: its decoder layer returns {returns}, not "
+                         "hidden states alone")
+    return Family(model_type, module, found["DecoderLayer"], found["RotaryEmbedding"])
 
 
 def supported_families() -> list[str]:
-    return sorted(_FAMILIES)
+    """Families tested with Potluck (others following the common layout are derived when met)."""
+    return sorted(TESTED)
 
 
-register_family(Family("llama", "llama", "Llama"))
-register_family(Family("mistral", "mistral", "Mistral"))
-register_family(Family("qwen2", "qwen2", "Qwen2"))
-register_family(Family("qwen3", "qwen3", "Qwen3"))
+TESTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss")

@@ -9,7 +9,7 @@ from potluck.protocol.messages import OpenSession
 from potluck.node.span import causal_mask, load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss")
 
 
 def logits_through(model, spans, ids, attention_mask=None, caches=None, start=0):
