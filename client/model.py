@@ -15,6 +15,7 @@ import threading
 from typing import Iterator, Sequence
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeModelOutputWithPast
@@ -220,7 +221,7 @@ def build_local_part(checkpoint: Checkpoint, view: SwarmView, dtype: torch.dtype
     shell_config.num_hidden_layers = 0
     if getattr(shell_config, "layer_types", None) is not None:
         shell_config.layer_types = []
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # weights come below; computed buffers are made here
         model = dist_cls(shell_config)
     model.config = config
     tied = getattr(config, "tie_word_embeddings", False)
@@ -232,15 +233,17 @@ def build_local_part(checkpoint: Checkpoint, view: SwarmView, dtype: torch.dtype
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
         model.lm_head.load_state_dict({"weight": weights["lm_head.weight"]}, assign=True)
-    model.model = RemoteDecoder(model.model.embed_tokens, model.model.norm, view)
+    model.model = RemoteDecoder(model.model.embed_tokens, model.model.norm, view).to(device)  # and its buffers
     model.swarm_view, model._local = view, threading.local()
     if (checkpoint.path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
     else:
         model.generation_config = GenerationConfig.from_model_config(config)
     loaded = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    computed = {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+                for name in module._non_persistent_buffers_set}  # e.g. Gemma 3's embedding scale
     leftover = [n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
-                if n not in loaded]
+                if n not in loaded and n not in computed]
     if leftover:
         raise BadRequest(f"{base_cls.__name__} has local weights Potluck does not load: {leftover[:5]}")
     return model.eval()

@@ -172,6 +172,8 @@ def make_tiny_checkpoint(family: str, folder: Path, *, hidden: int = 64, layers:
         "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
         "gpt_oss": {"head_dim": hidden // heads, "num_local_experts": 4, "num_experts_per_tok": 2,
                     "sliding_window": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        "gemma3_text": {"head_dim": hidden // heads, "sliding_window": 8, "query_pre_attn_scalar": hidden // heads,
+                        "final_logit_softcapping": 30.0, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     }.get(family, {})
     config = AutoConfig.for_model(
         family, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,

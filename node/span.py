@@ -9,6 +9,7 @@ rotary tables, caches) is made there.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -42,6 +43,9 @@ class BlockSpan(torch.nn.Module):
         with torch.device(self.device):
             self.rotary = family.make_rotary(config)
         self.windows = [family.window(config, i) for i in range(self.start, self.end)]
+        # rotary settings per layer type (Gemma 3: sliding and global layers differ), where the model has them
+        typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.rope_types = [config.layer_types[i] if typed else None for i in range(self.start, self.end)]
 
     def blocks_by_index(self, indices: range) -> dict[int, torch.nn.Module]:
         """This span's blocks among ``indices`` (global), for ``load_span(reuse=...)``."""
@@ -68,18 +72,20 @@ class BlockSpan(torch.nn.Module):
         first = 0 if start is None else start - self.start
         last = len(self.blocks) if end is None else end - self.start
         prefix = self.cache_length(cache, first + self.start)
-        windows = self.windows[first:last]
+        windows, rope_types = self.windows[first:last], self.rope_types[first:last]
         masks = {w: causal_mask(hidden, prefix, attention_mask, w) for w in set(windows)}
-        rotary = self.rotary(hidden, position_ids=position_ids)
-        for block, window in zip(self.blocks[first:last], windows):
-            hidden = block(
+        rotary = {t: self.rotary(hidden, position_ids=position_ids, **({"layer_type": t} if t else {}))
+                  for t in set(rope_types)}
+        for block, window, rope_type in zip(self.blocks[first:last], windows, rope_types):
+            out = block(
                 hidden,
                 attention_mask=masks[window],
-                position_embeddings=rotary,
+                position_embeddings=rotary[rope_type],
                 position_ids=position_ids,
                 **{CACHE_ARG: cache},
                 use_cache=cache is not None,
             )
+            hidden = out[0] if isinstance(out, tuple) else out  # some layers also return attention weights
         return hidden
 
 

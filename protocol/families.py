@@ -6,7 +6,7 @@ use a sliding attention window. Any decoder-only model whose transformers code f
 common layout (one ``*DecoderLayer`` class called with hidden states, position embeddings from
 one ``*RotaryEmbedding``, a mask and a cache, returning hidden states) is served by a family
 derived from its ``model_type`` (``family_of``): Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE,
-Phi-3 and gpt-oss are tested. Register a family with ``register_family`` only where a model
+Phi-3, gpt-oss and Gemma 3 are tested. Register a family with ``register_family`` only where a model
 differs; an architecture outside the layout gets a BadRequest naming what is missing.
 """
 from __future__ import annotations
@@ -108,10 +108,6 @@ def derived_family(model_type: str) -> Family:
             raise BadRequest(f"model type {model_type!r} is not served: its transformers code has no single "
                              f"{what} class (*{suffix}: {', '.join(names) or 'none'}); Potluck serves decoder-only "
                              "models with one decoder-layer class and rotary position embeddings")
-    returns = inspect.signature(getattr(modeling, found["DecoderLayer"]).forward).return_annotation
-    if returns not in (torch.Tensor, "torch.Tensor"):
-        raise BadRequest(f"model type {model_type!r} is not served yet: its decoder layer returns {returns}, not "
-                         "hidden states alone")
     return Family(model_type, module, found["DecoderLayer"], found["RotaryEmbedding"])
 
 
@@ -120,4 +116,4 @@ def supported_families() -> list[str]:
     return sorted(TESTED)
 
 
-TESTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss")
+TESTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss", "gemma3_text")

@@ -10,7 +10,7 @@ from potluck.client.transport import SwarmConnection
 from potluck.node.local_swarm import LocalSwarm, make_tiny_checkpoint  # noqa: F401  (the tests' launcher)
 from potluck.protocol import messages as msg
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss", "gemma3_text")
 
 
 def potluck_command(*args: str) -> list[str]:

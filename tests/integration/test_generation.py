@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss", "gemma3_text")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -9,7 +9,7 @@ from potluck.protocol.messages import OpenSession
 from potluck.node.span import causal_mask, load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss", "gemma3_text")
 
 
 def logits_through(model, spans, ids, attention_mask=None, caches=None, start=0):
@@ -19,7 +19,9 @@ def logits_through(model, spans, ids, attention_mask=None, caches=None, start=0)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
     for span, cache in zip(spans, caches or [None] * len(spans)):
         hidden = span(hidden, positions, attention_mask, cache)
-    return model.lm_head(model.model.norm(hidden))
+    logits = model.lm_head(model.model.norm(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 3's head does this
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 @pytest.mark.parametrize("family", FAMILIES)
