@@ -20,12 +20,12 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 import potluck
+from potluck.protocol import reachability
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest, NodeDraining, PotluckError
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.families import kv_shape
 from potluck.protocol.identity import identity_path
-from potluck.protocol import reachability
 from potluck.protocol.network import join_swarm, p2p_options
 from potluck.protocol.records import ANNOUNCE_PERIOD, PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState
 
@@ -263,7 +263,7 @@ class Node:
     async def _watch_reachability(self, period: float = 600.0) -> None:
         """Have other peers dial this node back now and every ``period``; announce and explain the result."""
         while True:
-            peers = [m.split("/p2p/")[-1] for m in self.config.initial_peers]
+            peers, addresses = [m.split("/p2p/")[-1] for m in self.config.initial_peers], []
             try:
                 records = await asyncio.wait_for(
                     read_block_records(self.dht, self.checkpoint.name, self.checkpoint.num_blocks), 30)
