@@ -103,8 +103,9 @@ class InferenceSession:
         if self._can_hand_off() and not verify:
             try:
                 out = await self._handoff_step(inputs, start_from, step_start)
-                if not verification.suspicious(out, self.usual_scale):
-                    return self._noted(out)
+                scale = verification.token_scale(out)
+                if not verification.suspicious(scale, self.usual_scale):
+                    return self._noted(scale, out)
                 logger.info("a step's output looks suspicious (scale far from the session's usual); checking it")
                 verify = True  # redo it hop by hop (nodes rewind to the step's start) and check each hop
             except PotluckError as error:
@@ -119,12 +120,12 @@ class InferenceSession:
         out = await self._hop_by_hop(inputs, start_from, step_start, 0, outputs)
         if verify:
             out = await verification.check_step(self, outputs)
-        return self._noted(out)
+        return self._noted(verification.token_scale(out), out)
 
-    def _noted(self, out: torch.Tensor) -> torch.Tensor:
-        """``out``, its scale noted as the session's usual (a running mean of steps' medians)."""
-        scale = float(verification.token_scale(out).median())
-        self.usual_scale = scale if self.usual_scale is None else 0.9 * self.usual_scale + 0.1 * scale
+    def _noted(self, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out``, its tokens' ``scale`` noted as the session's usual (a running mean of steps' medians)."""
+        median = float(scale.median())
+        self.usual_scale = median if self.usual_scale is None else 0.9 * self.usual_scale + 0.1 * median
         return out
 
     def _can_hand_off(self) -> bool:

@@ -53,11 +53,10 @@ def token_scale(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.float().pow(2).mean(-1).sqrt()
 
 
-def suspicious(hidden: torch.Tensor, usual: float | None) -> bool:
-    """Whether an output's scale is far from what this session's outputs usually have."""
+def suspicious(scale: torch.Tensor, usual: float | None) -> bool:
+    """Whether an output's scale (``token_scale``) is far from what this session's outputs usually have."""
     if usual is None:
         return False
-    scale = token_scale(hidden)
     median = float(scale.median())
     return not usual / SUSPICIOUS_SCALE <= median <= usual * SUSPICIOUS_SCALE or bool(
         (scale > usual * OUTLIER_SCALE).any())

@@ -4,10 +4,11 @@ A family is a small adapter over the installed transformers classes: which decod
 rotary-embedding classes it uses, where a block's weights live in a checkpoint, and which blocks
 use a sliding attention window. Any decoder-only model whose transformers code follows the
 common layout (one ``*DecoderLayer`` class called with hidden states, position embeddings from
-one ``*RotaryEmbedding``, a mask and a cache, returning hidden states) is served by a family
-derived from its ``model_type`` (``family_of``): Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE,
-Phi-3, gpt-oss and Gemma 3 are tested. Register a family with ``register_family`` only where a model
-differs; an architecture outside the layout gets a BadRequest naming what is missing.
+one ``*RotaryEmbedding``, a mask and a cache, returning hidden states, first if in a tuple) is
+served by a family derived from its ``model_type`` (``family_of``): Llama, Mistral, Qwen2/3,
+Mixtral, Qwen3-MoE, Phi-3, gpt-oss and Gemma 3 are tested. Register a family with
+``register_family`` only where a model differs; an architecture outside the layout gets a
+BadRequest naming what is missing.
 """
 from __future__ import annotations
 

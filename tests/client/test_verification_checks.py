@@ -1,7 +1,12 @@
 """The comparisons verification makes: relative differences per token, and suspicious scales."""
 import torch
 
-from potluck.client.verification import TOLERANCE, difference, suspicious
+from potluck.client import verification
+from potluck.client.verification import TOLERANCE, difference
+
+
+def suspicious(hidden, usual):
+    return verification.suspicious(verification.token_scale(hidden), usual)
 
 
 def test_difference_is_the_worst_token_relative_to_its_norm():
