@@ -113,8 +113,8 @@ async def serve_dialback(p2p) -> None:
 
 
 async def check(p2p, peers: Sequence[str], addresses: Sequence[str], enough: int = 2) -> Reachability:
-    """Ask ``peers`` (peer ids, in order of preference, at most ``2 * enough`` of them) to dial
-    ``addresses`` back; stop once ``enough`` answered."""
+    """Ask the first ``2 * enough`` of ``peers`` (peer ids, in order of preference) at once to dial
+    ``addresses`` back; any that answer count (asking more than ``enough`` covers peers that are gone)."""
     addresses = [a for a in addresses if _dialable(a)][:MAX_ADDRESSES]
     if not addresses:
         return Reachability(UNKNOWN)

@@ -18,7 +18,7 @@ from potluck.client.health.view import state_json
 from potluck.client.transport import SwarmConnection
 
 
-def main(path: str, initial_peers: list[str]) -> dict:
+def relay(path: str, initial_peers: list[str]) -> dict:
     connection = SwarmConnection(initial_peers)
     try:
         remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm=connection)
@@ -62,7 +62,7 @@ def steps(path: str, peers: list[str], initial_peers: list[str]) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1] == "relay":
-        print(json.dumps(main(sys.argv[2], sys.argv[3:])), flush=True)
+        print(json.dumps(relay(sys.argv[2], sys.argv[3:])), flush=True)
     else:
         split = sys.argv.index("--")
         print(json.dumps(steps(sys.argv[2], sys.argv[3:split], sys.argv[split + 1:])), flush=True)
