@@ -104,8 +104,8 @@ class BlockServicer:
         messages. ``in_tasks``: serve each message in its own task (answers go out as they finish)."""
         try:
             self.peers.open_stream(peer)
-        except PeerLimitReached as e:
-            out.write(msg.error_meta(e))
+        except PeerLimitReached as e:  # closed at once, not after the peer: libp2p resets a peer's
+            out.write(msg.error_meta(e))  # streams past its own cap without a word
             out.close()
             return
         try:
@@ -146,8 +146,10 @@ class BlockServicer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away
         finally:
-            self.peers.close_stream(peer)
-            out.close()
+            try:
+                await out.end(reader)
+            finally:
+                self.peers.close_stream(peer)
 
     async def _answer(self, serve: Callable, frame: msg.Frame, out: FrameBatcher, counter: str) -> None:
         reply = await self._serve_safely(serve, frame)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import BadRequest
-from .messages import MAX_TENSORS, Frame, encode_frame
+from .messages import MAX_TENSORS, Frame, encode_frame, end_stream
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +120,8 @@ class FrameBatcher:
         """Send what is queued, then end the stream."""
         self.flush()
         self.writer.close()
+
+    async def end(self, reader: asyncio.StreamReader) -> None:
+        """Send what is queued, then end the stream once the peer has read it (``end_stream``)."""
+        self.flush()
+        await end_stream(reader, self.writer)

@@ -106,8 +106,7 @@ async def serve_dialback(p2p) -> None:
             await msg.write_frame(writer, reply)
         except (ConnectionError, OSError):
             pass
-        finally:
-            writer.close()
+        await msg.end_stream(reader, writer)
 
     await p2p.add_binary_stream_handler(DIALBACK_HANDLER, handle)
 

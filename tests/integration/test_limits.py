@@ -48,8 +48,8 @@ def test_trickled_frames_and_idle_streams_are_bounded_and_closed(setup):
     rss_before = node.memory_info().rss
     largest = step_frame_bytes(64, 8192, CACHE_TOKENS)  # the most a step frame may declare on this node
 
-    async def flood():
-        streams = [await hostile.open_stream(peer, msg.INFERENCE_HANDLER, 10) for _ in range(32 + 500)]
+    async def flood():  # 40 past the node's 256; far more would meet libp2p's own cap, which resets streams unheard
+        streams = [await hostile.open_stream(peer, msg.INFERENCE_HANDLER, 10) for _ in range(32 + 264)]
         for _, writer in streams[:32]:  # declare the largest frame, then trickle it
             writer.write(largest.to_bytes(msg.HEADER_BYTES, "big") + b"\0" * 1000)
         return streams
@@ -75,11 +75,11 @@ def test_trickled_frames_and_idle_streams_are_bounded_and_closed(setup):
     waited = time.monotonic() - began
     assert all(len(s) == 1 and isinstance(s[0], PeerLimitReached) for s in said)  # every stream closed, typed
     refused_at_once = sum("streams_per_peer" in str(s[0]) for s in said)
-    assert refused_at_once == 32 + 500 - 256  # a peer holds at most 256 streams; the rest timed out
+    assert refused_at_once == 32 + 264 - 256  # a peer holds at most 256 streams; the rest timed out
     assert waited < 3 * TIMEOUT + 10
     assert rss_during - rss_before < 64 * 2**20, (rss_during - rss_before) / 2**20
     now = counters(hostile, peer)
-    assert now["streams_timed_out"] >= 256 and now["refused_streams_per_peer"] >= 276
+    assert now["streams_timed_out"] >= 256 and now["refused_streams_per_peer"] >= 40
     for _, writer in streams:
         writer.close()
     assert served_exactly(remote, local, seed=1)
