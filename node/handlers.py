@@ -108,6 +108,7 @@ class BlockServicer:
             out.write(msg.error_meta(e))  # streams past its own cap without a word
             out.close()
             return
+        linger = True  # end the stream once the peer has read its answers (``msg.end_stream``)
         try:
             while True:
                 try:
@@ -145,9 +146,15 @@ class BlockServicer:
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away
+        except BaseException:
+            linger = False  # cancelled (the node stops): close at once
+            raise
         finally:
             try:
-                await out.end(reader)
+                if linger:
+                    await out.end(reader)
+                else:
+                    out.close()
             finally:
                 self.peers.close_stream(peer)
 
