@@ -4,7 +4,14 @@ Where things live: ``potluck.protocol`` (records, messages, model families: what
 agrees on), ``potluck.node`` (the volunteer's server), ``potluck.client`` (routing, sessions, the
 transformers-compatible model). ``AutoDistributedModelForCausalLM`` is re-exported here.
 """
+import logging
+
 __version__ = "0.1.0"
+
+# torchao (``--quant``), which transformers imports whenever it is installed, warns at import about
+# kernels for GPUs this machine lacks; torch about its enums. Neither concerns a Potluck user.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 __all__ = ["AutoDistributedModelForCausalLM", "__version__"]
 

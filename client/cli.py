@@ -41,6 +41,7 @@ def _add_route_command(commands: argparse._SubParsersAction) -> None:
     route = commands.add_parser("route", help="show the swarm's nodes for a model and the chain a session would take")
     _add_model_args(route)
     route.add_argument("--max-length", type=int, default=2048, help="cache tokens the session would reserve")
+    route.add_argument("--allow-quantized", action="store_true", help="a chain may use nodes with 8- or 4-bit weights")
     route.set_defaults(run=_run_route)
 
 
@@ -55,14 +56,15 @@ def _run_route(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.model, args.model_name)
     swarm = SwarmConnection(initial_peers)
     try:
-        view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks)
+        view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, allow_quantized=args.allow_quantized)
         swarm.call(view.refresh())
         swarm.call(view.measure_pings())
         print(f"{checkpoint.name}: {checkpoint.num_blocks} blocks, {len(view.records)} nodes known")
         for peer_id, record in sorted(view.records.items(), key=lambda item: (item[1].start, item[0])):
             ping = view.costs.client_pings.get(peer_id)
+            weights = record.dtype if record.quant == "none" else f"{record.dtype}/{record.quant}"
             print(f"  {record.state.value:<8} blocks {record.start:>3}:{record.end:<3} "
-                  f"{record.public_name or 'unnamed':<20} {peer_id}  {record.dtype:>8} on {record.device:<4} "
+                  f"{record.public_name or 'unnamed':<20} {peer_id}  {weights:>13} on {record.device:<4} "
                   f"{record.inference_steps_per_s:8.1f} steps/s  "
                   f"cache {record.cache_tokens_left:>8}  ping {'-' if ping is None else f'{ping * 1e3:.1f} ms'}")
         hops = swarm.call(view.route(cache_tokens=args.max_length))
@@ -144,6 +146,9 @@ def _add_local_args(parser: argparse.ArgumentParser) -> None:
                              "(default: cpu)")
     parser.add_argument("--mix-dtypes", action="store_true",
                         help="let one chain combine nodes of different dtypes (default: each answer keeps to one)")
+    parser.add_argument("--allow-quantized", action="store_true",
+                        help="also use nodes holding 8- or 4-bit weights: close to the model, not exact "
+                             "(default: never)")
     parser.add_argument("--verify", type=float, default=0.0, metavar="FRACTION",
                         help="check this share of steps against other replicas of each node's blocks and ban nodes "
                              "caught computing wrong, e.g. 0.05 (default: 0; suspicious outputs are always checked)")
@@ -161,7 +166,8 @@ def _load(args: argparse.Namespace):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
     model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), initial_peers,
                                                             model_name=checkpoint.name, device=args.device,
-                                                            mix_dtypes=args.mix_dtypes, verify=args.verify)
+                                                            mix_dtypes=args.mix_dtypes, verify=args.verify,
+                                                            allow_quantized=args.allow_quantized)
     return tokenizer, model
 
 

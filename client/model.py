@@ -175,7 +175,7 @@ class AutoDistributedModelForCausalLM:
                         model_name: str | None = None, dtype: str | torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", node_dtypes: Sequence[str] | None = None,
                         mix_dtypes: bool = False, request_timeout: float = 5.0, policy: FailoverPolicy | None = None,
-                        handoff: bool = True, verify: float = 0.0,
+                        handoff: bool = True, verify: float = 0.0, allow_quantized: bool = False,
                         swarm: SwarmConnection | None = None) -> PreTrainedModel:
         """The model whose decoder layers run through the swarm.
 
@@ -184,7 +184,9 @@ class AutoDistributedModelForCausalLM:
         any). ``mix_dtypes``: let one chain combine nodes of different dtypes (off: each session
         keeps to one dtype, the fastest available). ``verify``: the share of steps checked against
         other replicas of each node's blocks (``verification``); a node caught computing wrong is
-        banned and the step redone without it. Suspicious outputs are checked whatever the share."""
+        banned and the step redone without it. Suspicious outputs are checked whatever the share.
+        ``allow_quantized``: route through nodes holding 8- or 4-bit weights too (``potluck node
+        --quant``), whose results are close to the model's but not exact (off: never)."""
         checkpoint = resolve_checkpoint(model, model_name)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if not 0.0 <= verify <= 1.0:
@@ -196,7 +198,7 @@ class AutoDistributedModelForCausalLM:
         policy = policy or FailoverPolicy(request_timeout=request_timeout)
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
                           dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes,
-                          verify=verify)
+                          verify=verify, allow_quantized=allow_quantized)
         return build_local_part(checkpoint, view, dtype, _local_device(device))
 
 

@@ -22,6 +22,7 @@ from potluck.protocol.records import NodeRecord, NodeState
 
 UNKNOWN_PING = 0.05  # seconds of round trip assumed for a peer nobody measured
 UNKNOWN_BLOCK_TIME = 0.05  # seconds per block assumed for a node that announced no speed
+EXACT = frozenset({"none"})  # nodes whose weights are the model's own, not quantised
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,18 @@ class RouteCosts:
 
 def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: frozenset[str] = frozenset(),
                cache_tokens: int = 0, costs: RouteCosts | None = None, rng: random.Random | None = None,
-               dtypes: frozenset[str] | None = None, mix_dtypes: bool = True) -> list[Hop]:
+               dtypes: frozenset[str] | None = None, mix_dtypes: bool = True,
+               quants: frozenset[str] | None = EXACT) -> list[Hop]:
     """The fastest chain of hops covering blocks start:end; NoRoute naming uncovered blocks.
 
     ``dtypes``: only nodes computing in one of these (None: any). ``mix_dtypes=False``: every hop
-    in one dtype, the one whose chain is fastest."""
+    in one dtype, the one whose chain is fastest. ``quants``: only nodes whose weights are stored
+    so (default: exact weights only; None: any, 8 and 4 bits included)."""
     costs = costs or RouteCosts()
     rng = rng or random.Random()
     usable = {p: r for p, r in records.items()
               if r.state == NodeState.ONLINE and p not in banned and r.cache_tokens_left >= cache_tokens
-              and (dtypes is None or r.dtype in dtypes)}
+              and (dtypes is None or r.dtype in dtypes) and (quants is None or r.quant in quants)}
     if mix_dtypes or len({r.dtype for r in usable.values()}) <= 1:
         return _search(usable, records, start, end, costs, rng)[1]
     found = []
@@ -139,7 +142,8 @@ def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord],
         last += 1
     return (f"no ONLINE node with room serves blocks {first}:{last + 1} (of {start}:{end}; "
             f"{len(records)} nodes known, {len(records) - len(usable)} not usable: banned, busy, joining, "
-            "leaving or in another dtype)")
+            "leaving, in another dtype or with quantised weights, which a client uses only if it allows them: "
+            "allow_quantized=True, --allow-quantized)")
 
 
 def explain(chain: list[Hop], records: dict[str, NodeRecord], costs: RouteCosts) -> list[str]:

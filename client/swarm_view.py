@@ -23,7 +23,7 @@ from potluck.protocol.directory import read_block_records
 from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
 from potluck.protocol.records import NodeRecord, NodeState
 
-from .routing import Hop, RouteCosts, find_chain
+from .routing import EXACT, Hop, RouteCosts, find_chain
 from .transport import SwarmConnection
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class SwarmView:
     handoff: bool = True  # nodes pass a step's activations along the chain themselves
     dtypes: frozenset[str] | None = None  # route only through nodes computing in these (None: any)
     mix_dtypes: bool = False  # one chain may hold nodes of different dtypes
+    allow_quantized: bool = False  # route through nodes with 8- or 4-bit weights too (close, not exact)
     refresh_period: float = 5.0  # seconds between background reads of the records
     verify: float = 0.0  # share of steps checked against other replicas (``verification``)
     verify_counts: Counter = field(default_factory=Counter)  # steps verified, mismatches, nodes banned...
@@ -100,20 +101,23 @@ class SwarmView:
         return frozenset(self.banned)
 
     async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0,
-                    dtype: str | None = None, avoid: frozenset[str] = frozenset()) -> list[Hop]:
+                    dtype: str | None = None, avoid: frozenset[str] = frozenset(),
+                    quant: str | None = None) -> list[Hop]:
         """The fastest chain for blocks start:end (in ``dtype``, for the rest of a chain in that
-        dtype, unless mixing is allowed), not through the nodes in ``avoid``. Routes on the current
+        dtype, unless mixing is allowed; only through nodes storing weights as ``quant`` if given,
+        else as the client allows), not through the nodes in ``avoid``. Routes on the current
         view (kept fresh in the background, so a failover does not wait on the DHT) and reads the DHT
         again only when the view is empty or has no chain."""
         end = self.num_blocks if end is None else end
         if not self.records or time.monotonic() - self._refreshed_at > 3 * self.refresh_period:
             await self.refresh()
         dtypes = self.dtypes if dtype is None or self.mix_dtypes else frozenset({dtype})
+        quants = frozenset({quant}) if quant else None if self.allow_quantized else EXACT
         for attempt in range(2):
             try:
                 return find_chain(self.records, start, end, banned=self._active_bans() | avoid,
                                   cache_tokens=cache_tokens, costs=self.costs, dtypes=dtypes,
-                                  mix_dtypes=self.mix_dtypes)
+                                  mix_dtypes=self.mix_dtypes, quants=quants)
             except NoRoute:
                 if attempt == 1:
                     raise
@@ -139,15 +143,16 @@ class SwarmView:
         return self.swarm.call(self.forward_async(hidden, positions, mask, 0, self.num_blocks))
 
     async def forward_async(self, hidden, positions, mask, start: int, end: int, dtype: str | None = None,
-                            avoid: frozenset[str] = frozenset(), used: list[Hop] | None = None) -> torch.Tensor:
-        """Blocks start:end without a cache, not through the nodes in ``avoid``; the hops that
-        computed it are appended to ``used``."""
+                            avoid: frozenset[str] = frozenset(), used: list[Hop] | None = None,
+                            quant: str | None = None) -> torch.Tensor:
+        """Blocks start:end without a cache, not through the nodes in ``avoid`` (and only nodes
+        storing weights as ``quant`` if given); the hops that computed it are appended to ``used``."""
         extra = [positions] + ([] if mask is None else [mask])
         block = start
 
         async def rest_of_the_chain() -> torch.Tensor:  # from the first block not yet computed
             nonlocal hidden, block, dtype
-            for hop in await self.route(block, end, dtype=dtype, avoid=avoid):
+            for hop in await self.route(block, end, dtype=dtype, avoid=avoid, quant=quant):
                 dtype = self.chain_dtype([hop])
                 wire = hidden.to(wire_dtype(hop, hidden.dtype))
                 frame = await self.swarm.request(

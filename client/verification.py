@@ -127,12 +127,13 @@ def _tolerance(hops: list[Hop]) -> float:
 async def _opinion(view: SwarmView, full: StepInputs, hidden: torch.Tensor, hop: Hop,
                    avoid: frozenset[str]) -> tuple[torch.Tensor | None, list[Hop]]:
     """Blocks hop.start:hop.end run on ``hidden`` (every token so far) by nodes not in ``avoid``, in
-    the hop's dtype: their output and the hops that computed it; (None, []) when no such node is
-    there; _CheckFailed when they fail."""
+    the hop's dtype and with its weights stored as the hop's (an 8-bit node agrees only with 8-bit
+    ones): their output and the hops that computed it; (None, []) when no such node is there;
+    _CheckFailed when they fail."""
     used: list[Hop] = []
     try:
         out = await view.forward_async(hidden, full.positions, full.mask, hop.start, hop.end, hop.record.dtype,
-                                       avoid, used)
+                                       avoid, used, hop.record.quant)
     except NoRoute:
         return None, []
     except PotluckError as e:

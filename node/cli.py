@@ -22,6 +22,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     model.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights and compute (default: bfloat16 on GPUs, float16 where the card lacks it, "
                             "float32 on CPUs)")
+    model.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                       help="store the weights in 8 or 4 bits, to hold about 2x or 4x the blocks (results come "
+                            "close to the model's, not exact; clients use such nodes only if they allow it; "
+                            "needs pip install 'potluck[quant]'; default: none)")
     model.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
     model.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -167,7 +171,7 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         placement_delay=args.placement_delay, balance_period=args.balance_period,
         balance_quality=args.balance_quality, throughput=args.throughput, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, initial_peers=initial_peers, public_name=args.public_name,
-        dtype=args.dtype, device=args.device,
+        dtype=args.dtype, quant=args.quant, device=args.device,
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,
         max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,

@@ -101,7 +101,7 @@ class Rebalancer:
     async def _load(self, span: tuple[int, int], kept: dict) -> BlockSpan:
         node = self.node
         return await asyncio.to_thread(load_span, node.checkpoint, *span, DTYPES[node.config.dtype], node.device,
-                                       sys.stderr.isatty(), kept)
+                                       sys.stderr.isatty(), kept, None, node.config.quant)
 
     async def _drain(self, old: BlockSpan) -> None:
         """Let sessions on the old span finish (up to --drain-timeout), then send the rest away."""
@@ -120,7 +120,7 @@ class Rebalancer:
         else the new blocks in the memory free now."""
         node = self.node
         dtype = DTYPES[node.config.dtype]
-        per_block = block_bytes(node.checkpoint, 0, dtype)
+        per_block = block_bytes(node.checkpoint, 0, dtype, node.config.quant)
         cache = node.sessions.cache_tokens * node.cache_bytes_per_token(node.config.end - node.config.start)
         if node.config.max_memory_gib is not None:
             return blocks * per_block + cache <= node.config.max_memory_gib * 2**30

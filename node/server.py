@@ -29,7 +29,7 @@ from potluck.protocol.identity import identity_path
 from potluck.protocol.network import join_swarm, p2p_options
 from potluck.protocol.records import ANNOUNCE_PERIOD, PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState
 
-from . import hardware, placement
+from . import hardware, placement, quantize
 from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
@@ -61,6 +61,7 @@ class NodeConfig:
     initial_peers: list[str] = field(default_factory=list)
     public_name: str = ""
     dtype: str | None = None  # None: hardware.default_dtype of the device
+    quant: str = "none"  # weights in 8 or 4 bits: "int8", "nf4" (``quantize``)
     device: str | None = None  # None: the best there is (cuda, mps, cpu)
     model_name: str | None = None  # name in DHT keys (default: from the checkpoint)
     host_maddrs: list[str] = field(default_factory=list)
@@ -131,6 +132,7 @@ class Node:
         config = replace(config, device=str(device), dtype=config.dtype or hardware.default_dtype(device))
         if config.dtype not in DTYPES:
             raise BadRequest(f"--dtype must be one of {', '.join(DTYPES)}")
+        quantize.check(config.quant)
         hardware.prepare(device)
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
@@ -154,10 +156,11 @@ class Node:
         else:
             await self.announcer.announce(NodeState.JOINING)
         config, dtype = self.config, DTYPES[self.config.dtype]
-        logger.info("loading %s blocks %d:%d (%s on %s) from %s", self.checkpoint.name, config.start, config.end,
-                    config.dtype, self.device, self.checkpoint.path)
+        logger.info("loading %s blocks %d:%d (%s%s on %s) from %s", self.checkpoint.name, config.start, config.end,
+                    config.dtype, "" if config.quant == "none" else f", weights in {config.quant}", self.device,
+                    self.checkpoint.path)
         span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, self.device,
-                                       sys.stderr.isatty(), None, self.stopping)
+                                       sys.stderr.isatty(), None, self.stopping, config.quant)
         self.speed = await self._initial_speed(span)
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
@@ -179,7 +182,8 @@ class Node:
             self._metrics_server = serve_metrics(self, config.metrics_port, config.metrics_host)
         name = f" ({config.public_name})" if config.public_name else ""
         logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %.0f tokens/s forward; "
-                    "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device, config.dtype,
+                    "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device,
+                    config.dtype if config.quant == "none" else f"{config.dtype} (weights in {config.quant})",
                     self.peer_id, name, self.speed.steps_per_s, self.speed.forward_tokens_per_s, tokens)
 
     async def _initial_speed(self, span) -> Speed:
@@ -199,8 +203,8 @@ class Node:
 
     def _speed_key(self) -> str:
         c = self.config
-        return speed_key(self.checkpoint.name, self.checkpoint.config.to_json_string(), c.dtype, self.device,
-                         c.end - c.start)
+        return speed_key(self.checkpoint.name, self.checkpoint.config.to_json_string(),
+                         c.dtype if c.quant == "none" else f"{c.dtype}/{c.quant}", self.device, c.end - c.start)
 
     async def _choose_span(self) -> None:
         """Take the span the swarm needs most (see ``placement``), claim it with a JOINING record,
@@ -228,7 +232,7 @@ class Node:
         """Blocks that fit in --max-memory (default: most of what is free) beside the cache budget."""
         config, checkpoint = self.config, self.checkpoint
         memory = int(config.max_memory_gib * 2**30) if config.max_memory_gib else hardware.usable_memory(self.device)
-        per_block, cache = block_bytes(checkpoint, 0, dtype), 0
+        per_block, cache = block_bytes(checkpoint, 0, dtype, config.quant), 0
         if config.cache_tokens is not None:  # a cache in tokens grows with every block taken
             per_block += config.cache_tokens * self.cache_bytes_per_token(1)
         elif config.cache_gib is not None:
@@ -286,7 +290,7 @@ class Node:
         c = self.config
         return NodeRecord(
             model=self.checkpoint.name, start=c.start, end=c.end, state=state, public_name=c.public_name,
-            version=potluck.__version__, dtype=c.dtype, device=self.device.type,
+            version=potluck.__version__, dtype=c.dtype, quant=c.quant, device=self.device.type,
             inference_steps_per_s=self.speed.steps_per_s, forward_tokens_per_s=self.speed.forward_tokens_per_s,
             cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             active_sessions=len(self.sessions.sessions) if self.sessions else 0,
@@ -297,7 +301,8 @@ class Node:
     def describe(self) -> dict:
         record = self.record(self.announcer.state)
         return {"peer_id": self.peer_id, "model": record.model, "start": record.start, "end": record.end,
-                "state": record.state.value, "version": record.version, "dtype": record.dtype, "device": record.device,
+                "state": record.state.value, "version": record.version, "dtype": record.dtype, "quant": record.quant,
+                "device": record.device,
                 "cache_tokens_left": record.cache_tokens_left, "public_name": record.public_name}
 
     def _own(self, coro) -> None:

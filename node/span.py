@@ -9,13 +9,12 @@ rotary tables, caches) is made there.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-import math
 import threading
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 from transformers import DynamicCache, PretrainedConfig
 
@@ -23,6 +22,9 @@ from potluck.protocol.checkpoint import Checkpoint, load_tensors, tensor_files
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.conversion import convert_block
 from potluck.protocol.families import CACHE_ARG, Family, family_of
+
+from . import hardware, quantize
+from .quantize import quantize_block
 
 logger = logging.getLogger(__name__)
 
@@ -113,41 +115,41 @@ def causal_mask(
 
 def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
               device: str | torch.device = "cpu", progress: bool = False,
-              reuse: dict[int, torch.nn.Module] | None = None, stopping: threading.Event | None = None) -> BlockSpan:
+              reuse: dict[int, torch.nn.Module] | None = None, stopping: threading.Event | None = None,
+              quant: str = "none") -> BlockSpan:
     """Build blocks ``start:end`` with their weights, block by block (a progress bar if asked);
     blocks in ``reuse`` (index -> block already loaded in this dtype on this device) are shared.
-    ``stopping`` set (the node is told to stop) ends the load at the next block: Interrupted."""
+    ``stopping`` set (the node is told to stop) ends the load at the next block: Interrupted.
+    ``quant``: each block's weights packed in 8 or 4 bits as soon as it is built (``quantize``)."""
     if not 0 <= start < end <= checkpoint.num_blocks:
         raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
     family = family_of(checkpoint.config)
     files = tensor_files(checkpoint.path)
     blocks = []
-    for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
-        if stopping is not None and stopping.is_set():
-            raise Interrupted(f"loading blocks {start}:{end} stopped at block {index}")
-        if reuse and index in reuse:
-            blocks.append(reuse[index])
-            continue
-        prefix = family.block_prefix.format(index)
-        names = [n for n in files if n.startswith(prefix)]
-        weights = convert_block(checkpoint.config.model_type, load_tensors(checkpoint.path, names, dtype, device))
-        blocks.append(place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()}))
-        logger.debug("loaded block %d (%d tensors)", index, len(names))
+    with hardware.packing(torch.device(device)) if quant != "none" else contextlib.nullcontext():
+        for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block",
+                          disable=not progress):
+            if stopping is not None and stopping.is_set():
+                raise Interrupted(f"loading blocks {start}:{end} stopped at block {index}")
+            if reuse and index in reuse:
+                blocks.append(reuse[index])
+                continue
+            prefix = family.block_prefix.format(index)
+            names = [n for n in files if n.startswith(prefix)]
+            weights = convert_block(checkpoint.config.model_type, load_tensors(checkpoint.path, names, dtype, device))
+            block = place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()})
+            del weights  # the full-precision tensors go as soon as the block holds its packed ones
+            blocks.append(quantize_block(block, quant))
+            logger.debug("loaded block %d (%d tensors)", index, len(names))
     return BlockSpan(checkpoint.config, family, start, blocks).eval()
 
 
-def block_bytes(checkpoint: Checkpoint, index: int, dtype: torch.dtype) -> int:
-    """Bytes block ``index`` takes in ``dtype``, from the checkpoint's headers (no weights are read)."""
-    prefix = family_of(checkpoint.config).block_prefix.format(index)
-    by_file: dict = {}
-    for name, path in tensor_files(checkpoint.path).items():
-        if name.startswith(prefix):
-            by_file.setdefault(path, []).append(name)
-    count = 0
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            count += sum(math.prod(f.get_slice(name).get_shape()) for name in names)
-    return count * torch.finfo(dtype).bits // 8
+def block_bytes(checkpoint: Checkpoint, index: int, dtype: torch.dtype, quant: str = "none") -> int:
+    """Bytes block ``index`` takes in ``dtype`` with its weights in ``quant``: the block is built
+    without memory (on the meta device) and each of its weights counted as it will be stored."""
+    with torch.device("meta"):
+        block = family_of(checkpoint.config).make_block(checkpoint.config, index)
+    return quantize.block_bytes(block, quant, dtype)
 
 
 def place_block(config: PretrainedConfig, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:

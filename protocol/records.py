@@ -55,6 +55,7 @@ class NodeRecord:
     public_name: str = ""
     version: str = ""
     dtype: str = "float32"  # what the node computes in
+    quant: str = "none"  # its weights in 8 or 4 bits ("int8", "nf4"): close to the model, not exact
     device: str = "cpu"  # the kind of device it computes on: cpu, cuda or mps
     inference_steps_per_s: float = 0.0  # one-token steps through the whole span, measured at start
     forward_tokens_per_s: float = 0.0  # tokens/s of a long forward through the whole span
@@ -81,6 +82,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "public_name": (str,),
     "version": (str,),
     "dtype": (str,),
+    "quant": (str,),
     "device": (str,),
     "inference_steps_per_s": (int, float),
     "forward_tokens_per_s": (int, float),

@@ -81,6 +81,7 @@ class Info(Message):
     state: str
     version: str = ""
     dtype: str = ""
+    quant: str = "none"
     device: str = ""
     cache_tokens_left: int = 0
     public_name: str = ""
@@ -93,8 +94,8 @@ _KINDS: dict[str, type] = {cls.KIND: cls for cls in (Opened, Followed, Closed, R
 _INT_OR_NONE = (int, type(None))
 _TYPES: dict[str, tuple[type, ...]] = {
     "session_id": (str, type(None)), "peer_id": (str,), "reason": (str,), "model": (str,), "state": (str,),
-    "version": (str,), "dtype": (str,), "device": (str,), "public_name": (str,), "start": (int,), "end": (int,),
-    "cache_tokens_left": (int,), "open_sessions": (int,), "length": _INT_OR_NONE, "seq": _INT_OR_NONE,
+    "version": (str,), "dtype": (str,), "quant": (str,), "device": (str,), "public_name": (str,), "start": (int,),
+    "end": (int,), "cache_tokens_left": (int,), "open_sessions": (int,), "length": _INT_OR_NONE, "seq": _INT_OR_NONE,
     "counters": (dict,),
 }
 

@@ -5,6 +5,7 @@ import asyncio
 import sys
 
 import pytest
+import torch
 
 from potluck.client.transport import SwarmConnection
 from potluck.node.local_swarm import LocalSwarm, make_tiny_checkpoint  # noqa: F401  (the tests' launcher)
@@ -47,3 +48,16 @@ class RawStream:
 def open_meta(session_id="s1", start=0, end=4, max_length=8):
     return {"type": "open", "session_id": session_id, "start": start, "end": end, "max_length": max_length,
             "batch_size": 1}
+
+
+def logits_through(model, spans, ids, attention_mask=None, caches=None, start=0):
+    """The model's logits with its decoder layers replaced by ``spans`` (each with its own cache)."""
+    hidden = model.model.embed_tokens(ids)
+    positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    if attention_mask is not None:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    for span, cache in zip(spans, caches or [None] * len(spans)):
+        hidden = span(hidden, positions, attention_mask, cache)
+    logits = model.lm_head(model.model.norm(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 3's head does this
+    return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -108,13 +108,17 @@ function nodeRow(model, node, key) {
     el("td", {class: "num opt", title: `${node.forward_tokens_per_s.toFixed(0)} tokens/s forward`},
        fmt.rate(node.inference_steps_per_s) + " steps/s"),
     el("td", {class: "num opt"}, fmt.count(node.cache_tokens_left)),
-    el("td", {class: "opt"}, `${node.dtype} · ${node.device || "cpu"}`),
+    el("td", {class: "opt"}, `${weights(node)} · ${node.device || "cpu"}`),
     el("td", {class: "opt"}, node.version || "–"),
     el("td", {class: "opt", title: `how other machines reach this node, as it reports: ${node.reachability}`},
        node.reachability === "relayed" ? "via relay" : node.connection || "–"),
     el("td", {class: "num opt", title: `record expires in ${fmt.ago(Math.max(0, node.expires_in_s - sinceUpdate()))}`},
        fmt.ago(age(node))),
     el("td", {class: "num"}, fmt.ms(node.ping_s)));
+}
+
+function weights(node) {  // "float32", or "float32, int8" for a node holding quantised weights
+  return node.quant && node.quant !== "none" ? `${node.dtype}, ${node.quant}` : node.dtype;
 }
 
 function detailRow(node, names, columns) {
@@ -129,7 +133,8 @@ function detailRow(node, names, columns) {
     ["throughput", fmt.rate(node.inference_steps_per_s) + " steps/s"],
     ["forward", node.forward_tokens_per_s.toFixed(0) + " tokens/s"], ["cache left", fmt.count(node.cache_tokens_left)],
     ["open sessions", String(node.active_sessions)],
-    ["tokens served", fmt.count(node.tokens_served)], ["dtype", node.dtype], ["device", node.device || "cpu"], ["version", node.version || "–"],
+    ["tokens served", fmt.count(node.tokens_served)], ["weights", weights(node)], ["device", node.device || "cpu"],
+    ["version", node.version || "–"],
     ["connection", node.connection || "not connected"], ["reachable", node.reachability],
     ["record age", fmt.ago(age(node))],
     ["expires in", fmt.ago(Math.max(0, node.expires_in_s - sinceUpdate()))],

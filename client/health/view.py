@@ -65,7 +65,7 @@ def node_json(view: NodeView, now: float) -> dict[str, Any]:
         "state": record.state.value, "status": status(view), "stale": view.stale, "reachable": view.reachable,
         "inference_steps_per_s": record.inference_steps_per_s, "forward_tokens_per_s": record.forward_tokens_per_s,
         "cache_tokens_left": record.cache_tokens_left, "active_sessions": record.active_sessions,
-        "dtype": record.dtype, "device": record.device, "version": record.version,
+        "dtype": record.dtype, "quant": record.quant, "device": record.device, "version": record.version,
         "reachability": record.reachability or "local",
         "connection": None if view.relayed is None else "relayed" if view.relayed else "direct",
         "age_s": None if view.refreshed_at is None else round(max(0.0, now - view.refreshed_at), 3),

@@ -8,9 +8,10 @@ from potluck.protocol.errors import NoRoute
 from potluck.protocol.records import NodeRecord, NodeState
 
 
-def node(start, end, speed=10.0, state=NodeState.ONLINE, cache=1000, pings=None, sessions=0, dtype="float32"):
+def node(start, end, speed=10.0, state=NodeState.ONLINE, cache=1000, pings=None, sessions=0, dtype="float32",
+         quant="none"):
     return NodeRecord(model="m", start=start, end=end, state=state, inference_steps_per_s=speed,
-                      cache_tokens_left=cache, pings=pings or {}, active_sessions=sessions, dtype=dtype)
+                      cache_tokens_left=cache, pings=pings or {}, active_sessions=sessions, dtype=dtype, quant=quant)
 
 
 def route(records, costs=None, **kwargs):
@@ -93,3 +94,13 @@ def test_no_single_dtype_chain_says_how_to_allow_mixing():
     records["cpu"] = node(0, 4)
     with pytest.raises(NoRoute, match="serves blocks 4:8"):  # mixing would not help: say what is missing
         route(records, mix_dtypes=False)
+
+
+def test_quantised_nodes_are_used_only_when_allowed():
+    records = {"exact": node(0, 8, speed=10), "int8": node(0, 8, speed=100, quant="int8"),
+               "nf4-tail": node(4, 8, speed=1000, quant="nf4"), "head": node(0, 4, speed=10)}
+    assert route(records) == [("exact", 0, 8)]  # the faster quantised ones are not even considered
+    assert route(records, quants=None) == [("int8", 0, 8)]  # allowed: the fastest chain, whatever it holds
+    assert "int8" not in {peer for peer, _, _ in route(records, quants=frozenset({"none", "nf4"}))}
+    with pytest.raises(NoRoute, match="allow_quantized=True, --allow-quantized"):
+        route({"int8": node(0, 8, quant="int8")})

@@ -91,7 +91,8 @@ def test_state_lists_the_models_nodes_and_spans(setup):
         peers["first"]: (0, 4), peers["second"]: (4, 8), peers["whole"]: (0, 8)}
     for node in nodes.values():
         assert node["status"] == "online" and node["name"].startswith("tiny-llama-")
-        assert node["dtype"] == "float32" and node["version"] and node["connection"] == "direct"
+        assert (node["dtype"], node["quant"]) == ("float32", "none") and node["version"]
+        assert node["connection"] == "direct"
         assert node["cache_tokens_left"] > 0 and node["inference_steps_per_s"] > 0 and node["expires_in_s"] > 0
         assert isinstance(node["tokens_served"], int) and 0 < node["ping_s"] < 5
         assert {p["peer_id"] for p in node["pings"]} <= set(peers.values()) - {node["peer_id"]}

@@ -9,19 +9,7 @@ from potluck.protocol.messages import OpenSession
 from potluck.node.span import causal_mask, load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss", "gemma3_text")
-
-
-def logits_through(model, spans, ids, attention_mask=None, caches=None, start=0):
-    hidden = model.model.embed_tokens(ids)
-    positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-    if attention_mask is not None:
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-    for span, cache in zip(spans, caches or [None] * len(spans)):
-        hidden = span(hidden, positions, attention_mask, cache)
-    logits = model.lm_head(model.model.norm(hidden))
-    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 3's head does this
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+from helpers import FAMILIES, logits_through
 
 
 @pytest.mark.parametrize("family", FAMILIES)
