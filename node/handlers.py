@@ -108,7 +108,7 @@ class BlockServicer:
             out.write(msg.error_meta(e))  # streams past its own cap without a word
             out.close()
             return
-        linger = True  # end the stream once the peer has read its answers (``msg.end_stream``)
+        linger = msg.LINGER_S  # how long to wait for the peer to close first (``msg.end_stream``)
         try:
             while True:
                 try:
@@ -117,11 +117,13 @@ class BlockServicer:
                 except (MessageTooLarge, PeerLimitReached) as e:
                     self.counters["errors"] += 1
                     out.write(msg.error_meta(e))
+                    linger = msg.REFUSED_LINGER_S
                     break
                 except TimeoutError:
                     self.counters["streams_timed_out"] += 1
                     out.write(msg.error_meta(PeerLimitReached("this stream was silent, or sent a frame too slowly, "
                                                               "past its timeout; it is closed")))
+                    linger = msg.REFUSED_LINGER_S
                     break
                 except BadRequest as e:
                     self.counters["errors"] += 1
@@ -147,12 +149,12 @@ class BlockServicer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away
         except BaseException:
-            linger = False  # cancelled (the node stops): close at once
+            linger = 0.0  # cancelled (the node stops): close at once
             raise
         finally:
             try:
                 if linger:
-                    await out.end(reader)
+                    await out.end(reader, linger)
                 else:
                     out.close()
             finally:

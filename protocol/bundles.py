@@ -121,7 +121,7 @@ class FrameBatcher:
         self.flush()
         self.writer.close()
 
-    async def end(self, reader: asyncio.StreamReader) -> None:
+    async def end(self, reader: asyncio.StreamReader, linger: float) -> None:
         """Send what is queued, then end the stream once the peer has read it (``end_stream``)."""
         self.flush()
-        await end_stream(reader, self.writer)
+        await end_stream(reader, self.writer, linger)
