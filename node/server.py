@@ -88,8 +88,9 @@ def explain_reachability(found: reachability.Reachability, addresses: list[str])
     elif found.state == reachability.RELAYED:
         port = next((a.split("/tcp/")[1].split("/")[0] for a in addresses if "/tcp/" in a), "PORT")
         logger.warning("other machines cannot connect to this node (%d peers tried; behind NAT or a firewall), so "
-                       "it is served through a relay: each message takes a detour through another peer. To be "
-                       "reachable directly, forward TCP port %s on your router to this machine and start with "
+                       "it serves only peers it has connected to itself, and clients that cannot be dialled "
+                       "either route around it. To be reachable, forward TCP port %s on your router to this machine "
+                       "and start with "
                        "--host-maddrs /ip4/0.0.0.0/tcp/%s --announce-maddrs /ip4/YOUR_PUBLIC_IP/tcp/%s",
                        found.asked, port, port, port)
     else:

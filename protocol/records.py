@@ -64,7 +64,7 @@ class NodeRecord:
     max_batch_tokens: int = 0  # largest hidden-state message (batch x length) it accepts
     pings: dict[str, float] = field(default_factory=dict)  # peer id -> round trip in seconds
     protocol: int = 1  # the node's PROTOCOL_VERSION (records from before it existed say nothing: 1)
-    reachability: str = ""  # "direct", "relayed" (served through a relay) or "unknown"; "" in loopback swarms
+    reachability: str = ""  # "direct", "relayed" (not reachable directly) or "unknown"; "" in loopback swarms
 
     @property
     def span(self) -> tuple[int, int]:

@@ -7,8 +7,8 @@ bed's delaying proxy. Per delay, the client generates --new-tokens greedy tokens
 with hand-off on and off: ms per token (median), against the bound of the path (hand-off: 4 one-way
 trips, client → 3 hops → client; off: 3 round trips) plus the compute measured at 0 ms, the
 client's messages per step (node counters) and exactness against local transformers. Then, at
-the first non-zero delay, the last node sits behind the home router (served through a relay):
-the extra time of a relayed hop. Last, bytes of hidden state the nodes receive per token with
+the first non-zero delay, the last node sits behind the home router (not reachable directly; the
+client reaches it over a connection it opened outward): the extra time of that hop. Last, bytes of hidden state the nodes receive per token with
 float32 and with bfloat16 nodes (a float32 client either way).
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _config(bed, path: Path, args, workdir: Path, delay: float, handoff: bool, p
             peers += swarm.start_nodes(path, [span], *host, "--throughput", "1000", *extra, prefix=bed.prefix(place),
                                        name=place)
         if "home" in places:
-            swarm.wait_for_line(peers[-1], "served through a relay")
+            swarm.wait_for_line(peers[-1], "cannot connect to this node")
         client = subprocess.run(
             [*bed.prefix("client"), sys.executable, __file__, "client", str(path), str(int(handoff)),
              str(args.new_tokens), str(args.repeats), *peers, "--", *swarm.initial_peers],

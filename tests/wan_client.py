@@ -1,6 +1,6 @@
 """Run by tests/integration/test_wan.py inside the client's network namespace; prints one JSON line.
 
-    wan_client.py relay PATH INITIAL_PEERS...   generate through the swarm: whether the tokens equal
+    wan_client.py nat PATH INITIAL_PEERS...   generate through the swarm: whether the tokens equal
         local transformers', and what the node records and the health crawler say about each node's
         reachability
     wan_client.py steps PATH PEER... -- INITIAL_PEERS...   generate in one session: whether the
@@ -18,7 +18,7 @@ from potluck.client.health.view import state_json
 from potluck.client.transport import SwarmConnection
 
 
-def relay(path: str, initial_peers: list[str]) -> dict:
+def nat(path: str, initial_peers: list[str]) -> dict:
     connection = SwarmConnection(initial_peers)
     try:
         remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm=connection)
@@ -61,8 +61,8 @@ def steps(path: str, peers: list[str], initial_peers: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "relay":
-        print(json.dumps(relay(sys.argv[2], sys.argv[3:])), flush=True)
+    if sys.argv[1] == "nat":
+        print(json.dumps(nat(sys.argv[2], sys.argv[3:])), flush=True)
     else:
         split = sys.argv.index("--")
         print(json.dumps(steps(sys.argv[2], sys.argv[3:split], sys.argv[split + 1:])), flush=True)
