@@ -28,6 +28,7 @@ def test_bfloat16_nodes_match_local_bfloat16(tiny_checkpoints, swarm_factory):
         assert difference < 1e-2, difference
     finally:
         connection.close()
+        swarm.stop()
 
 
 def test_a_float32_client_sends_bfloat16_nodes_16_bit_activations(tiny_checkpoints, swarm_factory):
@@ -69,3 +70,4 @@ def test_a_float32_client_sends_bfloat16_nodes_16_bit_activations(tiny_checkpoin
         assert (logits - expected).abs().max() < 1e-2
     finally:
         connection.close()
+        swarm.stop()

@@ -29,6 +29,7 @@ def replicated(tiny_checkpoints, swarm_factory):
     for pid in stopped:
         os.kill(pid, signal.SIGCONT)
     connection.close()
+    swarm.stop()  # now, not with the module: idle nodes of earlier tests would share the two cores
 
 
 class AtToken(LogitsProcessor):

@@ -19,6 +19,7 @@ def setup(request, tiny_checkpoints, swarm_factory):
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     yield remote, local
     connection.close()
+    swarm.stop()  # now, not with the module: nine families' idle nodes would share the two cores
 
 
 def prompt(batch=1, length=16, seed=0):

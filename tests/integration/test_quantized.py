@@ -48,6 +48,7 @@ def test_clients_route_through_quantised_nodes_only_when_they_allow_them(tiny_ch
         assert 0 < error < 0.05, error  # int8 with a scale per row; measured 0.017 on this model's spans
     finally:
         connection.close()
+        swarm.stop()
 
 
 def test_the_default_model_through_an_int8_node_gives_its_answer(swarm_factory):
@@ -70,3 +71,4 @@ def test_the_default_model_through_an_int8_node_gives_its_answer(swarm_factory):
         assert error.median() < 0.08 and error.max() < 0.25, error
     finally:
         connection.close()
+        swarm.stop()
