@@ -64,7 +64,8 @@ def block_bytes(block: torch.nn.Module, quant: str, dtype: torch.dtype) -> int:
     in ``quant``: what ``quantize_block`` would pack, packed; the rest in ``dtype``."""
     packed = set()
     if quant != "none":
-        packed = {id(m.weight) for m in block.modules() if isinstance(m, torch.nn.Linear) and packable(m.weight, quant)}
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        packed = {id(m.weight) for m in linears if packable(m.weight, quant)}
         packed |= {id(p) for p in block.parameters() if p.dim() == 3}
     value_bytes = torch.finfo(dtype).bits // 8
     return sum(packed_bytes(tuple(p.shape), quant, dtype) if id(p) in packed else p.numel() * value_bytes
@@ -83,8 +84,8 @@ def packed_bytes(shape: tuple[int, ...], quant: str, dtype: torch.dtype) -> int:
     if quant == "int8":
         return numel + rows * value_bytes  # codes, one scale per row
     if quant == "nf4" and numel % NF4_GROUP == 0:
-        groups = numel // NF4_GROUP
-        return numel // 2 + groups + math.ceil(groups / NF4_SCALE_GROUP) * 4 + 16 * 2  # codes, scales, their scales
+        groups = numel // NF4_GROUP  # codes, a byte per group's scale, their own scales, the 16-value table
+        return numel // 2 + groups + math.ceil(groups / NF4_SCALE_GROUP) * 4 + 16 * value_bytes
     return numel * value_bytes
 
 
@@ -94,7 +95,6 @@ class PackedExperts:
 
     def __init__(self, weight: torch.Tensor, quant: str):
         self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
-        self.quant = quant
         self.experts = [_pack(matrix, quant) for matrix in weight]
 
     def __getitem__(self, index) -> torch.Tensor:

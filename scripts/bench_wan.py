@@ -8,8 +8,9 @@ with hand-off on and off: ms per token (median), against the bound of the path (
 trips, client → 3 hops → client; off: 3 round trips) plus the compute measured at 0 ms, the
 client's messages per step (node counters) and exactness against local transformers. Then, at
 the first non-zero delay, the last node sits behind the home router (not reachable directly; the
-client reaches it over a connection it opened outward): the extra time of that hop. Last, bytes of hidden state the nodes receive per token with
-float32 and with bfloat16 nodes (a float32 client either way).
+client reaches it over a connection it opened outward): the extra time of that hop. Last, bytes
+of hidden state the nodes receive per token with float32 and with bfloat16 nodes (a float32
+client either way).
 """
 from __future__ import annotations
 
