@@ -23,9 +23,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="weights and compute (default: bfloat16 on GPUs, float16 where the card lacks it, "
                             "float32 on CPUs)")
     model.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
-                       help="store the weights in 8 or 4 bits, to hold about 2x or 4x the blocks (results come "
-                            "close to the model's, not exact; clients use such nodes only if they allow it; "
-                            "needs pip install 'potluck[quant]'; default: none)")
+                       help="store the weights in 8 or 4 bits, to hold about 4x or 8x the blocks of float32 "
+                            "(2x or 4x of 16-bit); results come close to the model's, not exact, and clients use "
+                            "such nodes only if they allow it; needs pip install 'potluck[quant]' (default: none)")
     model.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
     model.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
