@@ -83,8 +83,8 @@ class Channels:
         self._channels: dict[str, NodeChannel] = {}
         self._opening: dict[str, asyncio.Lock] = {}
 
-    async def get(self, peer_id: str, timeout: float, patience: float = 0.0) -> NodeChannel:
-        """The open channel to ``peer_id``, or a new one (``patience``: see ``messages.open_stream``)."""
+    async def get(self, peer_id: str, timeout: float, dial: msg.Dial = msg.DIRECTLY) -> NodeChannel:
+        """The open channel to ``peer_id``, or a new one (``dial``: see ``messages.Dial``)."""
         channel = self._channels.get(peer_id)
         if channel is not None and channel.usable and not channel.stale:
             return channel
@@ -93,7 +93,7 @@ class Channels:
             if channel is not None and channel.stale:
                 channel.close()
             if channel is None or not channel.usable or channel.stale:
-                reader, writer = await self.open_stream(peer_id, msg.INFERENCE_HANDLER, timeout, patience)
+                reader, writer = await self.open_stream(peer_id, msg.INFERENCE_HANDLER, timeout, dial)
                 channel = self._channels[peer_id] = NodeChannel(peer_id, reader, writer)
             return channel
 

@@ -1,10 +1,11 @@
 """Failover of one inference session: a failed hop is replaced and its cache rebuilt elsewhere.
 
-The client bans the failed node, routes a fresh chain for exactly that hop's blocks (in the
-session's dtype), and replays the inputs the failed node had received, in chunks each new node
-accepts, so its cache is what the failed one held. A hop fed by hand-off has no inputs on the
-client: they are rebuilt by a cache-less forward of the first hop's inputs through the blocks
-before it. ``probe`` finds which hops of a chain hang after a hand-off step timed out.
+The client bans the failed node (unless only its relayed connection was cut:
+``SwarmView.relay_cut``), routes a fresh chain for exactly that hop's blocks (in the session's
+dtype), and replays the inputs the failed node had received, in chunks each new node accepts, so
+its cache is what the failed one held. A hop fed by hand-off has no inputs on the client: they are
+rebuilt by a cache-less forward of the first hop's inputs through the blocks before it. ``probe``
+finds which hops of a chain hang after a hand-off step timed out.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from potluck.protocol.errors import NoRoute, PotluckError
 
 from .hops import HopSession, HopStreams, StepInputs, joined
+from .transport import how_to_dial
 
 if TYPE_CHECKING:
     from .session import InferenceSession
@@ -27,7 +29,8 @@ logger = logging.getLogger(__name__)
 async def replace_hop(session: InferenceSession, index: int, error: PotluckError) -> None:
     """Swap hop ``index`` for a fresh chain over its blocks, rebuilt from that hop's history."""
     failed = session.hop_sessions[index]
-    session.view.ban(failed.hop.peer_id, str(error))
+    if not await session.view.relay_cut(failed.hop):
+        session.view.ban(failed.hop.peer_id, str(error))
     session.streams.close(failed)
     history = failed.history if failed.history_known else await rebuild_history(session, failed)
 
@@ -100,7 +103,8 @@ async def probe(session: InferenceSession) -> None:
 
     async def probe_one(hop_session: HopSession) -> None:
         try:
-            await view.swarm.info(hop_session.hop.peer_id, timeout=view.policy.probe_timeout)
+            await view.swarm.info(hop_session.hop.peer_id, timeout=view.policy.probe_timeout,
+                                  dial=how_to_dial(hop_session.hop.record, patient=False))
         except PotluckError as error:
             hop_session.failed = error
 

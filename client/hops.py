@@ -23,7 +23,8 @@ from potluck.protocol.errors import NodeUnavailable, PotluckError
 
 from .channels import NodeChannel
 from .routing import Hop
-from .swarm_view import SwarmView, dial_patience, expect_hidden
+from .swarm_view import SwarmView, expect_hidden
+from .transport import how_to_dial
 
 
 @dataclass
@@ -82,7 +83,7 @@ class HopStreams:
         taking hand-off pushes only from the node before it (the first: from ``previous``). All
         hops are asked at once: over slow links a chain opens in one round trip, not one per hop."""
         timeout, before = self.view.policy.request_timeout, [previous] + [hop.peer_id for hop in chain[:-1]]
-        channels = await asyncio.gather(*(self.view.swarm.channels.get(hop.peer_id, timeout, dial_patience(hop.record))
+        channels = await asyncio.gather(*(self.view.swarm.channels.get(hop.peer_id, timeout, how_to_dial(hop.record))
                                           for hop in chain))
         opened = [self.listen(HopSession(hop, uuid.uuid4().hex, channel)) for hop, channel in zip(chain, channels)]
         try:

@@ -21,14 +21,14 @@ from potluck.protocol import replies
 from potluck.protocol.checkpoint import DTYPES
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
+from potluck.protocol.network import connect_through
 from potluck.protocol.records import NodeRecord, NodeState
 
 from .routing import EXACT, Hop, RouteCosts, find_chain
-from .transport import SwarmConnection
+from .transport import SwarmConnection, how_to_dial
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-RELAY_DIAL_PATIENCE = 20.0  # seconds; measured: a new client reached a NAT'd node 4 to 10 s after joining
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class FailoverPolicy:
     backoff: float = 0.1  # seconds before the first retry, doubling after each
     probe_timeout: float = 1.0  # seconds a node may take to answer an info request after a chain timed out
     wrong_result_ban: float = 3600.0  # seconds a node caught computing wrong (verification) is not routed through
+    relay_grace: float = 10.0  # seconds: a relayed connection to a node cut again sooner is the node's failure
 
 
 @dataclass
@@ -59,6 +60,7 @@ class SwarmView:
     records: dict[str, NodeRecord] = field(default_factory=dict)
     costs: RouteCosts = field(default_factory=RouteCosts)
     banned: dict[str, float] = field(default_factory=dict)  # peer id -> monotonic time the ban ends
+    relay_cuts: dict[str, float] = field(default_factory=dict)  # peer id -> when its relayed connection was cut
     _refresher: asyncio.Task | None = None
     _refreshed_at: float = float("-inf")
 
@@ -86,7 +88,8 @@ class SwarmView:
         for peer_id, record in list(self.records.items()):
             if record.state == NodeState.ONLINE and peer_id not in self.banned:
                 try:
-                    _, self.costs.client_pings[peer_id] = await self.swarm.info(peer_id, timeout=2.0)
+                    _, self.costs.client_pings[peer_id] = await self.swarm.info(
+                        peer_id, timeout=2.0, dial=how_to_dial(record, patient=False))  # a relay's trip counts
                 except PotluckError:
                     continue
 
@@ -94,6 +97,23 @@ class SwarmView:
         seconds = self.policy.ban_time if seconds is None else seconds
         logger.warning("banning node %s for %.0f s: %s", peer_id, seconds, reason)
         self.banned[peer_id] = max(self.banned.get(peer_id, 0.0), time.monotonic() + seconds)
+
+    async def relay_cut(self, hop: Hop) -> bool:
+        """Whether a relayed node's failure is its relayed connection being cut rather than the node
+        (libp2p's default relay, which p2pd may run instead of its full one, cuts a connection after
+        128 KiB each way or 2 minutes): its relay connects to it again, and its connection was not
+        cut within ``relay_grace`` seconds. Such a node is not banned: the session goes on with it
+        over the new connection, its cache replayed."""
+        if hop.record.reachability != "relayed" or not hop.record.relays:
+            return False
+        now = time.monotonic()
+        if now - self.relay_cuts.get(hop.peer_id, float("-inf")) < self.policy.relay_grace:
+            return False
+        if not await connect_through(self.swarm.p2p, hop.peer_id, hop.record.relays):
+            return False
+        self.relay_cuts[hop.peer_id] = now
+        logger.info("the relayed connection to node %s was cut; reconnected through its relay", hop.peer_id)
+        return True
 
     def _active_bans(self) -> frozenset[str]:
         now = time.monotonic()
@@ -158,7 +178,7 @@ class SwarmView:
                 frame = await self.swarm.request(
                     hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
                     [wire, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]),
-                    dial_patience(hop.record))
+                    how_to_dial(hop.record))
                 hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
                 if used is not None:
                     used.append(hop)
@@ -187,13 +207,6 @@ def wire_dtype(hop: Hop, given: torch.dtype) -> torch.dtype:
     anyway, so sending fewer bytes changes nothing), else as ``given``."""
     dtype = DTYPES.get(hop.record.dtype)
     return dtype if dtype is not None and dtype.itemsize == 2 and given.itemsize > 2 else given
-
-
-def dial_patience(record: NodeRecord) -> float:
-    """Seconds to keep dialling a node that cannot be reached yet: a node behind NAT (its record
-    says ``relayed``) is reached through a relay or a punched hole, which a new client needs a few
-    seconds to set up; others are failed over at once."""
-    return RELAY_DIAL_PATIENCE if record.reachability == "relayed" else 0.0
 
 
 def expect_hidden(frame: msg.Frame, hop: Hop, shape: torch.Size) -> torch.Tensor:

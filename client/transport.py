@@ -19,12 +19,25 @@ from hivemind.p2p import P2P
 from potluck.protocol import messages as msg
 from potluck.protocol.errors import NodeUnavailable, NoRoute
 from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm
+from potluck.protocol.records import NodeRecord
 from potluck.protocol.replies import Info, request_info
 
 from .channels import Channels
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+RELAY_DIAL_PATIENCE = 5.0  # seconds to keep dialling a node behind NAT through its relays before failing over
+
+
+def how_to_dial(record: NodeRecord, patient: bool = True) -> msg.Dial:
+    """A node behind NAT (its record says ``relayed``) is dialled through the relays its record
+    names, ``patient``: for a few seconds while a new relayed connection is set up (a probe or ping
+    is not); others directly, failed over at once."""
+    if record.reachability != "relayed":
+        return msg.DIRECTLY
+    return msg.Dial(RELAY_DIAL_PATIENCE if patient else 0.0, record.relays)
 
 
 class SwarmConnection:
@@ -66,19 +79,19 @@ class SwarmConnection:
             future.cancel()
             raise NodeUnavailable(f"the swarm did not answer within {timeout} s") from None
 
-    async def open_stream(self, peer_id: str, handler: str, timeout: float, patience: float = 0.0):
-        """Open a stream to a node's handler; NodeUnavailable if it cannot be reached (within
-        ``patience`` seconds of dialling again: see ``messages.open_stream``)."""
-        return await msg.open_stream(self.p2p, peer_id, handler, timeout, patience)
+    async def open_stream(self, peer_id: str, handler: str, timeout: float, dial: msg.Dial = msg.DIRECTLY):
+        """Open a stream to a node's handler; NodeUnavailable if it cannot be reached (``dial``: see
+        ``messages.Dial``)."""
+        return await msg.open_stream(self.p2p, peer_id, handler, timeout, dial)
 
     async def request(self, peer_id: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0,
-                      patience: float = 0.0) -> msg.Frame:
+                      dial: msg.Dial = msg.DIRECTLY) -> msg.Frame:
         """One request on a fresh stream (info, forward); raises the node's typed error if it sent one."""
-        return await msg.call_once(self.p2p, peer_id, handler, meta, tensors, timeout, patience)
+        return await msg.call_once(self.p2p, peer_id, handler, meta, tensors, timeout, dial)
 
-    async def info(self, peer_id: str, timeout: float) -> tuple[Info, float]:
+    async def info(self, peer_id: str, timeout: float, dial: msg.Dial = msg.DIRECTLY) -> tuple[Info, float]:
         """A node's info reply and its round trip."""
-        return await request_info(self.p2p, peer_id, timeout)
+        return await request_info(self.p2p, peer_id, timeout, dial)
 
     def close(self) -> None:
         atexit.unregister(self.close)

@@ -24,7 +24,7 @@ async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str]
     reachable = p2p_options(initial_peers, host_maddrs, public=public)["nat_port_map"]
     key = identity_path(identity, "dht", "--identity-path")
     p2p, dht = await join_swarm(initial_peers, host_maddrs, announce_maddrs, key, public=public,
-                                relay_service=relay_service)
+                                relay_service=relay_service, relay_public=True)
     try:
         await serve_dialback(p2p)  # nodes ask their bootstrap peers whether others can reach them
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]

@@ -99,20 +99,23 @@ class LocalSwarm:
         return found.group(1)
 
     def start_nodes(self, model: Path, spans: Sequence[str | tuple[int, int] | None], *extra: str,
-                    timeout: float = 300, name: str | None = None, prefix: Sequence[str] = ()) -> list[str]:
+                    timeout: float = 300, name: str | None = None, prefix: Sequence[str] = (),
+                    each: Sequence[tuple[str, Sequence[str], Sequence[str]]] | None = None) -> list[str]:
         """One node per span (None: the node chooses), started together; waits until each logs
         ONLINE and returns their peer ids. Nodes are named ``{name}-{start}_{end}-{n}`` (or
         ``{name}-auto-{n}``; default name: the model folder's). ``prefix`` goes before each
-        command line (e.g. ``ip netns exec NAME``: the nodes run in that network namespace)."""
+        command line (e.g. ``ip netns exec NAME``: the nodes run in that network namespace).
+        ``each``: per span, its own (name, prefix, extra arguments), e.g. each in a namespace of
+        its own with the address it listens on there."""
         started = []
-        for span in spans:
+        for span, (node_name, node_prefix, node_extra) in zip(spans, each or [(name, prefix, ())] * len(spans)):
             start, end = span.split(":") if isinstance(span, str) else span or (None, None)
             where = "auto" if start is None else f"{start}_{end}"
-            node_name = f"{name or Path(model).name}-{where}-{len(self.children)}"
+            node_name = f"{node_name or Path(model).name}-{where}-{len(self.children)}"
             blocks = [] if start is None else ["--blocks", f"{start}:{end}"]
             args = ["node", str(model), *blocks, "--initial-peers", *self.initial_peers,
-                    "--public-name", node_name, *self.node_args, *extra]
-            started.append(self._spawn(node_name, args, prefix))
+                    "--public-name", node_name, *self.node_args, *extra, *node_extra]
+            started.append(self._spawn(node_name, args, node_prefix))
         peers = []
         for child in started:
             peer = child.wait_for(ONLINE_LINE, timeout, self._abort).group(1)
@@ -137,6 +140,15 @@ class LocalSwarm:
         child = Child(name, args, log, self.echo, prefix)
         self.children.append(child)
         return child
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the child named ``name`` (``dht`` for the bootstrap peer) and its p2pd daemon: a
+        peer that vanishes without a word."""
+        for child in self.children:
+            if child.name == name:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
 
     def stop(self, timeout: float = 15) -> None:
         """SIGINT every child (nodes drain), SIGKILL what is left after ``timeout``, then whatever

@@ -96,6 +96,14 @@ class NetBed:
         subprocess.run([*self.prefix("wan"), "nft", "-f", "-"], input=rules, text=True, check=True,
                        capture_output=True)
 
+    def firewall(self, place: str) -> None:
+        """Let nothing from outside connect into ``place`` (what it opens itself still works): a
+        client behind a firewall or a router of its own, which nobody can dial back."""
+        rules = ('table inet potluck_firewall {\n chain in {\n  type filter hook input priority 0;\n'
+                 '  iifname "eth0" ct state new drop\n }\n}\n')
+        subprocess.run([*self.prefix(place), "nft", "-f", "-"], input=rules, text=True, check=True,
+                       capture_output=True)
+
     def _stop_proxy(self) -> None:
         if self._proxy is not None:
             subprocess.run([*self.prefix("wan"), "nft", "delete", "table", "ip", "potluck_delay"], capture_output=True)

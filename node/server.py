@@ -22,14 +22,13 @@ from hivemind.p2p import P2P
 import potluck
 from potluck.protocol import reachability
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
-from potluck.protocol.errors import BadRequest, NodeDraining, PotluckError
+from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.families import kv_shape
 from potluck.protocol.identity import identity_path
-from potluck.protocol.network import join_swarm, p2p_options
 from potluck.protocol.records import ANNOUNCE_PERIOD, PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState
 
-from . import hardware, placement, quantize
+from . import hardware, placement, quantize, reachable
 from .announcer import Announcer
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
@@ -80,23 +79,6 @@ class NodeConfig:
     relay_service: bool = True  # relay connections for peers behind NAT (when others can reach this node)
 
 
-def explain_reachability(found: reachability.Reachability, addresses: list[str]) -> None:
-    """One log line on how other machines reach this node, and what to do when they cannot."""
-    if found.state == reachability.DIRECT:
-        logger.info("other machines reach this node directly at %s (checked by %d peers)", " ".join(found.reached),
-                    found.asked)
-    elif found.state == reachability.RELAYED:
-        port = next((a.split("/tcp/")[1].split("/")[0] for a in addresses if "/tcp/" in a), "PORT")
-        logger.warning("other machines cannot connect to this node (%d peers tried; behind NAT or a firewall), so "
-                       "it serves only peers it has connected to itself, and clients that cannot be dialled "
-                       "either route around it. To be reachable, forward TCP port %s on your router to this machine "
-                       "and start with "
-                       "--host-maddrs /ip4/0.0.0.0/tcp/%s --announce-maddrs /ip4/YOUR_PUBLIC_IP/tcp/%s",
-                       found.asked, port, port, port)
-    else:
-        logger.info("no peer answered whether this node can be reached from other machines; asking again later")
-
-
 def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype) -> int:
     """Keys and values of one token in ``blocks`` blocks."""
     kv_heads, head_dim = kv_shape(checkpoint.config)
@@ -121,6 +103,8 @@ class Node:
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self.reachability = ""  # as other peers found it (``reachability``); "" in a swarm on this machine
+        self.joined: reachability.Reachability | None = None  # what peers found when it joined beyond this machine
+        self.relays: list[str] = []  # circuit addresses clients reach this node at, when others cannot dial it
         self.rebalancer: Rebalancer | None = None  # for a node that chose its own span
         self._remeasures_left = 3  # idle periods that re-measure speed; later ones leave an idle node idle
         self._metrics_server = None  # serving --metrics-port, if asked
@@ -139,9 +123,11 @@ class Node:
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
         key = identity_path(config.identity_path, config.public_name or "node")
-        p2p, dht = await join_swarm(config.initial_peers, config.host_maddrs, config.announce_maddrs, key,
-                                    public=config.public, relay_service=config.relay_service)
+        p2p, dht, joined, relays = await reachable.join(
+            config.initial_peers, config.host_maddrs, config.announce_maddrs, key, config.public, config.relay_service,
+            checkpoint.name, checkpoint.num_blocks)
         node = cls(config, checkpoint, p2p, dht, device)
+        node.joined, node.relays = joined, relays
         try:
             await node._start()
         except BaseException:  # including a Ctrl-C (cancellation) while loading or measuring
@@ -172,9 +158,10 @@ class Node:
                                       corrupt_outputs=config.corrupt_outputs)
         await self.servicer.register(self.p2p)
         await reachability.serve_dialback(self.p2p)
+        if self.joined is not None:  # a swarm beyond this machine: can its peers connect here?
+            await self._note_reachability(self.joined)
+            self._own(self._watch_reachability())
         await self.announcer.announce(NodeState.ONLINE)
-        if p2p_options(config.initial_peers, config.host_maddrs, public=config.public)["nat_port_map"]:
-            self._own(self._watch_reachability())  # a swarm beyond this machine: can its peers connect here?
         self._own(self.announcer.run(before=self._before_announce))
         if placed_itself and config.balance_period > 0:
             self.rebalancer = Rebalancer(self, config.balance_period, config.balance_quality)
@@ -265,24 +252,26 @@ class Node:
         except (asyncio.TimeoutError, OSError) as e:
             logger.debug("could not measure pings: %s", e)
 
-    async def _watch_reachability(self, period: float = 600.0) -> None:
-        """Have other peers dial this node back now and every ``period``; announce and explain the result."""
+    async def _watch_reachability(self, period: float = 600.0, retry: float = 60.0) -> None:
+        """Have other peers dial this node back every ``period`` (``retry`` while none answered)."""
         while True:
-            peers, addresses = [m.split("/p2p/")[-1] for m in self.config.initial_peers], []
+            await asyncio.sleep(retry if self.reachability == reachability.UNKNOWN else period)
+            found, addresses = await reachable.ask(self.p2p, self.dht, self.config.initial_peers,
+                                                   self.checkpoint.name, self.checkpoint.num_blocks, self.peer_id)
+            await self._note_reachability(found, addresses)
+
+    async def _note_reachability(self, found: reachability.Reachability, addresses: list[str] | None = None) -> None:
+        """Announce and explain what other peers found, when it changed."""
+        if found.state == self.reachability:
+            return
+        if addresses is None:
             try:
-                records = await asyncio.wait_for(
-                    read_block_records(self.dht, self.checkpoint.name, self.checkpoint.num_blocks), 30)
-                peers += [p for p in records if p != self.peer_id and p not in peers]
                 addresses = [str(m) for m in await self.p2p.get_visible_maddrs()]
-                found = await reachability.check(self.p2p, peers, addresses)
-            except (asyncio.TimeoutError, OSError, ValueError, PotluckError) as e:  # ValueError: no address yet
-                logger.debug("reachability check failed: %s", e)
-                found = reachability.Reachability(reachability.UNKNOWN)
-            if found.state != self.reachability:
-                self.reachability = found.state
-                explain_reachability(found, addresses)
-                self.announcer.nudge()
-            await asyncio.sleep(period)
+            except ValueError:  # hivemind: no address yet
+                addresses = []
+        self.reachability = found.state
+        reachable.explain(found, addresses, self.relays)
+        self.announcer.nudge()
 
     def cache_bytes_per_token(self, blocks: int) -> int:
         return cache_bytes_per_token(self.checkpoint, blocks, DTYPES[self.config.dtype])
@@ -296,7 +285,7 @@ class Node:
             cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             active_sessions=len(self.sessions.sessions) if self.sessions else 0,
             max_batch_tokens=c.max_batch_tokens, pings=self.pings, protocol=PROTOCOL_VERSION,
-            reachability=self.reachability,
+            reachability=self.reachability, relays=tuple(self.relays),
         )
 
     def describe(self) -> dict:

@@ -23,6 +23,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from .errors import BadRequest, MessageTooLarge, NodeUnavailable, PotluckError, ProtocolViolation
+from .network import connect_through
 
 INFERENCE_HANDLER = "potluck.inference"  # a stream: open, then steps, then close
 FORWARD_HANDLER = "potluck.forward"  # a stream: one forward request, one answer
@@ -351,12 +352,24 @@ def check_step_tensors(
     return hidden, positions, mask
 
 
-async def open_stream(p2p, peer_id: str, handler: str, timeout: float, patience: float = 0.0):
-    """(reader, writer) of a new stream to a peer's handler; NodeUnavailable if it cannot be reached.
-    ``patience``: seconds to keep dialling a peer that cannot be reached yet (a peer behind NAT is
-    reached through a relay or a hole punched by both sides, which takes a few seconds at first)."""
-    deadline = asyncio.get_running_loop().time() + patience
+@dataclass(frozen=True)
+class Dial:
+    """How to reach a peer: through ``relays`` (circuit multiaddrs its record names, for a peer
+    behind NAT) tried first, dialling again for ``patience`` seconds while it cannot be reached yet
+    (a new relayed connection takes a few seconds at first)."""
+    patience: float = 0.0
+    relays: tuple[str, ...] = ()
+
+
+DIRECTLY = Dial()
+
+
+async def open_stream(p2p, peer_id: str, handler: str, timeout: float, dial: Dial = DIRECTLY):
+    """(reader, writer) of a new stream to a peer's handler; NodeUnavailable if it cannot be reached."""
+    deadline = asyncio.get_running_loop().time() + dial.patience
     while True:
+        if dial.relays:
+            await connect_through(p2p, peer_id, dial.relays)
         try:
             _, reader, writer = await asyncio.wait_for(
                 p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler), timeout)
@@ -368,10 +381,10 @@ async def open_stream(p2p, peer_id: str, handler: str, timeout: float, patience:
 
 
 async def call_once(p2p, peer_id: str, handler: str, meta: dict[str, Any], tensors: Sequence[torch.Tensor] = (),
-                    timeout: float = 30.0, patience: float = 0.0) -> Frame:
+                    timeout: float = 30.0, dial: Dial = DIRECTLY) -> Frame:
     """One request on a fresh stream to ``peer_id`` and its answer; a peer that cannot be reached
     or does not answer in time raises NodeUnavailable, a typed refusal raises its own error."""
-    reader, writer = await open_stream(p2p, peer_id, handler, timeout, patience)
+    reader, writer = await open_stream(p2p, peer_id, handler, timeout, dial)
     try:
         await write_frame(writer, meta, tensors)
         frame = await asyncio.wait_for(read_frame(reader), timeout)

@@ -6,10 +6,15 @@ Safe by default: a peer listens on 127.0.0.1 with NAT port mapping (UPnP) off un
 to be reachable: ``--public``, explicit non-loopback ``--host-maddrs``, or initial peers that are
 not all loopback (joining a real swarm, where volunteers behind home routers need UPnP).
 
-Behind a router that forwards no port, a node is still served: such peers also turn on libp2p's
-auto-relay (p2pd finds out it cannot be dialled and reserves a slot on a public peer, which then
-relays connections to it). Peers that serve (nodes and bootstrap peers) offer that relay service
-to others unless told not to (``relay_service=False``); clients never do.
+Behind a router that forwards no port, a node is still served, through a relay: once other peers
+found they cannot dial it (``reachability``), the node starts its daemon again as ``behind_nat``:
+libp2p's auto-relay then reserves a slot on each of its initial peers at once (static relays; the
+daemon's own relay discovery waits minutes for four candidates), its record names the circuit
+addresses ``relay_addresses`` gives, and clients dial it through them (``connect_through``).
+Bootstrap peers that others reach (``--public`` or addresses beyond loopback) relay for them with
+go-libp2p's full relay service (``relay_public``: 30 min and 4 GiB per relayed connection; a daemon
+not sure it is public only has the default relay, which cuts a connection after 128 KiB), unless
+told not to (``relay_service=False``); clients never relay.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import os
 from typing import Any, Sequence
 
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from .errors import BadRequest, NodeUnavailable
 from .signing import NodeRecordValidator
@@ -80,16 +86,16 @@ def is_loopback(maddr: str) -> bool:
 
 def p2p_options(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
                 announce_maddrs: Sequence[str] | None = None, public: bool = False) -> dict[str, Any]:
-    """Keyword arguments for ``hivemind.P2P.create`` / ``DHTNode.create``: loopback, no UPnP and no
-    auto-relay unless ``public``, non-loopback ``host_maddrs`` or initial peers beyond loopback say
-    otherwise."""
+    """Keyword arguments for ``hivemind.P2P.create`` / ``DHTNode.create``: loopback and no UPnP
+    unless ``public``, non-loopback ``host_maddrs`` or initial peers beyond loopback say otherwise;
+    auto-relay off (``launch_options`` turns it on behind NAT)."""
     if host_maddrs:
         reachable = not all(map(is_loopback, host_maddrs))
         hosts = list(host_maddrs)
     else:
         reachable = public or any(not is_loopback(peer) for peer in initial_peers)
         hosts = [PUBLIC_MADDR if reachable else LOOPBACK_MADDR]
-    options: dict[str, Any] = dict(host_maddrs=hosts, nat_port_map=reachable, use_auto_relay=reachable,
+    options: dict[str, Any] = dict(host_maddrs=hosts, nat_port_map=reachable, use_auto_relay=False,
                                    initial_peers=list(initial_peers))
     if announce_maddrs:
         options["announce_maddrs"] = list(announce_maddrs)
@@ -101,30 +107,81 @@ def dialable(maddrs: Sequence[Any]) -> list[str]:
     return [str(m) for m in maddrs if not is_loopback(str(m))]
 
 
-def _p2p_class(relay_service: bool) -> type[P2P]:
-    """hivemind's P2P, its daemon started with or without the relay service (hivemind has no
-    option for it; p2pd offers it by default)."""
+def relays_of(initial_peers: Sequence[str]) -> list[str]:
+    """The initial peers a peer behind NAT reserves relay slots on (those beyond loopback)."""
+    return [peer for peer in initial_peers if not is_loopback(peer)]
+
+
+def relay_addresses(initial_peers: Sequence[str]) -> list[str]:
+    """The circuit multiaddrs a peer behind NAT is reached at: one per relay, as
+    ``/ip4/RELAY_IP/tcp/PORT/p2p/RELAY_ID/p2p-circuit`` (the dialler adds the peer's own id)."""
+    return [f"{peer}/p2p-circuit" for peer in relays_of(initial_peers)]
+
+
+def _circuit_maddr(text: str) -> Multiaddr:
+    """A circuit multiaddr as p2pd reads it: hivemind's Multiaddr writes a /p2p/ id as a CID, which
+    the daemon cannot parse, so the relay's id goes in as the multihash p2pd expects."""
+    transport, _, rest = text.partition("/p2p/")
+    relay_id, _, circuit = rest.partition("/")
+    if not transport or circuit != "p2p-circuit":
+        raise ValueError(f"{text[:120]!r} is not a relay's circuit multiaddr")
+    relay = PeerID.from_base58(relay_id).to_bytes()
+    p2p_code, circuit_code = b"\xa5\x03", b"\xa2\x02"  # multicodec varints of /p2p and /p2p-circuit
+    return Multiaddr(Multiaddr(transport).to_bytes() + p2p_code + bytes([len(relay)]) + relay + circuit_code)
+
+
+async def connect_through(p2p: P2P, peer_id: str, relays: Sequence[str]) -> bool:
+    """Connect to ``peer_id`` through its relays (circuit multiaddrs from its record); whether the
+    daemon connected. A peer already connected costs nothing."""
+    try:
+        maddrs = [_circuit_maddr(relay) for relay in relays]
+        await p2p._client.connect(PeerID.from_base58(peer_id), maddrs)  # hivemind has no public call for it
+        return True
+    except Exception as e:  # ValueError for a bad address, p2pd's ControlFailure when no relay works
+        logger.debug("could not connect to %s through %s: %s", peer_id, relays, e)
+        return False
+
+
+def _p2p_class(**daemon_options: Any) -> type[P2P]:
+    """hivemind's P2P, its daemon started with options hivemind does not pass on."""
     def process_args(*args, **kwargs) -> list[str]:
-        return P2P._make_process_args(*args, relayService=relay_service, **kwargs)
+        return P2P._make_process_args(*args, **daemon_options, **kwargs)
 
     return type("P2P", (P2P,), {"_make_process_args": staticmethod(process_args)})
 
 
-async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
-                     announce_maddrs: Sequence[str] | None = None, identity_path: str | None = None,
-                     client_mode: bool = False, public: bool = False,
-                     relay_service: bool = True) -> tuple[P2P, DHTNode]:
-    """Start this peer's P2P daemon and DHT node. ``client_mode``: read and store records but serve
-    none (clients, the dashboard), relay for nobody and reach nodes behind NAT through relays.
-    ``relay_service``: relay connections to peers behind NAT (a serving peer that others can
-    reach). An initial peer that cannot be reached raises NodeUnavailable."""
+def launch_options(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None,
+                   announce_maddrs: Sequence[str] | None, public: bool, client_mode: bool, relay_service: bool,
+                   relay_public: bool, behind_nat: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(keyword arguments for ``P2P.create``, p2pd flags hivemind does not pass) of ``join_swarm``."""
     options = p2p_options(initial_peers, host_maddrs, announce_maddrs, public)
+    daemon: dict[str, Any] = {"relayService": relay_service}
     if client_mode:
         options["nat_port_map"] = False  # a client dials out; nobody needs to reach it through the router
-        options["use_auto_relay"], relay_service = False, False
+        options["use_auto_relay"], daemon["relayService"] = False, False
+    elif behind_nat and relays_of(initial_peers):
+        options.update(use_auto_relay=True, trusted_relays=relays_of(initial_peers), force_reachability="private")
+        daemon.update(relayDiscovery=False, relayService=False)
+    elif relay_public and relay_service and options["nat_port_map"]:
+        options["force_reachability"] = "public"
+    return options, daemon
+
+
+async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None = None,
+                     announce_maddrs: Sequence[str] | None = None, identity_path: str | None = None,
+                     client_mode: bool = False, public: bool = False, relay_service: bool = True,
+                     relay_public: bool = False, behind_nat: bool = False) -> tuple[P2P, DHTNode]:
+    """Start this peer's P2P daemon and DHT node. ``client_mode``: read and store records but serve
+    none (clients, the dashboard), relay for nobody and reach nodes behind NAT through relays.
+    ``relay_service``: relay connections to peers behind NAT. ``relay_public``: the daemon is told
+    it is public, so its relay service runs in full (a bootstrap peer others reach). ``behind_nat``:
+    other peers cannot dial this one; reserve relay slots on the initial peers. An initial peer
+    that cannot be reached raises NodeUnavailable."""
+    options, daemon = launch_options(initial_peers, host_maddrs, announce_maddrs, public, client_mode, relay_service,
+                                     relay_public, behind_nat)
     try:
-        p2p = await _p2p_class(relay_service).create(identity_path=identity_path, check_if_identity_free=False,
-                                                     **options)
+        p2p = await _p2p_class(**daemon).create(identity_path=identity_path, check_if_identity_free=False,
+                                                **options)
     except Exception as e:  # hivemind's P2PDaemonError and friends: say what to check
         logger.debug("P2P daemon did not start", exc_info=True)
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -20,6 +20,7 @@ ANNOUNCE_PERIOD = 15.0  # seconds between re-announcements of a node record
 RECORD_TTL_PERIODS = 2.5  # a record expires this many periods after it was stored
 MAX_RECORD_BYTES = 16 * 1024
 MAX_BLOCKS = 4096  # most blocks a model may claim (a reader reads one DHT key per block)
+MAX_RELAYS, MAX_RELAY_CHARS = 8, 300  # circuit addresses a record may name, and their length
 PROTOCOL_VERSION = 2  # what the RPCs mean; 2: sessions share a stream per node and messages travel in bundles
 
 
@@ -65,6 +66,7 @@ class NodeRecord:
     pings: dict[str, float] = field(default_factory=dict)  # peer id -> round trip in seconds
     protocol: int = 1  # the node's PROTOCOL_VERSION (records from before it existed say nothing: 1)
     reachability: str = ""  # "direct", "relayed" (not reachable directly) or "unknown"; "" in loopback swarms
+    relays: tuple[str, ...] = ()  # circuit multiaddrs a node others cannot dial is reached at
 
     @property
     def span(self) -> tuple[int, int]:
@@ -92,6 +94,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "pings": (dict,),
     "protocol": (int,),
     "reachability": (str,),
+    "relays": (list, tuple),
 }
 
 
@@ -114,6 +117,10 @@ def unpack_node_record(data: Any) -> NodeRecord | None:
     try:
         known["state"] = NodeState(known["state"])
         known["pings"] = {str(k): float(v) for k, v in known.get("pings", {}).items()}
+        relays = known.get("relays", ())
+        if len(relays) > MAX_RELAYS or not all(isinstance(r, str) and len(r) <= MAX_RELAY_CHARS for r in relays):
+            return None
+        known["relays"] = tuple(relays)
         record = NodeRecord(**known)
     except (KeyError, TypeError, ValueError):
         return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .errors import NodeUnavailable
-from .messages import INFO_HANDLER, Frame, InfoRequest, Message, call_once, raise_if_error
+from .messages import DIRECTLY, INFO_HANDLER, Dial, Frame, InfoRequest, Message, call_once, raise_if_error
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,10 @@ def parse_reply(frame: Frame, peer_id: str | None = None) -> Reply:
     return cls(**values)
 
 
-async def request_info(p2p, peer_id: str, timeout: float) -> tuple[Info, float]:
+async def request_info(p2p, peer_id: str, timeout: float, dial: Dial = DIRECTLY) -> tuple[Info, float]:
     """A node's info and the round trip it took (on a fresh stream, as a new peer would see it)."""
     began = time.perf_counter()
-    frame = await call_once(p2p, peer_id, INFO_HANDLER, InfoRequest().to_meta(), timeout=timeout)
+    frame = await call_once(p2p, peer_id, INFO_HANDLER, InfoRequest().to_meta(), timeout=timeout, dial=dial)
     elapsed = time.perf_counter() - began
     info = parse_reply(frame, peer_id)
     if not isinstance(info, Info):

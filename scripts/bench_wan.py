@@ -6,11 +6,13 @@ client in another; every link crossing the router is held --delays milliseconds 
 bed's delaying proxy. Per delay, the client generates --new-tokens greedy tokens --repeats times
 with hand-off on and off: ms per token (median), against the bound of the path (hand-off: 4 one-way
 trips, client → 3 hops → client; off: 3 round trips) plus the compute measured at 0 ms, the
-client's messages per step (node counters) and exactness against local transformers. Then, at
-the first non-zero delay, the last node sits behind the home router (not reachable directly; the
-client reaches it over a connection it opened outward): the extra time of that hop. Last, bytes
+client's messages per step (node counters) and exactness against local transformers. Then bytes
 of hidden state the nodes receive per token with float32 and with bfloat16 nodes (a float32
-client either way).
+client either way). Last, at the first non-zero delay, the last node sits behind the home router
+and the client behind a firewall: neither can be dialled, so the client reaches that node only
+through the relay on the bootstrap peer; the extra time of that hop, over one generate (libp2p's
+default relay, which p2pd may run instead of its full one, resets a relayed connection after 128
+KiB each way: see the README).
 """
 from __future__ import annotations
 
@@ -38,16 +40,17 @@ def run_wan(path: Path, args, workdir: Path) -> dict:
             bed.delay(delay)
             for handoff in (True, False):
                 results.append(_config(bed, path, args, workdir, delay, handoff, PLACES))
-        first = next((d for d in delays if d > 0), None)
-        if first is not None:
-            bed.delay(first)
-            relayed = _config(bed, path, args, workdir, first, True, PLACES[:2] + ["home"])
-            direct = next(r for r in results if r["delay_ms"] == first and r["handoff"])
-            relayed["extra_ms_per_token_over_direct"] = round(relayed["ms_per_token"] - direct["ms_per_token"], 1)
         bed.delay(0)
         for dtype in ("float32", "bfloat16"):
             found = _config(bed, path, args, workdir, 0, True, PLACES, "--dtype", dtype)
             wire[dtype] = found["hidden_bytes_per_token_per_hop"]
+        first = next((d for d in delays if d > 0), None)
+        if first is not None:
+            bed.delay(first)
+            bed.firewall("client")
+            relayed = _config(bed, path, args, workdir, first, True, PLACES[:2] + ["home"], repeats=1)
+            direct = next(r for r in results if r["delay_ms"] == first and r["handoff"])
+            relayed["extra_ms_per_token_over_direct"] = round(relayed["ms_per_token"] - direct["ms_per_token"], 1)
     for r in results:  # against the path's bound plus what the same config costs without delay
         at_zero = next((z for z in results if z["delay_ms"] == 0 and z["handoff"] == r["handoff"]), None)
         if at_zero is not None:
@@ -57,7 +60,8 @@ def run_wan(path: Path, args, workdir: Path) -> dict:
             "results": results, "relayed_last_hop": relayed, "hidden_bytes_per_token_per_hop": wire}
 
 
-def _config(bed, path: Path, args, workdir: Path, delay: float, handoff: bool, places: list[str], *extra: str) -> dict:
+def _config(bed, path: Path, args, workdir: Path, delay: float, handoff: bool, places: list[str], *extra: str,
+            repeats: int | None = None) -> dict:
     from bench_swarm import bench_swarm
 
     logs = workdir / f"wan-{delay:g}ms-{'handoff' if handoff else 'direct'}-{'-'.join(places)}{''.join(extra)}"
@@ -76,7 +80,7 @@ def _config(bed, path: Path, args, workdir: Path, delay: float, handoff: bool, p
             swarm.wait_for_line(peers[-1], "cannot connect to this node")
         client = subprocess.run(
             [*bed.prefix("client"), sys.executable, __file__, "client", str(path), str(int(handoff)),
-             str(args.new_tokens), str(args.repeats), *peers, "--", *swarm.initial_peers],
+             str(args.new_tokens), str(repeats or args.repeats), *peers, "--", *swarm.initial_peers],
             capture_output=True, text=True, timeout=1800)
         if client.returncode != 0:
             raise RuntimeError(f"the client failed: {client.stderr[-3000:]}")
@@ -85,7 +89,8 @@ def _config(bed, path: Path, args, workdir: Path, delay: float, handoff: bool, p
         swarm.stop()
     hops = len(places)
     bound = (hops + 1) * delay if handoff else 2 * hops * delay  # one-way trips of a step
-    return {"delay_ms": delay, "handoff": handoff, "nodes": places, "path_bound_ms": bound, **found}
+    return {"delay_ms": delay, "handoff": handoff, "nodes": places, "path_bound_ms": bound,
+            "repeats": repeats or args.repeats, **found}
 
 
 def _client(path: str, handoff: bool, new_tokens: int, repeats: int, peers: list[str], initial: list[str]) -> dict:

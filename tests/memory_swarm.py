@@ -130,7 +130,7 @@ class MemorySwarm:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def open_stream(self, peer: str, handler: str, timeout: float, patience: float = 0.0):
+    async def open_stream(self, peer: str, handler: str, timeout: float, dial: msg.Dial = msg.DIRECTLY):
         servicer = self.live_servicer(peer)
         (client_reader, client_writer), (server_reader, server_writer) = stream_pair()
         self._server_writers.setdefault(peer, []).append(server_writer)
@@ -138,7 +138,7 @@ class MemorySwarm:
         return client_reader, client_writer
 
     async def request(self, peer: str, handler: str, meta: dict, tensors=(), timeout: float = 30.0,
-                      patience: float = 0.0) -> msg.Frame:
+                      dial: msg.Dial = msg.DIRECTLY) -> msg.Frame:
         servicer = self.live_servicer(peer)
         frame = msg.decode_payload(msg.encode_frame(meta, tensors)[msg.HEADER_BYTES:])
         reply_meta, reply_tensors = await servicer._serve_safely(servicer._single_request, frame)

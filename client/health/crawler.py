@@ -22,7 +22,7 @@ from potluck.protocol.errors import PotluckError
 from potluck.protocol.directory import Found, block_keys, parse_entries, parse_index
 from potluck.protocol.records import MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState
 
-from ..transport import SwarmConnection
+from ..transport import SwarmConnection, how_to_dial
 
 logger = logging.getLogger(__name__)
 UNREACHABLE_AFTER = 2  # failed probes in a row before a node counts as unreachable
@@ -181,7 +181,8 @@ class Crawler:
         peers = sorted({p for views in state.nodes.values() for p, v in views.items()
                         if not v.stale and v.record.state != NodeState.OFFLINE})
         gate = asyncio.Semaphore(self.settings.probe_concurrency)
-        results = await asyncio.gather(*(self._probe_one(peer, gate) for peer in peers))
+        records = {p: v.record for views in state.nodes.values() for p, v in views.items()}
+        results = await asyncio.gather(*(self._probe_one(peer, records[peer], gate) for peer in peers))
         answers = dict(zip(peers, results))
         relayed = await self._relayed()
         nodes = {model: {peer: _probed(view, answers, relayed) for peer, view in views.items()}
@@ -189,10 +190,12 @@ class Crawler:
         self.state = dataclasses.replace(self.state, nodes=nodes, probe_seconds=time.perf_counter() - began)
         return self.state
 
-    async def _probe_one(self, peer_id: str, gate: asyncio.Semaphore) -> tuple[float, int | None] | None:
+    async def _probe_one(self, peer_id: str, record: NodeRecord,
+                         gate: asyncio.Semaphore) -> tuple[float, int | None] | None:
         async with gate:
             try:
-                info, elapsed = await self.swarm.info(peer_id, timeout=self.settings.probe_timeout)
+                info, elapsed = await self.swarm.info(peer_id, timeout=self.settings.probe_timeout,
+                                                      dial=how_to_dial(record, patient=False))
             except PotluckError as e:
                 logger.debug("probe of %s failed: %s", peer_id, e)
                 return None

@@ -8,7 +8,8 @@ from potluck.protocol.records import ModelInfo, NodeRecord, NodeState, pack, unp
 
 def test_node_record_round_trip():
     record = NodeRecord(model="m", start=2, end=5, state=NodeState.ONLINE, public_name="bob", dtype="bfloat16",
-                        device="cuda", inference_steps_per_s=100.0, cache_tokens_left=4096, pings={"peer": 0.01})
+                        device="cuda", inference_steps_per_s=100.0, cache_tokens_left=4096, pings={"peer": 0.01},
+                        reachability="relayed", relays=("/ip4/203.0.113.7/tcp/4000/p2p/QmRelay/p2p-circuit",))
     assert unpack_node_record(pack(record)) == record
 
 
@@ -25,7 +26,8 @@ def test_unknown_fields_are_ignored():
 
 
 @pytest.mark.parametrize("change", [{"start": "0"}, {"state": "exploded"}, {"start": 3, "end": 2},
-                                    {"cache_tokens_left": True}, {"pings": [1]}])
+                                    {"cache_tokens_left": True}, {"pings": [1]}, {"relays": "/ip4/1.2.3.4"},
+                                    {"relays": [1]}, {"relays": ["x" * 301]}, {"relays": ["/ip4/1.2.3.4"] * 9}])
 def test_malformed_records_are_refused(change):
     fields = msgpack.unpackb(pack(NodeRecord(model="m", start=0, end=1, state=NodeState.ONLINE)))
     fields.update(change)
