@@ -6,6 +6,7 @@ tokens right-aligned, its padding masked out), runs once on the stacked new toke
 session's own positions, and writes each new key and value into its session's slots. Attention
 over padding that is masked adds exact zeros, so a session's result does not depend on the
 company it keeps beyond float rounding. A prefill runs a chunk at a time on its session's cache.
+Cache-less forwards of the same length through the same blocks run stacked along the batch.
 """
 from __future__ import annotations
 
@@ -60,12 +61,22 @@ class ForwardWork:
 
     output: torch.Tensor | None = None
 
-    def run(self) -> torch.Tensor:
-        self.output = self.span(self.hidden, self.positions, self.mask, None, self.start, self.end)
-        return self.output
-
     def result(self) -> torch.Tensor:
         return self.output
+
+
+def forward_together(works: list[ForwardWork]) -> list[torch.Tensor]:
+    """Forwards of one length through the same blocks of a span, in one pass; one output each.
+    A forward without a mask attends to all its tokens: in company, its mask is all ones."""
+    first = works[0]
+    hidden, positions = torch.cat([w.hidden for w in works]), torch.cat([w.positions for w in works])
+    masks = None if all(w.mask is None for w in works) else torch.cat(
+        [torch.ones_like(w.positions) if w.mask is None else w.mask for w in works])
+    out = first.span(hidden, positions, masks, None, first.start, first.end)
+    outputs = out.split([w.hidden.shape[0] for w in works])
+    for work, output in zip(works, outputs):
+        work.output = output
+    return list(outputs)
 
 
 def decode_together(works: list[StepWork]) -> list[torch.Tensor]:

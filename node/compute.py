@@ -4,8 +4,8 @@ Requests become jobs for the ``Scheduler``; one engine task on the event loop ta
 batch (``schedule``), runs it on the worker thread (``batching``), records it (``update``) and
 answers each job's request, then takes the next. Steps that arrive while a batch runs wait for
 the next one, so under load decoding steps of many sessions go through the weights together
-(continuous batching); only a lone decoding step arriving at an idle lane waits a moment
-(``gather_window``, 2 ms) for steps sent along with it (steps bundled together need no wait). A
+(continuous batching); only a lone decoding step or forward arriving at an idle lane waits a
+moment (``gather_window``, 2 ms) for others sent along with it (bundled steps need no wait). A
 decoding step of the only open session, with nothing else waiting, runs right on the loop
 instead: a thread hand-over would cost about as much as the step. Other exclusive work (a speed
 measurement) goes to the same thread between batches.
@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .batching import ForwardWork, StepWork, decode_together
+from .batching import ForwardWork, StepWork, decode_together, forward_together
 from .scheduler import Batch, Job, JobKind, Scheduler
 from .sessions import Session
 from .span import BlockSpan
@@ -30,9 +30,10 @@ T = TypeVar("T")
 
 
 class ComputeLane:
-    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512, gather_window: float = 0.002) -> None:
+    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512, gather_window: float = 0.002,
+                 forward_tokens: int = 8192) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
-        self.scheduler = Scheduler(max_batch, prefill_chunk)
+        self.scheduler = Scheduler(max_batch, prefill_chunk, forward_tokens)
         self.busy_seconds = 0.0  # total time spent computing, for the node's counters
         self.counters: Counter[str] = Counter()  # batches run, rows decoded, prefill chunks...
         self._work: dict[int, tuple[StepWork | ForwardWork, asyncio.Future]] = {}  # job id -> inputs, answer
@@ -55,7 +56,9 @@ class ComputeLane:
     async def forward(self, span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
         work = ForwardWork(span, hidden, positions, mask, start, end)
-        return await self._submit(Job(next(self._ids), JobKind.FORWARD, hidden.shape[1], None), work)
+        batch, length = hidden.shape[:2]
+        group = (id(span), start, end, length)
+        return await self._submit(Job(next(self._ids), JobKind.FORWARD, length, group, rows=batch), work)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """Run ``fn(*args)`` on the compute thread, between batches."""
@@ -78,10 +81,10 @@ class ComputeLane:
     async def _drive(self) -> None:
         """Run batches until nothing waits."""
         loop = asyncio.get_running_loop()
-        # a decoding step that arrived alone may have company one read behind it (other clients'
-        # steps of the same moment): let it in before the first batch. Steps that came in one bundle
+        # a decoding step or forward that arrived alone may have company one read behind it (other
+        # clients' of the same moment): let it in before the first batch. Steps that came in one bundle
         # are all here already; later batches fill while the previous one runs
-        if len(self.scheduler.waiting) == 1 and self.scheduler.waiting[0].kind is JobKind.DECODE:
+        if len(self.scheduler.waiting) == 1 and self.scheduler.waiting[0].kind is not JobKind.PREFILL:
             await asyncio.sleep(self.gather_window)
         while (batch := self.scheduler.schedule()) is not None:
             if batch.kind is JobKind.DECODE and self.scheduler.in_prefill():
@@ -114,7 +117,8 @@ class ComputeLane:
         if batch.kind is JobKind.PREFILL:
             self.counters["prefill_chunks"] += 1
             return [works[0].chunk(batch.begin, batch.end)]
-        return [works[0].run()]
+        self.counters["forward_batches"] += 1
+        return forward_together(works)
 
     def _timed(self, fn: Callable[..., T], *args) -> T:
         began = time.perf_counter()

@@ -4,9 +4,11 @@ The node's compute loop is three verbs, as in vLLM v1: ``schedule()`` picks a ``
 waiting jobs, the compute lane executes it, ``update(batch)`` records what it did and returns the
 jobs that are finished. Decoding steps (one new token on a session's cache) that wait at the same
 moment run as one batch, whatever their cache lengths, as long as they go through the same blocks.
-Longer steps (prefills) and cache-less forwards run one at a time, a prefill in chunks of at most
-``prefill_chunk`` tokens. A decoding batch and a prefill chunk take turns whenever both wait, so a
-long prompt neither stalls the sessions that are decoding nor starves behind them.
+Longer steps (prefills) run one at a time, in chunks of at most ``prefill_chunk`` tokens.
+Cache-less forwards run whole; those waiting together that go through the same blocks with the
+same length run as one batch, up to ``forward_tokens`` in all (the first whatever its size).
+Decoding batches and the longer work take turns whenever both wait, so a long prompt neither
+stalls the sessions that are decoding nor starves behind them.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Hashable
 class JobKind(enum.Enum):
     DECODE = "decode"  # one new token of one sequence on a session's cache: batches with others
     PREFILL = "prefill"  # several new tokens (or a batch of sequences) on a session's cache: chunked
-    FORWARD = "forward"  # a cache-less forward pass: runs whole
+    FORWARD = "forward"  # a cache-less forward pass: runs whole, batches with forwards like it
 
 
 @dataclass
@@ -27,23 +29,25 @@ class Job:
     id: int
     kind: JobKind
     tokens: int  # new tokens per sequence: 1 for DECODE; a PREFILL is split along these
-    group: Hashable  # decoding jobs batch only within a group (same span, same blocks)
+    group: Hashable  # jobs batch only within a group (same span, same blocks; forwards: same length too)
     session: Hashable = None  # a session's jobs run one at a time, in arrival order (None: any order)
     done: int = 0  # tokens run so far (a PREFILL's chunks)
+    rows: int = 1  # sequences (a FORWARD's batch size: what it counts against the token budget)
 
 
 @dataclass(frozen=True)
 class Batch:
     kind: JobKind
-    jobs: tuple[Job, ...]  # DECODE: every job of the batch; otherwise exactly one
+    jobs: tuple[Job, ...]  # DECODE and FORWARD: every job of the batch; PREFILL: exactly one
     begin: int = 0  # PREFILL: the chunk is tokens begin:end of its job
     end: int = 1
 
 
 class Scheduler:
-    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512):
-        self.max_batch = max_batch  # decoding jobs in one batch
+    def __init__(self, max_batch: int = 64, prefill_chunk: int = 512, forward_tokens: int = 8192):
+        self.max_batch = max_batch  # decoding jobs (or forwards) in one batch
         self.prefill_chunk = prefill_chunk  # most tokens of a prefill run in one go
+        self.forward_tokens = forward_tokens  # most tokens (rows x length) of forwards run together
         self.waiting: deque[Job] = deque()  # in arrival order
         self.running: Batch | None = None  # scheduled, not yet updated
         self._prefill_turn = False  # a decoding batch just ran while a longer job waited
@@ -63,12 +67,26 @@ class Scheduler:
             jobs = tuple(j for j in decoding if j.group == group)[: self.max_batch]
             self.running = Batch(JobKind.DECODE, jobs)
             self._prefill_turn = bool(others)
+        elif others[0].kind is JobKind.FORWARD:
+            self.running = Batch(JobKind.FORWARD, self._forwards(others), 0, others[0].tokens)
+            self._prefill_turn = False
         else:
             job = others[0]
-            end = job.tokens if job.kind is JobKind.FORWARD else min(job.tokens, job.done + self.prefill_chunk)
-            self.running = Batch(job.kind, (job,), job.done, end)
+            self.running = Batch(job.kind, (job,), job.done, min(job.tokens, job.done + self.prefill_chunk))
             self._prefill_turn = False
         return self.running
+
+    def _forwards(self, others: list[Job]) -> tuple[Job, ...]:
+        """The oldest waiting forward and those like it, within max_batch jobs and forward_tokens."""
+        first, jobs = others[0], [others[0]]
+        budget = self.forward_tokens - first.rows * first.tokens
+        for job in others[1:]:
+            if len(jobs) == self.max_batch:
+                break
+            if job.kind is JobKind.FORWARD and job.group == first.group and job.rows * job.tokens <= budget:
+                jobs.append(job)
+                budget -= job.rows * job.tokens
+        return tuple(jobs)
 
     def _ready(self) -> list[Job]:
         """Waiting jobs that no earlier job of the same session is ahead of."""

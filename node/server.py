@@ -99,7 +99,8 @@ class Node:
         self.servicer: BlockServicer | None = None
         self.links: PushLinks | None = None
         self.sessions: SessionTable | None = None
-        self.compute = ComputeLane(config.max_batch_sessions, config.prefill_chunk)
+        self.compute = ComputeLane(config.max_batch_sessions, config.prefill_chunk,
+                                   forward_tokens=config.max_batch_tokens)  # what one forward may hold
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self.reachability = ""  # as other peers found it (``reachability``); "" in a swarm on this machine

@@ -1,6 +1,8 @@
-"""Many people at once: nodes batch the decoding steps of concurrent sessions, split long prompts
-into chunks that other sessions' steps go between, and refuse sessions their cache pool cannot
-hold. Every session still gets the tokens it gets alone (local transformers' greedy tokens)."""
+"""Many people at once: nodes batch the decoding steps of concurrent sessions (and concurrent
+cache-less forwards), split long prompts into chunks that other sessions' steps go between, and
+refuse sessions their cache pool cannot hold. Every session still gets the tokens it gets alone
+(local transformers' greedy tokens)."""
+import asyncio
 import json
 import subprocess
 import sys
@@ -73,6 +75,31 @@ def test_sixteen_sessions_from_four_processes_are_batched_and_each_gets_its_own_
         batches = now.get("decode_batches", 0) - earlier.get("decode_batches", 0)
         rows = now.get("decode_rows", 0) - earlier.get("decode_rows", 0)
         assert batches > 0 and rows > batches, (peer, now)  # on average more than one session per batch
+
+
+def test_forwards_arriving_together_are_batched_and_each_gets_its_own_output(swarm, local):
+    connection, peers = swarm
+    before = counters(connection, peers[0])
+    streams = [RawStream(connection, peers[0], msg.FORWARD_HANDLER) for _ in range(8)]
+    ids = [prompt(seed, 12) for seed in range(8)]
+    frames = [msg.encode_frame(msg.Forward(0, 4).to_meta(), [local.model.embed_tokens(i).detach(),
+                                                               torch.arange(12).unsqueeze(0)]) for i in ids]
+
+    async def all_at_once():  # written in one turn of the loop: the node gets them together
+        for stream, frame in zip(streams, frames):
+            stream.writer.write(frame)
+        return await asyncio.gather(*(asyncio.wait_for(msg.read_frame(s.reader), 30) for s in streams))
+
+    answers = connection.call(all_at_once())
+    for stream in streams:
+        stream.close()
+    for i, answer in zip(ids, answers):
+        expected = local(i, output_hidden_states=True).hidden_states[4]  # after blocks 0:4
+        got = msg.raise_if_error(answer).tensors[0]
+        assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    after = counters(connection, peers[0])
+    assert after["forwards"] - before.get("forwards", 0) == 8
+    assert after["forward_batches"] - before.get("forward_batches", 0) < 8, after  # some ran together
 
 
 class Signal(LogitsProcessor):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from potluck.node.batching import StepWork, decode_together
+from potluck.node.batching import ForwardWork, StepWork, decode_together, forward_together
 from potluck.node.sessions import SessionTable
 from potluck.node.span import load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
@@ -73,3 +73,18 @@ def test_a_step_of_a_session_closed_while_it_waited_does_not_run(tiny_checkpoint
         works[0].result()
     assert works[1].result().shape == (1, 1, 64) and kept.cached == 4
     assert torch.equal(newcomer.pool.keys[0][newcomer.slots[0, :5]], keys)  # nothing written over its cache
+
+
+def test_forwards_run_together_give_what_each_gives_alone(tiny_checkpoints):
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 8, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    padded = torch.tensor([[0, 0, 1, 1, 1]])  # left padding: its first two tokens are not attended to
+    works = [ForwardWork(span, torch.randn(rows, 5, 64, generator=generator),
+                         torch.arange(5).repeat(rows, 1), mask, 2, 6)
+             for rows, mask in [(1, None), (2, None), (1, padded)]]
+    together = forward_together(works)
+    for work, out in zip(works, together):
+        alone = span(work.hidden, work.positions, work.mask, None, 2, 6)
+        assert out.shape == alone.shape and work.result() is out
+        real = slice(None) if work.mask is None else slice(2, None)  # a padded row's padding is not compared
+        assert torch.allclose(out[:, real], alone[:, real], atol=1e-5, rtol=0), (out - alone).abs().max()

@@ -67,11 +67,31 @@ def test_decoding_never_starves_a_prefill_and_a_prefill_never_starves_decoding()
     assert kinds == ["decode", "prefill", "decode", "prefill", "decode", "prefill"]
 
 
-def test_forwards_run_whole_and_one_at_a_time():
-    scheduler = Scheduler(prefill_chunk=4)
-    scheduler.add(Job(0, JobKind.FORWARD, 100, None))
-    scheduler.add(Job(1, JobKind.FORWARD, 3, None))
-    assert run_all(scheduler) == [("forward", [0], 0, 100), ("forward", [1], 0, 3)]
+def forward(i, tokens, rows=1, group="a"):
+    return Job(i, JobKind.FORWARD, tokens, (group, tokens), rows=rows)
+
+
+def test_forwards_run_whole_and_batch_with_forwards_of_the_same_blocks_and_length():
+    scheduler = Scheduler(forward_tokens=16)
+    for job in [forward(0, 100), forward(1, 3), forward(2, 3, group="b"), forward(3, 3, rows=2), forward(4, 5)]:
+        scheduler.add(job)
+    assert run_all(scheduler) == [("forward", [0], 0, 100), ("forward", [1, 3], 0, 3), ("forward", [2], 0, 3),
+                                  ("forward", [4], 0, 5)]
+
+
+def test_a_forward_batch_stays_within_the_token_budget_and_max_batch():
+    scheduler = Scheduler(max_batch=3, forward_tokens=8)
+    for i in range(5):
+        scheduler.add(forward(i, 2))
+    scheduler.add(forward(5, 2, rows=4))
+    assert run_all(scheduler) == [("forward", [0, 1, 2], 0, 2), ("forward", [3, 4], 0, 2), ("forward", [5], 0, 2)]
+
+
+def test_forwards_and_decoding_take_turns():
+    scheduler = Scheduler()
+    for job in [forward(0, 4), decode(1), forward(2, 4), decode(3)]:
+        scheduler.add(job)
+    assert run_all(scheduler) == [("decode", [1, 3], 0, 1), ("forward", [0, 2], 0, 4)]
 
 
 def test_a_failed_batch_leaves_the_queue_and_the_next_one_runs():
