@@ -47,7 +47,7 @@ def memory_for(checkpoint, blocks: float, cache_gib: float) -> float:
 
 def test_four_nodes_started_together_cover_the_model(nine_blocks, swarm_factory):
     swarm = swarm_factory()
-    peers = swarm.start_nodes(nine_blocks, [None] * 4, "--num-blocks", "4", "--placement-delay", "1.5")
+    peers = swarm.start_nodes(nine_blocks, [None] * 4, "--num-blocks", "4", "--placement-delay", "3")
     connection = SwarmConnection(swarm.initial_peers)
     try:
         spans = online_spans(connection)
