@@ -1,10 +1,11 @@
 """`potluck dht`: a bootstrap peer other peers join through; it serves the DHT and nothing else.
 
 On loopback unless asked to be public (--public, --host-maddrs, or initial peers beyond
-loopback); it answers nodes' reachability checks and relays for nodes behind NAT (unless
---no-relay-service); it prints the addresses others can use, as a line POTLUCK_INITIAL_PEERS=... that a
-shell can export. It keeps its peer id across restarts (see ``identity``), so that line stays
-valid as long as the port does (fix it with --host-maddrs /ip4/0.0.0.0/tcp/PORT).
+loopback); it answers nodes' reachability checks and relays for nodes behind NAT (with the full
+relay service unless --no-relay-service); it prints the addresses others can use, as a line
+POTLUCK_INITIAL_PEERS=... that a shell can export. It keeps its peer id across restarts (see
+``identity``), so that line stays valid as long as the port does (fix it with --host-maddrs
+/ip4/0.0.0.0/tcp/PORT).
 """
 from __future__ import annotations
 

@@ -125,8 +125,10 @@ def _add_network_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
                         help="listen on every interface with UPnP port mapping, so other machines can connect "
                              "(default: loopback only, unless --initial-peers or --host-maddrs are beyond loopback)")
     parser.add_argument("--no-relay-service", dest="relay_service", action="store_false",
-                        help="do not relay connections for peers behind NAT (by default a peer that others can reach "
-                             "offers to, so volunteers behind home routers can serve)")
+                        help="do not run the full relay service for peers behind NAT that list this peer as an "
+                             "initial peer (by default one that others can reach does, so volunteers behind home "
+                             "routers can serve); p2pd still runs libp2p's small default relay, which cuts a "
+                             "relayed connection after 128 KiB or 2 minutes")
     parser.add_argument("--identity-path", default=None,
                         help="private key file behind the peer id (default: one kept per name in the cache folder, "
                              "so a restart is the same peer)")

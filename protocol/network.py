@@ -12,9 +12,11 @@ libp2p's auto-relay then reserves a slot on each of its initial peers at once (s
 daemon's own relay discovery waits minutes for four candidates), its record names the circuit
 addresses ``relay_addresses`` gives, and clients dial it through them (``connect_through``).
 Bootstrap peers that others reach (``--public`` or addresses beyond loopback) relay for them with
-go-libp2p's full relay service (``relay_public``: 30 min and 4 GiB per relayed connection; a daemon
-not sure it is public only has the default relay, which cuts a connection after 128 KiB), unless
-told not to (``relay_service=False``); clients never relay.
+go-libp2p's full relay service (``relay_public``: 30 min and 4 GiB per relayed connection), unless
+told not to (``relay_service=False``). Every p2pd also runs libp2p's default relay, which cuts a
+connection after 128 KiB each way or 2 minutes and, started on the same protocol, often serves
+instead of the full one (README); nothing turns it off, but only peers that list this one as an
+initial peer reserve slots on it.
 """
 from __future__ import annotations
 
@@ -172,7 +174,7 @@ async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | 
                      client_mode: bool = False, public: bool = False, relay_service: bool = True,
                      relay_public: bool = False, behind_nat: bool = False) -> tuple[P2P, DHTNode]:
     """Start this peer's P2P daemon and DHT node. ``client_mode``: read and store records but serve
-    none (clients, the dashboard), relay for nobody and reach nodes behind NAT through relays.
+    none (clients, the dashboard), run no relay service and reach nodes behind NAT through relays.
     ``relay_service``: relay connections to peers behind NAT. ``relay_public``: the daemon is told
     it is public, so its relay service runs in full (a bootstrap peer others reach). ``behind_nat``:
     other peers cannot dial this one; reserve relay slots on the initial peers. An initial peer
