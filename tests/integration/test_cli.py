@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -69,11 +70,13 @@ def test_a_node_whose_initial_peer_is_unreachable_says_so(tiny_checkpoints):
 
 
 def test_a_model_that_is_not_there(tmp_path):
-    missing = run("node", str(tmp_path / "no-such-folder"), "--initial-peers", NOBODY)
+    with ThreadPoolExecutor() as pool:  # three commands at once: each spends seconds importing
+        missing, empty, not_downloaded = pool.map(lambda args: run(*args), [
+            ("node", str(tmp_path / "no-such-folder"), "--initial-peers", NOBODY),
+            ("generate", str(tmp_path), "hi", "--initial-peers", NOBODY),
+            ("chat", "nobody-here/not-a-model", "--initial-peers", NOBODY)])
     assert_one_clear_line(missing, "no checkpoint folder", "MODEL")
-    empty = run("generate", str(tmp_path), "hi", "--initial-peers", NOBODY)
     assert_one_clear_line(empty, "no config.json")
-    not_downloaded = run("chat", "nobody-here/not-a-model", "--initial-peers", NOBODY)
     assert_one_clear_line(not_downloaded, "hf download nobody-here/not-a-model")
 
 
