@@ -82,8 +82,8 @@ class ComputeLane:
         """Run batches until nothing waits."""
         loop = asyncio.get_running_loop()
         # a decoding step or forward that arrived alone may have company one read behind it (other
-        # clients' of the same moment): let it in before the first batch. Steps that came in one bundle
-        # are all here already; later batches fill while the previous one runs
+        # clients' requests of the same moment): let it in before the first batch. Steps that came in
+        # one bundle are all here already; later batches fill while the previous one runs
         if len(self.scheduler.waiting) == 1 and self.scheduler.waiting[0].kind is not JobKind.PREFILL:
             await asyncio.sleep(self.gather_window)
         while (batch := self.scheduler.schedule()) is not None:
