@@ -47,3 +47,17 @@ def test_a_pass_writes_new_tokens_and_reads_rows_left_padded(tiny_checkpoints):
     assert keys[0, 0, :, 0].tolist() == [0, 0, 0, 2, 2, -1]  # padding reads the zero slot
     assert keys[1, 0, :, 0].tolist() == [5, 5, 5, 5, 5, -1]
     assert pool.keys[0][short.slots[0, 2], 0, 0] == -1  # the new token's key went to its own slot
+
+
+def test_passes_of_any_size_read_through_the_pools_buffers_keys_apart_from_values(tiny_checkpoints):
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 2, torch.float32)
+    table = SessionTable(200)
+    a, b = (table.open(OpenSession(name, 0, 2, 50, 1), span) for name in ("a", "b"))
+    pool = a.pool
+    kv_heads, head_dim = pool.keys[0].shape[1:]
+    for length in (3, 40, 7):  # reads of 8, 82 then 16 slots: the buffers grow, then serve a smaller read
+        cache = PassCache(pool, [a.slots[0], b.slots[0]], [0, 0], length)
+        tokens = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).expand(2, kv_heads, length, head_dim)
+        keys, values = cache.update(tokens + 1000 * length, -tokens, 1)
+        assert torch.equal(keys, tokens + 1000 * length) and torch.equal(values, -tokens)
+    assert pool.keys[1][a.slots[0, 6], 0, 0] == 7006  # the last pass's keys are in the pool itself too
