@@ -55,7 +55,7 @@ def test_passes_of_any_size_read_through_the_pools_buffers_keys_apart_from_value
     a, b = (table.open(OpenSession(name, 0, 2, 50, 1), span) for name in ("a", "b"))
     pool = a.pool
     kv_heads, head_dim = pool.keys[0].shape[1:]
-    for length in (3, 40, 7):  # reads of 8, 82 then 16 slots: the buffers grow, then serve a smaller read
+    for length in (3, 40, 7):  # reads of 6, 80 then 14 slots: the buffers grow, then serve a smaller read
         cache = PassCache(pool, [a.slots[0], b.slots[0]], [0, 0], length)
         tokens = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).expand(2, kv_heads, length, head_dim)
         keys, values = cache.update(tokens + 1000 * length, -tokens, 1)
