@@ -12,8 +12,8 @@ from potluck.protocol.messages import OpenSession
 
 
 def cached_keys(session, index):
-    """[tokens, kv heads, head dim] the pool holds for the session's block ``index``."""
-    return session.pool.keys[index - session.span.start][session.slots[0, :session.cached]]
+    """[kv heads, tokens, head dim] the pool holds for the session's block ``index``."""
+    return session.pool.keys[index - session.span.start][:, session.slots[0, :session.cached]]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
@@ -37,7 +37,7 @@ def test_a_decoding_batch_matches_each_session_alone(family, tiny_checkpoints):
             assert torch.allclose(out, expected, atol=1e-5, rtol=0), (out - expected).abs().max()
             assert session.cached == cache.get_seq_length(layer_idx=2)
             for index in range(2, 6):
-                assert torch.allclose(cached_keys(session, index), cache.layers[index].keys[0].transpose(0, 1),
+                assert torch.allclose(cached_keys(session, index), cache.layers[index].keys[0],
                                       atol=1e-5)
 
 
@@ -67,12 +67,12 @@ def test_a_step_of_a_session_closed_while_it_waited_does_not_run(tiny_checkpoint
     table.close("gone")
     newcomer = table.open(OpenSession("new", 0, 4, 64, 1), span)  # may hold gone's slots now
     newcomer.step(torch.randn(1, 5, 64), torch.arange(5).unsqueeze(0), None, 0)
-    keys = newcomer.pool.keys[0][newcomer.slots[0, :5]].clone()
+    keys = newcomer.pool.keys[0][:, newcomer.slots[0, :5]].clone()
     decode_together(works)
     with pytest.raises(UnknownSession):
         works[0].result()
     assert works[1].result().shape == (1, 1, 64) and kept.cached == 4
-    assert torch.equal(newcomer.pool.keys[0][newcomer.slots[0, :5]], keys)  # nothing written over its cache
+    assert torch.equal(newcomer.pool.keys[0][:, newcomer.slots[0, :5]], keys)  # nothing written over its cache
 
 
 def test_forwards_run_together_give_what_each_gives_alone(tiny_checkpoints):

@@ -35,7 +35,7 @@ def test_a_pass_writes_new_tokens_and_reads_rows_left_padded(tiny_checkpoints):
     table = SessionTable(100)
     short, long = (table.open(OpenSession(name, 0, 2, 10, 1), span) for name in ("short", "long"))
     pool = short.pool
-    kv_heads, head_dim = pool.keys[0].shape[1:]
+    kv_heads, _, head_dim = pool.keys[0].shape
     for session, length in ((short, 2), (long, 5)):  # write each session's first tokens as a prefill would
         cache = PassCache(pool, list(session.slots), [0], length)
         keys = torch.full((1, kv_heads, length, head_dim), float(length))
@@ -46,7 +46,7 @@ def test_a_pass_writes_new_tokens_and_reads_rows_left_padded(tiny_checkpoints):
     assert keys.shape == (2, kv_heads, 6, head_dim) and cache.get_seq_length() == 5
     assert keys[0, 0, :, 0].tolist() == [0, 0, 0, 2, 2, -1]  # padding reads the zero slot
     assert keys[1, 0, :, 0].tolist() == [5, 5, 5, 5, 5, -1]
-    assert pool.keys[0][short.slots[0, 2], 0, 0] == -1  # the new token's key went to its own slot
+    assert pool.keys[0][0, short.slots[0, 2], 0] == -1  # the new token's key went to its own slot
 
 
 def test_passes_of_any_size_read_through_the_pools_buffers_keys_apart_from_values(tiny_checkpoints):
@@ -54,10 +54,10 @@ def test_passes_of_any_size_read_through_the_pools_buffers_keys_apart_from_value
     table = SessionTable(200)
     a, b = (table.open(OpenSession(name, 0, 2, 50, 1), span) for name in ("a", "b"))
     pool = a.pool
-    kv_heads, head_dim = pool.keys[0].shape[1:]
+    kv_heads, _, head_dim = pool.keys[0].shape
     for length in (3, 40, 7):  # reads of 6, 80 then 14 slots: the buffers grow, then serve a smaller read
         cache = PassCache(pool, [a.slots[0], b.slots[0]], [0, 0], length)
         tokens = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).expand(2, kv_heads, length, head_dim)
         keys, values = cache.update(tokens + 1000 * length, -tokens, 1)
         assert torch.equal(keys, tokens + 1000 * length) and torch.equal(values, -tokens)
-    assert pool.keys[1][a.slots[0, 6], 0, 0] == 7006  # the last pass's keys are in the pool itself too
+    assert pool.keys[1][0, a.slots[0, 6], 0] == 7006  # the last pass's keys are in the pool itself too
