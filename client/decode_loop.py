@@ -2,12 +2,15 @@
 
 A round takes each decoding request's last token, embeds them, sends every request's step to the
 swarm at once (each request has its own inference session; their steps leave in one bundle per
-node, and the nodes batch them), then runs the final norm and the lm_head for all of them as one
-batch, together with the requests whose prompt came back since (a prompt's step runs beside the
-rounds, so a long one holds up no one), and picks each request's next token with its own sampling parameters and
-random generator. A request that ends (end of text, a stop string, its token limit) or whose
-client leaves drops out at once and its session closes; new requests join at the next round.
-One thread runs the rounds, so per-token Python work is paid once per round, not per request.
+node, and the nodes batch them). When the round is back, the final norm and the lm_head run for
+all of its requests as one batch, together with the requests whose prompt came back since (a
+prompt's step runs beside the rounds, so a long one holds up no one); each request's next token is
+picked with its own sampling parameters and random generator, the next round leaves, and only
+then are the tokens handed out: detokenizing and streaming them overlap the nodes' work. A
+request that ends (end of text, its token limit) or whose client leaves drops out and its session
+closes; one that meets a stop string is answered at once and leaves when its step in flight is
+back. New requests join at the next round. One thread runs the rounds, so per-token Python work
+is paid once per round, not per request.
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ class Request:
     on_end: Callable[[BaseException | None], None]  # called once when it leaves the loop
     cancelled: threading.Event = field(default_factory=threading.Event)
     session: InferenceSession | None = None
-    prefill: concurrent.futures.Future | None = None  # its prompt's step, in flight
+    step: concurrent.futures.Future | None = None  # its step in flight (its prompt's, or the round's)
+    row: int = 0  # its result's index in what ``step`` gives (one per request sent with it)
     tokens: list[int] = field(default_factory=list)  # generated so far
+    ended: bool = False  # on_end was called
 
 
 class DecodeLoop:
@@ -66,9 +71,9 @@ class DecodeLoop:
             self._admit(block=not self._active)
             if self._active:
                 try:
-                    self._round()
-                except Exception as e:  # a bug: fail the requests of this round, keep serving
-                    logger.exception("decode round failed")
+                    self._turn()
+                except Exception as e:  # a bug: fail the requests in the loop, keep serving
+                    logger.exception("decode turn failed")
                     for request in list(self._active):
                         self._finish(request, e)
         for request in list(self._active):
@@ -86,57 +91,90 @@ class DecodeLoop:
             self._active.append(request)
             block = False
 
-    def _round(self) -> None:
-        """Every decoding request's next step, together; prompts run beside the rounds (a long one
-        must not hold up the others' tokens) and their requests join once their step is back."""
-        for request in [r for r in self._active if r.cancelled.is_set()]:
+    def _turn(self) -> None:
+        """Wait for the round (or, with none in flight, a prompt's step) to come back; choose the
+        next token of every request that is back, then send their next steps as the next round."""
+        for request in [r for r in self._active if r.cancelled.is_set() and not self._in_round(r)]:
             self._finish(request, None)
         for request in self._active:
-            if not request.tokens and request.prefill is None:
-                request.prefill = self._start(request, request.prompt)
-        decoding = [r for r in self._active if r.tokens]
-        if not decoding:  # only prompts in flight: wait for the first to come back
-            concurrent.futures.wait([r.prefill for r in self._active], timeout=0.05,  # then admit arrivals
+            if request.step is None:  # a new request: its prompt's step runs beside the rounds
+                self._send([request], self._embed([request.prompt]))
+        round_ = {r.step for r in self._active if self._in_round(r)}
+        if round_:  # prompts back meanwhile join the round's tokens
+            concurrent.futures.wait(round_)
+        else:  # wake up now and then to admit new requests
+            concurrent.futures.wait({r.step for r in self._active}, timeout=0.05,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
-        results = []
-        if decoding:
-            hidden = self._embed([r.tokens[-1:] for r in decoding])  # every request's last token: [N, 1, H]
-            steps = [self._step(r, row) for r, row in zip(decoding, hidden.split(1))]
-            results = list(zip(decoding, self.view.swarm.call(_together(steps))))
-        prompted = [r for r in self._active if not r.tokens and r.prefill.done()]
-        results += [(r, r.prefill.exception() or r.prefill.result()) for r in prompted]
-        done = []
-        for request, out in results:
+        back = []
+        for request in [r for r in self._active if r.step.done()]:
+            out = request.step.result()[request.row]
             if isinstance(out, BaseException):
                 self._finish(request, out)
-            else:
-                done.append((request, out[0, -1]))
-        if not done:
-            return
-        with torch.no_grad():
-            last = torch.stack([out for _, out in done]).to(self.model.device)  # [N, H]
-            logits = self.model.lm_head(self.model.model.norm(last)).float()  # [N, V]
-            greedy = logits.argmax(-1).tolist()  # every row's greedy choice in one operation
-            if any(request.temperature for request, _ in done):
-                logits = logits.cpu()  # each sampling request's CPU generator draws from its row
-        for row, (request, _) in enumerate(done):
-            token = greedy[row] if request.temperature == 0 else self._choose(request, logits[row])
-            request.tokens.append(token)
-            stop = request.on_token(token)
-            if stop or token in self.eos_ids or len(request.tokens) >= request.max_tokens:
+            elif request.cancelled.is_set():
                 self._finish(request, None)
+            else:
+                back.append((request, out[0, -1]))
+        if back:
+            self._advance(back)
+
+    def _advance(self, back: list[tuple[Request, torch.Tensor]]) -> None:
+        """Choose each request's next token from its last hidden state (one lm_head for all) and
+        send the steps of those that go on; then hand out the tokens (detokenizing and streaming
+        them is the nodes' time, not the round's)."""
+        with torch.no_grad():
+            logits = self._logits(torch.stack([out for _, out in back]).to(self.model.device))  # [V, N]
+            greedy = logits.argmax(0).tolist()  # every request's greedy choice in one operation
+            if any(request.temperature for request, _ in back):
+                logits = logits.cpu()  # each sampling request's CPU generator draws from its column
+        goes_on = []
+        for row, (request, _) in enumerate(back):
+            token = greedy[row] if request.temperature == 0 else self._choose(request, logits[:, row])
+            request.tokens.append(token)
+            request.step = None
+            goes_on.append(token not in self.eos_ids and len(request.tokens) < request.max_tokens)
+        going_on = [request for (request, _), more in zip(back, goes_on) if more]
+        if going_on:
+            self._send(going_on, self._embed([r.tokens[-1:] for r in going_on]))
+        for (request, _), more in zip(back, goes_on):
+            stop = request.on_token(request.tokens[-1])
+            if not more:
+                self._finish(request, None)
+            elif stop:  # a stop string: the answer is complete; the request leaves once its step is back
+                self._end(request, None)
+                request.cancelled.set()
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """The final norm and the lm_head of last hidden states [N, H], as float logits [V, N] (one
+        column per request): weight @ hidden^T, which a CPU computes 1.5x as fast as the Linear's
+        hidden @ weight^T for 4 to 32 rows (49k vocabulary, hidden 256: 13 vs 19 ms at 32 rows)."""
+        head, normed = self.model.lm_head, self.model.model.norm(last)
+        if not isinstance(head, torch.nn.Linear):
+            return head(normed).float().t()
+        logits = torch.mm(head.weight, normed.t())
+        if head.bias is not None:
+            logits += head.bias.unsqueeze(1)
+        return logits.float()
 
     def _embed(self, ids: list[list[int]]) -> torch.Tensor:
         with torch.no_grad():
             return self.model.model.embed_tokens(torch.tensor(ids, device=self.model.device)).cpu()
 
-    def _step(self, request: Request, hidden: torch.Tensor):
-        """The coroutine of ``request``'s next step: new tokens' embeddings [1, T, H] through the swarm."""
-        start = request.session.position
-        return request.session.step_async(hidden, torch.arange(start, start + hidden.shape[1]).unsqueeze(0))
+    def _send(self, requests: list[Request], hidden: torch.Tensor) -> None:
+        """Start the next step of each of ``requests`` (its new tokens' embeddings, a row of ``hidden``)
+        on the swarm's loop; their steps leave together, so the nodes batch them."""
+        steps = []
+        for row, (request, rows) in enumerate(zip(requests, hidden.split(1))):
+            start = request.session.position
+            steps.append(request.session.step_async(rows, torch.arange(start, start + rows.shape[1]).unsqueeze(0)))
+            request.row = row
+        step = asyncio.run_coroutine_threadsafe(_together(steps), self.view.swarm.loop)
+        for request in requests:
+            request.step = step
 
-    def _start(self, request: Request, ids: list[int]) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(self._step(request, self._embed([ids])), self.view.swarm.loop)
+    @staticmethod
+    def _in_round(request: Request) -> bool:
+        """Whether ``request``'s decoding step is in flight (with the round's other steps)."""
+        return request.step is not None and bool(request.tokens) and not request.step.done()
 
     @staticmethod
     def _choose(request: Request, logits: torch.Tensor) -> int:
@@ -154,13 +192,20 @@ class DecodeLoop:
 
     def _finish(self, request: Request, error: BaseException | None) -> None:
         self._active.remove(request)
-        if request.prefill is not None and not request.prefill.done():
-            request.prefill.cancel()
+        if request.step is not None and not request.step.done():
+            request.step.cancel()  # a prompt's step (or, when the loop fails, every step in flight)
         try:
             request.session.close()
         except Exception as e:  # the nodes free an abandoned session when its stream ends anyway
             logger.debug("closing a session: %s", e)
-        request.on_end(error)
+        self._end(request, error)
+
+    @staticmethod
+    def _end(request: Request, error: BaseException | None) -> None:
+        """Tell the request's client its answer is complete (once)."""
+        if not request.ended:
+            request.ended = True
+            request.on_end(error)
 
 
 async def _together(steps: list) -> list:

@@ -1,6 +1,14 @@
-"""How the serving loop picks a request's next token (the rest is tested through `potluck serve`)."""
+"""How the serving loop picks a request's next token and orders its work; its batches through a
+real swarm are tested through `potluck serve`."""
+import asyncio
+import threading
+import time
+import types
+
+import pytest
 import torch
 
+from potluck.client import decode_loop
 from potluck.client.decode_loop import DecodeLoop, Request
 
 
@@ -27,3 +35,124 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_else_runs():
     a = [DecodeLoop._choose(first, logits) for _ in range(10)]
     torch.rand(1000)  # the global generator moves: a request's own does not
     assert a == [DecodeLoop._choose(second, logits) for _ in range(10)]
+
+
+class _Session:
+    """Stands for an inference session: a step's output is its input (the embeddings), after the
+    test lets it finish; what happens is written to a shared log."""
+
+    def __init__(self, view, max_length):
+        self.view, self.position, self.closed = view, 0, False
+        self.number = len(view.sessions)
+        view.sessions.append(self)
+
+    def step_async(self, hidden, positions):
+        self.view.log.append(("step", self.number, int(positions[0, 0])))
+        self.position += hidden.shape[1]
+
+        async def step():
+            await self.view.released.wait()
+            return hidden
+
+        return step()
+
+    def close(self):
+        self.view.log.append(("close", self.number))
+
+
+class _Model(torch.nn.Module):
+    """Embeddings, norm and lm_head of a 6-token vocabulary; the swarm is ``_Session``."""
+
+    def __init__(self, view):
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(6, 4, _weight=torch.randn(6, 4, generator=generator))
+        self.model.norm = torch.nn.Identity()
+        self.lm_head = torch.nn.Linear(4, 6, bias=True)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.randn(6, 4, generator=generator))
+            self.lm_head.bias.copy_(torch.randn(6, generator=generator))
+        self.device, self.swarm_view = torch.device("cpu"), view
+
+
+@pytest.fixture
+def loop_and_view(monkeypatch):
+    monkeypatch.setattr(decode_loop, "InferenceSession", _Session)
+    view = types.SimpleNamespace(sessions=[], log=[], swarm=types.SimpleNamespace(loop=asyncio.new_event_loop()))
+    view.released = asyncio.Event()
+    thread = threading.Thread(target=view.swarm.loop.run_forever, daemon=True)
+    thread.start()
+    loop = DecodeLoop(_Model(view), eos_ids=set())
+    yield loop, view
+    loop.close()
+    view.swarm.loop.call_soon_threadsafe(view.swarm.loop.stop)
+    thread.join(5)
+
+
+def release(view):
+    """Let every step finish from now on."""
+    view.swarm.loop.call_soon_threadsafe(view.released.set)
+
+
+def greedy_chain(model, first, count):
+    """The tokens a session whose steps return their input gives: the lm_head of the last token's embedding."""
+    tokens, last = [], first
+    for _ in range(count):
+        last = int(model.lm_head(model.model.embed_tokens.weight[last]).argmax())
+        tokens.append(last)
+    return tokens
+
+
+def submit(loop, prompt, max_tokens, log, stop_at=None):
+    ended = threading.Event()
+
+    def on_token(token):
+        log.append(("token", prompt[-1], token))
+        return stop_at is not None and len([e for e in log if e[:2] == ("token", prompt[-1])]) == stop_at
+
+    def on_end(error):
+        log.append(("end", prompt[-1], error))
+        ended.set()
+
+    loop.submit(Request(prompt, max_tokens, 0.0, 1.0, torch.Generator(), on_token, on_end))
+    return ended
+
+
+def test_a_round_leaves_before_its_tokens_are_handed_out(loop_and_view):
+    loop, view = loop_and_view
+    release(view)
+    prompts = (1, 2, 5)
+    ends = [submit(loop, [p], 4, view.log) for p in prompts]
+    assert all(end.wait(10) for end in ends)
+    for number, prompt in enumerate(prompts):  # sessions open in the order requests arrive
+        handed = [i for i, e in enumerate(view.log) if e[:2] == ("token", prompt)]
+        assert [view.log[i][2] for i in handed] == greedy_chain(loop.model, prompt, 4)
+        steps = [i for i, e in enumerate(view.log) if e[:2] == ("step", number)]
+        assert [view.log[i][2] for i in steps] == [0, 1, 2, 3]  # the prompt, then a token a step
+        assert all(step < token for step, token in zip(steps[1:], handed))  # a token's step left first
+        assert handed[-1] < view.log.index(("close", number)) < view.log.index(("end", prompt, None))
+
+
+def test_a_stop_string_answers_at_once_and_the_session_closes_when_its_step_is_back(loop_and_view):
+    loop, view = loop_and_view
+    ended = submit(loop, [1], 8, view.log, stop_at=1)
+    for _ in range(200):  # the prompt's step is held until released
+        if view.log:
+            break
+        time.sleep(0.01)
+    release(view)
+    assert ended.wait(10)
+    for _ in range(200):
+        if ("close", 0) in view.log:
+            break
+        time.sleep(0.01)
+    assert [e[0] for e in view.log] == ["step", "step", "token", "end", "close"]  # the second step was in flight
+    assert view.log[-3] == ("token", 1, greedy_chain(loop.model, 1, 1)[0])
+
+
+def test_logits_are_the_lm_head_of_the_normed_states_one_column_per_request(loop_and_view):
+    loop, _ = loop_and_view
+    last = torch.randn(5, 4)
+    expected = loop.model.lm_head(loop.model.model.norm(last))
+    assert torch.allclose(loop._logits(last), expected.t(), atol=1e-6)
