@@ -9,9 +9,10 @@ memory nor copies a session's cache to grow it; closing gives them back.
 A pass through the blocks (``PassCache``) writes its new tokens' keys and values into their
 slots and reads each row's slots back as one left-padded tensor per block: one indexing
 operation for all rows, not a copy per session. Heads come first so that what a pass reads holds
-each row's and head's keys together, as attention reads them (with the slots first, a CPU's
-attention over 32 rows of 100 tokens took 2.6 ms a block instead of 0.6). The last slot holds
-zeros; padding reads it, and the mask hides it (a masked zero key adds exactly nothing).
+each row's keys of one head together, as attention reads them (with the slots first, a 32-row
+pass through 4 tiny blocks at ~100 cached tokens took 31 ms on a CPU instead of 25, at ~250
+50 instead of 34). The last slot holds zeros; padding reads it, and the mask hides it (a masked
+zero key adds exactly nothing).
 """
 from __future__ import annotations
 
