@@ -5,10 +5,11 @@ For 1, 8 and 32 concurrent greedy sessions (--concurrency), with the nodes batch
 - ``clients``: sessions spread over up to 4 client processes (threads inside each), released
   together; every session's tokens are checked against local transformers';
 - ``serve``: streaming completions through one ``potluck serve`` (the official ``openai`` client,
-  one thread per request).
+  one thread per request), --repeats times (5), the levels taking turns.
 Reported: aggregate tokens per second (all new tokens over the wall time from the first start to
-the last finish), the p50 and p90 time between two tokens of one request, and the nodes' mean
-decoding batch size (rows / batches from their counters). The tiny model speaks SmolLM2's
+the last finish), the p50 and p90 time between two tokens of one request (for serve: medians over
+the repeats, each run's p50 beside them), and the nodes' mean decoding batch size (rows / batches
+from their counters). The tiny model speaks SmolLM2's
 tokenizer, so ``potluck serve`` can run it.
 """
 from __future__ import annotations
@@ -59,21 +60,14 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
             conn = SwarmConnection(swarm.initial_peers)
             serve, base_url = _start_serve(path, swarm.initial_peers, logs)
             try:
-                for way, n in [(way, n) for way in ("clients", "serve") for n in levels]:
-                    before = [_counters(conn, p) for p in peers]
-                    if way == "clients":
-                        run = concurrent_sessions(path, swarm.initial_peers, n, args.new_tokens, config.vocab_size)
-                        tokens = run.pop("tokens")
-                        run["tokens_match_local"] = all(tokens[s] == expected[s] for s in range(n))
-                    else:
-                        run = concurrent_requests(base_url, path.name, n, args.new_tokens)
-                    after = [_counters(conn, p) for p in peers]
-                    run.update(way=way, batching=batching)
-                    run["mean_batch_size"] = [round(_ratio(a, b, "decode_rows", "decode_batches"), 2)
-                                              for a, b in zip(after, before)]
-                    logger.info("%s, batching %s, %d at once: %.1f tokens/s, p50 %.1f ms", way,
-                                "on" if batching else "off", n, run["tokens_per_s"], run["ms_between_tokens"]["p50"])
-                    results.append(run)
+                for way in ("clients", "serve"):
+                    for n, run in _measured(way, levels, args.repeats if way == "serve" else 1, peers, conn,
+                                            lambda n: _one_run(way, n, path, swarm, base_url, args, config, expected)):
+                        run.update(way=way, batching=batching)
+                        logger.info("%s, batching %s, %d at once: %.1f tokens/s, p50 %.1f ms", way,
+                                    "on" if batching else "off", n, run["tokens_per_s"],
+                                    run["ms_between_tokens"]["p50"])
+                        results.append(run)
             finally:
                 serve.send_signal(signal.SIGINT)
                 serve.wait(30)
@@ -91,6 +85,41 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
         summary[f"{way}_batching_gain_at_{top}"] = round(
             most["tokens_per_s"] / by[(way, False, top)]["tokens_per_s"], 2)
     return {"model": path.name, "new_tokens": args.new_tokens, "results": results, "summary": summary}
+
+
+def _one_run(way: str, n: int, path: Path, swarm, base_url: str, args, config, expected: dict) -> dict:
+    if way == "serve":
+        return concurrent_requests(base_url, path.name, n, args.new_tokens)
+    run = concurrent_sessions(path, swarm.initial_peers, n, args.new_tokens, config.vocab_size)
+    tokens = run.pop("tokens")
+    run["tokens_match_local"] = all(tokens[s] == expected[s] for s in range(n))
+    return run
+
+
+def _measured(way: str, levels: list[int], repeats: int, peers: list[str], conn, one_run) -> list[tuple[int, dict]]:
+    """Each concurrency level measured ``repeats`` times, the levels taking turns (a machine that
+    slows down for a while then weighs on every level alike); per level the medians over the runs,
+    each run's p50 beside them, and the nodes' mean batch over all of them."""
+    runs = {n: [] for n in levels}
+    decoded = {n: [[0, 0] for _ in peers] for n in levels}  # per node: decode rows, decode batches
+    for _ in range(repeats):
+        for n in levels:
+            before = [_counters(conn, p) for p in peers]
+            runs[n].append(one_run(n))
+            for counts, a, b in zip(decoded[n], [_counters(conn, p) for p in peers], before):
+                for i, key in enumerate(("decode_rows", "decode_batches")):
+                    counts[i] += a.get(key, 0) - b.get(key, 0)
+    measured = []
+    for n in levels:
+        run = dict(runs[n][0])
+        if repeats > 1:
+            run.update(tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs[n]), repeats=repeats,
+                       ms_between_tokens={q: statistics.median(r["ms_between_tokens"][q] for r in runs[n])
+                                          for q in ("p50", "p90")},
+                       p50_each_run=[r["ms_between_tokens"]["p50"] for r in runs[n]])
+        run["mean_batch_size"] = [round(rows / batches, 2) if batches else 0.0 for rows, batches in decoded[n]]
+        measured.append((n, run))
+    return measured
 
 
 def chat_ready_tiny(folder: Path) -> Path:
@@ -180,11 +209,6 @@ def concurrent_sessions(path: Path, peers: list[str], n: int, new_tokens: int, v
 
 def _counters(conn: SwarmConnection, peer: str) -> dict:
     return conn.call(conn.info(peer, timeout=30), timeout=35)[0].counters
-
-
-def _ratio(after: dict, before: dict, rows: str, batches: str) -> float:
-    count = after.get(batches, 0) - before.get(batches, 0)
-    return (after.get(rows, 0) - before.get(rows, 0)) / count if count else 0.0
 
 
 class _Clock(transformers.LogitsProcessor):
