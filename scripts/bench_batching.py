@@ -9,8 +9,7 @@ For 1, 8 and 32 concurrent greedy sessions (--concurrency), with the nodes batch
 Reported: aggregate tokens per second (all new tokens over the wall time from the first start to
 the last finish), the p50 and p90 time between two tokens of one request (for serve: medians over
 the repeats, each run's p50 beside them), and the nodes' mean decoding batch size (rows / batches
-from their counters). The tiny model speaks SmolLM2's
-tokenizer, so ``potluck serve`` can run it.
+from their counters). The tiny model speaks SmolLM2's tokenizer, so ``potluck serve`` can run it.
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
             serve, base_url = _start_serve(path, swarm.initial_peers, logs)
             try:
                 for way in ("clients", "serve"):
-                    for n, run in _measured(way, levels, args.repeats if way == "serve" else 1, peers, conn,
+                    for n, run in _measured(levels, args.repeats if way == "serve" else 1, peers, conn,
                                             lambda n: _one_run(way, n, path, swarm, base_url, args, config, expected)):
                         run.update(way=way, batching=batching)
                         logger.info("%s, batching %s, %d at once: %.1f tokens/s, p50 %.1f ms", way,
@@ -96,7 +95,7 @@ def _one_run(way: str, n: int, path: Path, swarm, base_url: str, args, config, e
     return run
 
 
-def _measured(way: str, levels: list[int], repeats: int, peers: list[str], conn, one_run) -> list[tuple[int, dict]]:
+def _measured(levels: list[int], repeats: int, peers: list[str], conn, one_run) -> list[tuple[int, dict]]:
     """Each concurrency level measured ``repeats`` times, the levels taking turns (a machine that
     slows down for a while then weighs on every level alike); per level the medians over the runs,
     each run's p50 beside them, and the nodes' mean batch over all of them."""
