@@ -122,9 +122,9 @@ class InferenceSession:
             out = await verification.check_step(self, outputs)
         return self._noted(verification.token_scale(out), out)
 
-    def _noted(self, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _noted(self, scale: verification.Scale, out: torch.Tensor) -> torch.Tensor:
         """``out``, its tokens' ``scale`` noted as the session's usual (a running mean of steps' medians)."""
-        median = float(scale.median())
+        median = scale.median
         self.usual_scale = median if self.usual_scale is None else 0.9 * self.usual_scale + 0.1 * median
         return out
 

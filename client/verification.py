@@ -16,6 +16,8 @@ never fails a step that the chain itself computed.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,18 +50,30 @@ def difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)).max())
 
 
-def token_scale(hidden: torch.Tensor) -> torch.Tensor:
-    """Each token's RMS [B, T]."""
-    return hidden.float().pow(2).mean(-1).sqrt()
+@dataclass(frozen=True)
+class Scale:
+    """The RMS of an output's tokens: the median token's and the largest."""
+
+    median: float
+    largest: float
 
 
-def suspicious(scale: torch.Tensor, usual: float | None) -> bool:
+def token_scale(hidden: torch.Tensor) -> Scale:
+    """The scale of hidden states [B, T, H] (a decoding step's one token: a single operation)."""
+    root = math.sqrt(hidden.shape[-1])
+    if hidden.numel() == hidden.shape[-1]:
+        value = float(torch.linalg.vector_norm(hidden, dtype=torch.float32)) / root
+        return Scale(value, value)
+    rms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).flatten() / root
+    return Scale(float(rms.median()), float(rms.max()))
+
+
+def suspicious(scale: Scale, usual: float | None) -> bool:
     """Whether an output's scale (``token_scale``) is far from what this session's outputs usually have."""
     if usual is None:
         return False
-    median = float(scale.median())
-    return not usual / SUSPICIOUS_SCALE <= median <= usual * SUSPICIOUS_SCALE or bool(
-        (scale > usual * OUTLIER_SCALE).any())
+    return not usual / SUSPICIOUS_SCALE <= scale.median <= usual * SUSPICIOUS_SCALE or \
+        scale.largest > usual * OUTLIER_SCALE
 
 
 class _CheckFailed(Exception):

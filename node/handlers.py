@@ -196,7 +196,7 @@ class BlockServicer:
             session = opened.get(request.session_id) or self.sessions.get(request.session_id)
             if request.session_id not in opened:
                 raise BadRequest(f"session {request.session_id} belongs to another stream")
-            return await self._step(session, request, frame.tensors)
+            return await self._step(session, request, frame)
         if isinstance(request, msg.Follow):
             session = self.sessions.get(request.session_id)
             if request.session_id not in opened:
@@ -224,7 +224,7 @@ class BlockServicer:
             raise BadRequest(f"session {request.session_id} takes pushes only from the node before it in its chain")
         client = self._client_streams.get(request.session_id)
         try:
-            reply = await self._step(session, request, frame.tensors)
+            reply = await self._step(session, request, frame)
         except PotluckError as e:
             self.counters["errors"] += 1
             reply = msg.error_meta(e, frame.meta), ()
@@ -233,10 +233,12 @@ class BlockServicer:
             client.write(*reply)
         return None
 
-    async def _step(self, session: Session, request: msg.Step | msg.Push, tensors) -> Reply | None:
+    async def _step(self, session: Session, request: msg.Step | msg.Push, frame: msg.Frame) -> Reply | None:
+        tensors = frame.tensors
         new_tokens = tensors[0].shape[1] if tensors and tensors[0].ndim == 3 else 0
         start = session.step_start(request.start_from, new_tokens)
-        hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, start)
+        hidden, positions, mask = msg.check_step_tensors(tensors, self.hidden_size, session.request.batch_size, start,
+                                                         frame.sane)
         self._check_tokens(hidden)
         alone = len(self.sessions.sessions) == 1
         out = await self._compute(session.span.device,
@@ -268,7 +270,7 @@ class BlockServicer:
                                 counters=counters).to_meta(), ()
         if isinstance(request, msg.Forward):
             self._check_span(request.start, request.end)
-            hidden, positions, mask = msg.check_step_tensors(frame.tensors, self.hidden_size, None, 0)
+            hidden, positions, mask = msg.check_step_tensors(frame.tensors, self.hidden_size, None, 0, frame.sane)
             self._check_tokens(hidden)
             span = self.span
             out = await self._compute(span.device,

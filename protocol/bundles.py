@@ -7,7 +7,8 @@ wake-up on the other side) per session. ``FrameBatcher`` instead collects what i
 during one loop turn and sends consecutive messages whose tensors differ only in their first
 (batch) dimension as one ``bundle`` frame: the parts' metadata in a list, their tensors
 concatenated along that dimension. A message alone goes as a plain frame. ``unbundle`` gives a
-receiver the parts back as frames, each then validated like any other; order is kept.
+receiver the parts back as frames, each then validated like any other (the values of their
+tensors once for the whole bundle: ``Frame.sane``); order is kept.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import BadRequest
-from .messages import MAX_TENSORS, Frame, encode_frame, end_stream
+from .messages import MAX_TENSORS, Frame, encode_frame, end_stream, values_sane
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def unbundle(frame: Frame) -> list[Frame]:
                          f"{[tuple(t.shape) for t in frame.tensors][:MAX_TENSORS]}")
     if not frame.tensors:
         return [Frame(part) for part in parts]
-    pieces = [t.split(rows) for t in frame.tensors]
-    return [Frame(part, tuple(piece[i] for piece in pieces)) for i, part in enumerate(parts)]
+    pieces, sane = [t.split(rows) for t in frame.tensors], values_sane(frame.tensors)
+    return [Frame(part, tuple(piece[i] for piece in pieces), sane) for i, part in enumerate(parts)]
 
 
 def bundled(messages: list[tuple[dict[str, Any], Sequence[torch.Tensor]]]) -> list[tuple[dict, list[torch.Tensor]]]:

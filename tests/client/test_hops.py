@@ -10,6 +10,7 @@ from potluck.client.hops import HopSession, HopStreams, StepInputs, cut, joined
 from potluck.client.routing import Hop
 from potluck.client.swarm_view import FailoverPolicy, SwarmView, expect_hidden
 from potluck.protocol import messages as msg
+from potluck.protocol.bundles import bundled, unbundle
 from potluck.protocol.errors import NodeUnavailable
 from potluck.protocol.records import NodeRecord, NodeState
 from potluck.protocol.replies import Result
@@ -81,3 +82,10 @@ def test_an_answer_with_nan_or_of_the_wrong_dtype_fails_its_node():
         with pytest.raises(NodeUnavailable) as caught:
             expect_hidden(msg.Frame(Result(1, 1, "s").to_meta(), (bad,)), hop, good.shape)
         assert caught.value.peer_id == peer_id("a")
+    answers = [(Result(1, 1, name).to_meta(), [torch.zeros(1, 1, 4)]) for name in "abc"]
+    answers[1][1][0][0, 0, 2] = float("nan")  # in a bundle (checked once for all its parts), one bad answer
+    ((meta, tensors),) = bundled(answers)
+    parts = unbundle(msg.decode_payload(msg.encode_frame(meta, tensors)[msg.HEADER_BYTES:]))
+    assert expect_hidden(parts[0], hop, good.shape).shape == good.shape
+    with pytest.raises(NodeUnavailable, match="NaN"):
+        expect_hidden(parts[1], hop, good.shape)

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from memory_swarm import peer_id, stream_pair
 from potluck.node.announcer import Announcer
-from potluck.protocol.bundles import FrameBatcher
+from potluck.protocol.bundles import FrameBatcher, unbundle
 from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.links import PushLinks
@@ -89,6 +89,33 @@ def test_a_bad_step_changes_nothing_and_a_vanished_client_frees_its_sessions(ser
 
     asyncio.run(talk())
     assert not servicer.sessions.sessions and servicer.sessions.tokens_left == 1000
+
+
+def test_a_poisoned_part_of_a_bundle_is_refused_alone(servicer):
+    """A bundle's tensors are checked once (``Frame.sane``); when one part holds a NaN or a bad
+    position, that part, and only it, is refused."""
+    async def talk():
+        client = Client(servicer)
+        for name in "abcd":
+            await client.ask(msg.OpenSession(name, 0, 4, 16, 1))
+        hidden, positions = torch.randn(4, 1, HIDDEN), torch.zeros(4, 1, dtype=torch.int64)
+        hidden[1, 0, 5] = float("nan")
+        positions[3, 0] = -1
+        out = FrameBatcher(client.writer)
+        for row, name in enumerate("abcd"):
+            out.write(msg.Step(name, None, seq=row).to_meta(), [hidden[row:row + 1], positions[row:row + 1]])
+        await asyncio.sleep(0)  # one loop turn: one bundle
+        answers = {}
+        while len(answers) < 4:
+            for frame in unbundle(await asyncio.wait_for(msg.read_frame(client.reader), 10)):
+                answers[frame.meta.get("session_id")] = msg.error_of(frame) or parse_reply(frame)
+        assert isinstance(answers["b"], BadRequest) and "NaN" in str(answers["b"])
+        assert isinstance(answers["d"], BadRequest) and "position_ids" in str(answers["d"])
+        assert answers["a"] == Result(1, 0, "a") and answers["c"] == Result(1, 2, "c")
+        assert servicer.counters["bundles_received"] == 1
+        await client.hang_up()
+
+    asyncio.run(talk())
 
 
 def test_only_the_previous_node_may_push_into_a_session_and_follow_changes_which(servicer):

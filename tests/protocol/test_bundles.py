@@ -51,6 +51,23 @@ def test_a_bad_bundle_is_refused(meta, rows):
         unbundle(on_the_wire({"type": BUNDLE, **meta}, [torch.zeros(rows, 1, 8)] if rows else []))
 
 
+def test_a_bundles_values_are_checked_once_for_all_its_parts():
+    frames = bundled([step(name) for name in "abc"])
+    assert all(part.sane for part in unbundle(on_the_wire(*frames[0])))
+    for poison in (float("nan"), float("inf")):
+        messages = [step(name) for name in "abc"]
+        messages[1][1][0][0, 0, 3] = poison
+        parts = unbundle(on_the_wire(*bundled(messages)[0]))
+        assert not any(part.sane for part in parts)  # each part is then checked on its own
+        with pytest.raises(BadRequest, match="NaN or infinite"):
+            msg.check_step_tensors(parts[1].tensors, 8, 1, 0, parts[1].sane)
+        assert msg.check_step_tensors(parts[0].tensors, 8, 1, 0, parts[0].sane)
+    messages = [step(name) for name in "abc"]
+    messages[2][1][1][0, 0] = msg.MAX_POSITION  # a position out of range
+    assert not any(part.sane for part in unbundle(on_the_wire(*bundled(messages)[0])))
+    assert not on_the_wire(*step("alone")).sane  # a message alone is checked by its handler
+
+
 def test_a_batcher_sends_one_loop_turn_as_one_frame():
     async def exchange():
         (reader, _), (_, writer) = stream_pair()
