@@ -151,8 +151,18 @@ def test_a_stop_string_answers_at_once_and_the_session_closes_when_its_step_is_b
     assert view.log[-3] == ("token", 1, greedy_chain(loop.model, 1, 1)[0])
 
 
-def test_logits_are_the_lm_head_of_the_normed_states_one_column_per_request(loop_and_view):
+@pytest.mark.parametrize("chunk_bytes", [decode_loop.LOGITS_CHUNK_BYTES, 40])
+def test_choices_are_the_lm_heads_greedy_tokens_and_logits_whatever_the_chunks(loop_and_view, monkeypatch,
+                                                                                chunk_bytes):
     loop, _ = loop_and_view
-    last = torch.randn(5, 4)
-    expected = loop.model.lm_head(loop.model.model.norm(last))
-    assert torch.allclose(loop._logits(last), expected.t(), atol=1e-6)
+    monkeypatch.setattr(decode_loop, "LOGITS_CHUNK_BYTES", chunk_bytes)  # 40 bytes, 5 rows: 2 tokens a chunk
+    with torch.no_grad():
+        loop.model.lm_head.weight[5] = loop.model.lm_head.weight[1]  # a tie across chunks: the first token wins
+        loop.model.lm_head.bias[5] = loop.model.lm_head.bias[1]
+        last = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+        last[4] = loop.model.lm_head.weight[1] * 10  # so that row's best token is 1 (and 5, equal)
+        expected = loop.model.lm_head(loop.model.model.norm(last))
+        greedy, logits = loop._choices(last, [0, 3])
+    assert greedy == expected.argmax(1).tolist() and greedy[4] == 1
+    assert torch.allclose(logits, expected[[0, 3]].t(), atol=1e-6)
+    assert loop._choices(last, [])[1] is None
