@@ -13,7 +13,6 @@ from typing import AsyncIterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.streamers import BaseStreamer
 
 from .decode_loop import DecodeLoop, Request
 
@@ -35,8 +34,14 @@ class Completion:
     completion_tokens: int
 
 
-class _DeltaStreamer(BaseStreamer):
-    """Decodes generated tokens incrementally; emits text that cannot be the start of a stop string."""
+class _DeltaStreamer:
+    """Decodes generated tokens incrementally; emits text that cannot be the start of a stop string.
+    Each token decodes only the ids since the last text it gave, with the ids of that text before
+    them as context (so that spaces and merges come out as in the whole text): a token costs the
+    same however long the answer (a whole decode per token cost 0.14 ms at 256 tokens, 32 requests
+    at once paying it in every round). The answer's text is the whole decode, once at the end: a
+    tokenizer that cleans up spaces across tokens (transformers does so for WordPiece ones, as
+    BERT's) can change text already streamed, which no stream can take back."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...], emit):
         self.tokenizer, self.stop, self.emit = tokenizer, stop, emit
@@ -44,19 +49,18 @@ class _DeltaStreamer(BaseStreamer):
         self.sent = 0  # characters of the text already emitted
         self.text = ""
         self.stopped = False  # a stop string appeared
-        self._prompt_seen = False
+        self._context = self._read = 0  # ids[_context:_read] gave the end of ``text``; ids[_read:] none yet
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate first hands over the prompt
-            self._prompt_seen = True
-            return
+    def add(self, ids: list[int]) -> None:
         if self.stopped:
             return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        self.ids.extend(ids)
+        before = self._decode(self.ids[self._context:self._read])
+        after = self._decode(self.ids[self._context:])
+        if after.endswith("\ufffd"):
             return  # half of a multi-byte character: wait for the rest
-        self.text = text
+        text = self.text = self.text + after[len(before):]
+        self._context, self._read = self._read, len(self.ids)
         cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = text[:cut], True
@@ -65,12 +69,17 @@ class _DeltaStreamer(BaseStreamer):
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         self._send(len(text) - hold)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
     def _send(self, upto: int) -> None:
         if upto > self.sent:
             self.emit(self.text[self.sent:upto])
             self.sent = upto
 
     def end(self) -> None:
+        if not self.stopped:
+            self.text = self._decode(self.ids)
         self._send(len(self.text))
 
 
@@ -95,10 +104,9 @@ class TextGenerator:
         loop, answers = asyncio.get_running_loop(), asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(answers.put_nowait, item)  # noqa: E731
         streamer = _DeltaStreamer(self.tokenizer, params.stop, put)
-        streamer._prompt_seen = True  # the loop hands over new tokens only
 
         def on_token(token: int) -> bool:
-            streamer.put(torch.tensor([token]))
+            streamer.add([token])
             return streamer.stopped
 
         def on_end(error: BaseException | None) -> None:

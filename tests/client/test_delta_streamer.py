@@ -1,0 +1,71 @@
+"""The HTTP API's incremental detokenizer: streamed pieces add up to the whole text's decode."""
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from potluck.client.serving import _DeltaStreamer
+from potluck.protocol.checkpoint import resolve_checkpoint
+
+TEXT = ("Once upon a time, a fox named Zoë met a crow. \"Hello!\" said the fox; the crow said nothing . "
+        "They ate 3.5 crêpes in Zürich 🦊🐦 and 你好 , then went home .\n\nIt ' s the end , isn ' t it ?")
+
+
+def sentencepiece_like() -> PreTrainedTokenizerFast:
+    """A small BPE with Llama's word-boundary marker (its decoder drops the first word's space)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>", *bytes_])
+    tokenizer.train_from_iterator([TEXT] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>")
+
+
+def wordpiece_cleaning_up_spaces() -> PreTrainedTokenizerFast:
+    """BERT's kind of tokenizer, whose decode removes spaces before punctuation and around
+    apostrophes: the one kind whose text of a few tokens can change with the token after them."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(cleanup=False)  # transformers cleans up (clean_up_tokenization_spaces)
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"])
+    tokenizer.train_from_iterator([TEXT] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="[SEP]", unk_token="[UNK]",
+                                   clean_up_tokenization_spaces=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve_checkpoint(None).path)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "sentencepiece", "wordpiece"])
+def test_streamed_pieces_add_up_to_the_whole_decode(which, request):
+    tokenizer = {"smollm2": lambda: request.getfixturevalue("smollm2_tokenizer"),
+                 "sentencepiece": sentencepiece_like,
+                 "wordpiece": wordpiece_cleaning_up_spaces}[which]()
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    pieces = []
+    streamer = _DeltaStreamer(tokenizer, (), pieces.append)
+    for token in ids:
+        streamer.add([token])
+        assert "".join(pieces) == streamer.text  # nothing half-sent: a multi-byte character waits
+    streamer.end()
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert streamer.text == whole
+    if which == "wordpiece":  # spaces cleaned up across tokens: what was sent stays, the answer is right
+        assert "it's the end, isn't it?" in whole.lower()
+    else:
+        assert "".join(pieces) == whole
+        assert "🦊" in whole and "你好" in whole  # characters of several bytes, split across tokens
+
+
+def test_a_stop_string_across_tokens_is_never_sent_in_part(smollm2_tokenizer):
+    ids = smollm2_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    pieces = []
+    streamer = _DeltaStreamer(smollm2_tokenizer, ("crêpes in",), pieces.append)
+    for token in ids:
+        streamer.add([token])
+    streamer.end()
+    assert streamer.stopped and "".join(pieces) == streamer.text == TEXT[:TEXT.index("crêpes in")]
