@@ -78,8 +78,9 @@ class _DeltaStreamer:
             self.sent = upto
 
     def end(self) -> None:
-        if not self.stopped:
-            self.text = self._decode(self.ids)
+        whole = self._decode(self.ids)
+        if not (self.stopped or whole.endswith("\ufffd")):  # an answer cut in a character ends before it
+            self.text = whole
         self._send(len(self.text))
 
 

@@ -69,3 +69,14 @@ def test_a_stop_string_across_tokens_is_never_sent_in_part(smollm2_tokenizer):
         streamer.add([token])
     streamer.end()
     assert streamer.stopped and "".join(pieces) == streamer.text == TEXT[:TEXT.index("crêpes in")]
+
+
+def test_an_answer_cut_inside_a_character_ends_before_it(smollm2_tokenizer):
+    ids = smollm2_tokenizer("A fox 🦊", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(len(ids)) if smollm2_tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    pieces = []
+    streamer = _DeltaStreamer(smollm2_tokenizer, (), pieces.append)
+    for token in ids[:cut]:  # max_tokens reached halfway through the fox's bytes
+        streamer.add([token])
+    streamer.end()
+    assert "".join(pieces) == streamer.text == "A fox"  # the space came in the fox's first token
