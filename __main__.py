@@ -1,5 +1,3 @@
-import sys
+from potluck.cli import run_and_exit
 
-from potluck.cli import main
-
-sys.exit(main())
+run_and_exit()
