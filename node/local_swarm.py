@@ -4,12 +4,14 @@ The one launcher behind `potluck swarm`, the tests and the benchmarks. Each chil
 to a log file (and, with ``echo``, to this process's stderr); a node counts as started once it
 logs ONLINE. Children get SIGTERM if this process dies without stopping them (Linux), and
 ``stop`` sends SIGINT (nodes drain), then SIGKILL after a timeout, then kills any daemon they
-left behind. ``make_tiny_checkpoint`` makes the random models tests and benchmarks run on.
+left behind. The tests' swarms start children as forks of a process that has imported the heavy
+packages once (``forks``). ``make_tiny_checkpoint`` makes the random models tests and benchmarks
+run on.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import logging
 import os
 import re
@@ -23,6 +25,8 @@ from typing import Sequence
 
 from potluck.protocol.network import INITIAL_PEERS_ENV, LOOPBACK_MADDR
 
+from .forks import Forked, ForkServer, die_with_parent
+
 logger = logging.getLogger(__name__)
 ONLINE_LINE = re.compile(r"ONLINE: serving .* as (\w+)")
 
@@ -31,17 +35,26 @@ class SwarmStartError(RuntimeError):
     """A child exited or did not come up in time; the message ends with its last log lines."""
 
 
+@functools.cache
+def shared_fork_server() -> ForkServer:
+    """This process's fork server (``forks``), started on first use."""
+    return ForkServer()
+
+
 class Child:
     """One child process whose output lines are kept, logged and searched as they arrive."""
 
-    def __init__(self, name: str, args: Sequence[str], log: Path | None, echo: bool, prefix: Sequence[str] = ()):
+    def __init__(self, name: str, args: Sequence[str], log: Path | None, echo: bool, prefix: Sequence[str] = (),
+                 forks: ForkServer | None = None):
         self.name = name
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "potluck", *args],  # prefix: e.g. `ip netns exec NAME`
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, errors="replace",
-            start_new_session=True,  # Ctrl-C reaches children once, via stop()
-            preexec_fn=_die_with_parent)
+        self.proc = forks.start(args) if forks is not None and not prefix else None
+        if self.proc is None:
+            self.proc = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "potluck", *args],  # prefix: e.g. `ip netns exec NAME`
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, text=True, errors="replace",
+                start_new_session=True,  # Ctrl-C reaches children once, via stop()
+                preexec_fn=die_with_parent)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._pump = threading.Thread(target=self._read, args=(log, echo), name=f"potluck-{name}", daemon=True)
@@ -81,13 +94,18 @@ class Child:
 
 
 class LocalSwarm:
-    """Start with ``start_dht()``, then ``start_nodes(...)`` as often as needed; ``stop()`` ends all."""
+    """Start with ``start_dht()``, then ``start_nodes(...)`` as often as needed; ``stop()`` ends all.
+    ``forks``: start children as forks of this process's fork server (``forks``; about 1 s a start
+    instead of 10 here, imports being most of a start), except those run under a ``prefix``. Off
+    where a child's start-up time or memory is measured."""
 
-    def __init__(self, logs: Path | None = None, *, echo: bool = False, node_args: Sequence[str] = ()):
+    def __init__(self, logs: Path | None = None, *, echo: bool = False, node_args: Sequence[str] = (),
+                 forks: bool = False):
         self.logs, self.echo, self.node_args = logs, echo, list(node_args)
+        self.forks = shared_fork_server() if forks else None
         self.children: list[Child] = []
         self.initial_peers: list[str] = []
-        self.nodes: dict[str, subprocess.Popen] = {}  # peer id -> its process
+        self.nodes: dict[str, subprocess.Popen | Forked] = {}  # peer id -> its process
         self.node_children: dict[str, Child] = {}  # peer id -> its process and output
         self._abort = threading.Event()
 
@@ -137,7 +155,7 @@ class LocalSwarm:
 
     def _spawn(self, name: str, args: list[str], prefix: Sequence[str] = ()) -> Child:
         log = None if self.logs is None else self.logs / f"{name}.log"
-        child = Child(name, args, log, self.echo, prefix)
+        child = Child(name, args, log, self.echo, prefix, self.forks)
         self.children.append(child)
         return child
 
@@ -197,11 +215,3 @@ def make_tiny_checkpoint(family: str, folder: Path, *, hidden: int = 64, layers:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     return folder
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the launcher dies without stopping us (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass

@@ -81,8 +81,11 @@ def test_when_a_node_leaves_the_others_move_to_cover_its_blocks(nine_blocks, swa
             raise AssertionError(f"blocks not covered again: {before} -> {after}")
         for peer in set(after):  # a node never moved off a block it alone served
             assert alone(before, peer) <= set(range(*after[peer])), (before, after)
-        log = "".join(line for child in swarm.children for line in child.lines)
-        assert "moving from blocks" in log and "moved: ONLINE on blocks" in log, log[-3000:]
+        movers = [peer for peer, child in swarm.node_children.items()
+                  if any("moving from blocks" in line for line in child.lines)]  # said before it announced
+        assert movers, "".join(line for child in swarm.children for line in child.lines)[-3000:]
+        for peer in movers:  # it announces its new blocks, then says so
+            swarm.wait_for_line(peer, "moved: ONLINE on blocks", timeout=30)
         assert_greedy_is_exact(nine_blocks, connection, seed=4)
     finally:
         connection.close()
