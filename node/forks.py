@@ -16,6 +16,7 @@ starts a plain process.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import json
 import logging
@@ -119,6 +120,8 @@ class ForkServer:
     def close(self) -> None:
         """End the server; children still running get SIGTERM."""
         if self._socket is not None:
+            with contextlib.suppress(OSError):  # wakes our reader (a plain close would not) and tells the server
+                self._socket.shutdown(socket.SHUT_RDWR)
             self._socket.close()
         if self._server is not None:
             try:
@@ -281,3 +284,4 @@ def die_with_parent() -> None:
 
 if __name__ == "__main__":
     serve(int(sys.argv[1]))
+    os._exit(0)  # without tearing down the preloaded modules (1.5 s)

@@ -1,7 +1,8 @@
 """`potluck swarm`: a bootstrap peer and N nodes on loopback that split a model's blocks evenly.
 
-For demos and tests. Starts a `potluck dht` and the nodes as child processes (``LocalSwarm``),
-waits until each node is ONLINE, prints the initial-peers line, and on Ctrl-C (or when a child
+For demos and tests. Starts a `potluck dht` and the nodes as child processes (``LocalSwarm``), as
+forks of one process that imports torch, transformers and hivemind once (``forks``: the nodes
+start sooner and share those pages), waits until each node is ONLINE, prints the initial-peers line, and on Ctrl-C (or when a child
 dies) stops every process it started.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ async def run_swarm(config: SwarmConfig, stop: asyncio.Event) -> int:
     spans = split_evenly(checkpoint.num_blocks, config.nodes)
     node_args = ["--model-name", checkpoint.name, "--announce-period", str(config.announce_period),
                  *(["--dtype", config.dtype] if config.dtype else []), *config.node_args]
-    swarm = LocalSwarm(echo=True, node_args=node_args)  # node logs go to this terminal
+    swarm = LocalSwarm(echo=True, node_args=node_args, forks=True)  # node logs go to this terminal
     try:
         starting = asyncio.ensure_future(asyncio.to_thread(_start, swarm, checkpoint.path, spans, config))
         stopping = asyncio.ensure_future(stop.wait())

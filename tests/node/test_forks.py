@@ -79,6 +79,7 @@ def test_children_end_with_their_server():
     dht = forks.start(["dht"])
     line_with(dht, "POTLUCK_INITIAL_PEERS=")
     forks.close()
+    assert forks._server.returncode == 0  # it heard the close and left, not killed after close's wait
     assert dht.wait(30) == -signal.SIGTERM
     assert gone(dht.pid)  # not left running
 
