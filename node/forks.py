@@ -38,10 +38,6 @@ MESSAGE_BYTES = 1 << 20
 MAY_DIFFER = ("POTLUCK_", "PYTEST_")  # environment variables no preloaded package reads
 
 
-class ForkServerError(RuntimeError):
-    """The fork server did not start, or went away."""
-
-
 class Forked:
     """A child of the fork server: the part of ``subprocess.Popen`` a launcher uses."""
 
@@ -97,14 +93,17 @@ class ForkServer:
             try:
                 request = json.dumps({"args": list(args), "env": env, "cwd": os.getcwd()}).encode()
                 socket.send_fds(self._socket, [request], [write])
+            except OSError as e:
+                self._failed = f"the fork server went away ({e})"
             finally:
                 os.close(write)
             with self.exits:
                 if not self.exits.wait_for(lambda: self._pids or self._failed, 30):
                     self._failed = "the fork server did not answer in 30 s"
-                if not self._pids:
+                if not self._pids:  # nothing was forked (or it got SIGTERM with the server)
                     os.close(read)
-                    raise ForkServerError(self._failed)
+                    logger.warning("%s; starting plain processes instead", self._failed)
+                    return None
                 child = Forked(self, list(args), self._pids.pop(0),
                                os.fdopen(read, "r", encoding="utf-8", errors="replace"))
                 child.returncode = self._exited.pop(child.pid, None)
