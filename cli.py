@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_and_exit(argv: list[str] | None = None) -> NoReturn:
     """``main``, then exit without Python's teardown of every module it imported: torch's and
     transformers' take 1.5 s of a node's exit on a 2-core machine and do nothing a finished command
-    needs. Exit handlers run and output is flushed first; a traceback (DEBUG) leaves as usual."""
+    needs. Exit handlers run and output is flushed first (threads still running are not waited
+    for: the command is over); a traceback (DEBUG) or an argparse exit leaves as usual."""
     code = main(argv)
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # what interpreter shutdown would run first (multiprocessing's, logging's)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -2,8 +2,8 @@
 
 For demos and tests. Starts a `potluck dht` and the nodes as child processes (``LocalSwarm``), as
 forks of one process that imports torch, transformers and hivemind once (``forks``: the nodes
-start sooner and share those pages), waits until each node is ONLINE, prints the initial-peers line, and on Ctrl-C (or when a child
-dies) stops every process it started.
+start sooner and share those pages), waits until each node is ONLINE, prints the initial-peers
+line, and on Ctrl-C (or when a child dies) stops every process it started.
 """
 from __future__ import annotations
 
