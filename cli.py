@@ -84,7 +84,11 @@ def run_and_exit(argv: list[str] | None = None) -> NoReturn:
     transformers' take 1.5 s of a node's exit on a 2-core machine and do nothing a finished command
     needs. Exit handlers run and output is flushed first (threads still running are not waited
     for: the command is over); a traceback (DEBUG) or an argparse exit leaves as usual."""
-    code = main(argv)
+    exit_now(main(argv))
+
+
+def exit_now(code: int) -> NoReturn:
+    """Run the exit handlers, flush the output and exit, skipping the modules' teardown."""
     atexit._run_exitfuncs()  # what interpreter shutdown would run first (multiprocessing's, logging's)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -239,10 +239,8 @@ def _child(request: dict, output: int, server: int) -> NoReturn:
     except BaseException:
         traceback.print_exc()
     finally:
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from potluck.cli import exit_now
+        exit_now(code)
 
 
 def _become(request: dict, output: int, server: int) -> NoReturn:
@@ -266,18 +264,19 @@ def _become(request: dict, output: int, server: int) -> NoReturn:
 
 
 def _name(name: str) -> None:
-    """The process's name (Linux prctl PR_SET_NAME, 15 bytes)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(15, name.encode()[:15])
-    except OSError:
-        pass
+    """The process's name, as top shows it (15 bytes)."""
+    _prctl(15, name.encode()[:15])  # PR_SET_NAME
 
 
 def die_with_parent() -> None:
-    """SIGTERM when the parent goes (Linux prctl PR_SET_PDEATHSIG)."""
+    """SIGTERM when the parent goes."""
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _prctl(option: int, value) -> None:
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
+    except OSError:  # not Linux
         pass
 
 
