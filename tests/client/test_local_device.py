@@ -11,6 +11,7 @@ from devices import OTHER_DEVICE
 from potluck.client.swarm_view import SwarmView
 from potluck.client.model import RemoteCache, build_local_part
 from potluck.protocol.checkpoint import resolve_checkpoint
+from potluck.protocol.families import CACHE_ARG
 
 
 class WireSession:
@@ -36,9 +37,9 @@ def test_local_part_keeps_its_device_and_speaks_cpu_to_the_wire(tiny_checkpoints
     session = WireSession()
     ids = torch.randint(0, 1000, (2, 7)).to(OTHER_DEVICE)
     with FakeTensorMode(allow_non_fake_inputs=True):  # (a padding mask's all() would need real data)
-        prefill = model(input_ids=ids, cache=RemoteCache(session), use_cache=True)
-        step = model(input_ids=ids[:, :1], position_ids=torch.tensor([[7]]).to(OTHER_DEVICE),
-                     cache=RemoteCache(session), use_cache=True)
+        prefill = model(input_ids=ids, use_cache=True, **{CACHE_ARG: RemoteCache(session)})
+        step = model(input_ids=ids[:, :1], position_ids=torch.tensor([[7]]).to(OTHER_DEVICE), use_cache=True,
+                     **{CACHE_ARG: RemoteCache(session)})
     assert prefill.logits.device == OTHER_DEVICE and tuple(prefill.logits.shape) == (2, 7, 1000)
     assert step.logits.device == OTHER_DEVICE
     assert session.seen == [["cpu", "cpu"], ["cpu", "cpu"]]
