@@ -29,7 +29,8 @@ COUNTERS = {  # servicer counter -> (metric name, help)
     "forward_batches": ("potluck_node_forward_batches", "Batches of cache-less forwards run (forwards / batches)"),
     "streams_timed_out": ("potluck_node_streams_timed_out", "Streams closed for idling or trickling past a timeout"),
     "bundles_received": ("potluck_node_bundles_received", "Frames that carried several messages (sessions' steps)"),
-    "hidden_bytes_in": ("potluck_node_hidden_bytes_in", "Bytes of hidden states received in steps, pushes and forwards"),
+    "hidden_bytes_in": ("potluck_node_hidden_bytes_in",
+                        "Bytes of hidden states received in steps, pushes and forwards"),
 }
 
 

@@ -376,7 +376,8 @@ def check_step_tensors(
     if batch == 0 or length == 0 or (batch_size is not None and batch != batch_size):
         raise BadRequest(f"hidden states of shape {tuple(hidden.shape)} do not fit a session of batch {batch_size}")
     if positions.dtype != torch.int64 or tuple(positions.shape) != (batch, length):
-        raise BadRequest(f"position_ids must be int64 [{batch}, {length}], got {positions.dtype} {tuple(positions.shape)}")
+        raise BadRequest(f"position_ids must be int64 [{batch}, {length}], "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
     if not sane and positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < MAX_POSITION):
         raise BadRequest(f"position_ids must lie in [0, {MAX_POSITION})")
     if not sane and not bool(torch.isfinite(hidden).all()):

@@ -85,8 +85,8 @@ def test_nodes_publish_pings_and_route_explains_the_chain(setup):
         time.sleep(1)
     assert all(0 < ping < 5 for p in peers for ping in records[p].pings.values())
     assert set(records[peers[0]].pings) == set(peers[1:])
-    result = subprocess.run(potluck_command("route", "--model", str(path), "--initial-peers", *connection.initial_peers),
-                            capture_output=True, text=True, timeout=120)
+    command = potluck_command("route", "--model", str(path), "--initial-peers", *connection.initial_peers)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 nodes known" in result.stdout
     chain = [line for line in result.stdout.splitlines() if "compute" in line]
