@@ -16,6 +16,7 @@ import torch
 from potluck.protocol.errors import UnknownSession
 
 from .cache_pool import PassCache
+from .graphs import decode_fixed
 from .sessions import Session
 from .span import BlockSpan
 
@@ -79,20 +80,25 @@ def forward_together(works: list[ForwardWork]) -> list[torch.Tensor]:
     return list(outputs)
 
 
-def decode_together(works: list[StepWork]) -> list[torch.Tensor]:
-    """One new token for each session (same span and blocks), in one pass; outputs [1, 1, H] each."""
+def decode_together(works: list[StepWork], graphs: bool = False) -> list[torch.Tensor]:
+    """One new token for each session (same span and blocks), in one pass; outputs [1, 1, H] each.
+    ``graphs``: a fixed-shape pass (``graphs.FixedPasses``), replayed from a CUDA graph on a GPU."""
     works = [work for work in works if not work.session.closed]  # their results raise UnknownSession
-    if len(works) <= 1:
-        return [work.chunk(0, 1) for work in works]
+    if not works:
+        return []
     first = works[0].session
-    span, start, end = first.span, first.request.start, first.request.end
-    lengths = [work.start for work in works]  # a client that rewound (after a failover) starts earlier
-    cache = PassCache(first.pool, [work.session.slots[0] for work in works], lengths, 1)
-    hidden = torch.cat([w.hidden for w in works]).to(span.device, span.dtype)  # [B, 1, H]
-    positions = torch.cat([w.positions for w in works]).to(span.device)  # [B, 1]
-    padding = cache.prefix - torch.tensor(lengths).unsqueeze(1)  # [B, 1] pad slots before each row
-    attend = (torch.arange(cache.prefix + 1).unsqueeze(0) >= padding).to(span.device)  # [B, prefix + 1]
-    out = span(hidden, positions, attend, cache, start, end)  # [B, 1, H]
+    out = decode_fixed(works, capture=first.span.device.type == "cuda") if graphs else None
+    if out is None and len(works) == 1:
+        return [works[0].chunk(0, 1)]
+    if out is None:
+        span, start, end = first.span, first.request.start, first.request.end
+        lengths = [work.start for work in works]  # a client that rewound (after a failover) starts earlier
+        cache = PassCache(first.pool, [work.session.slots[0] for work in works], lengths, 1)
+        hidden = torch.cat([w.hidden for w in works]).to(span.device, span.dtype)  # [B, 1, H]
+        positions = torch.cat([w.positions for w in works]).to(span.device)  # [B, 1]
+        padding = cache.prefix - torch.tensor(lengths).unsqueeze(1)  # [B, 1] pad slots before each row
+        attend = (torch.arange(cache.prefix + 1).unsqueeze(0) >= padding).to(span.device)  # [B, prefix + 1]
+        out = span(hidden, positions, attend, cache, start, end)  # [B, 1, H]
     rows = list(out.split(1))
     for work, row in zip(works, rows):
         work.session.cached = work.start + 1

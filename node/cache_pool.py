@@ -11,8 +11,9 @@ slots and reads each row's slots back as one left-padded tensor per block: one i
 operation for all rows, not a copy per session. Heads come first so that what a pass reads holds
 each row's keys of one head together, as attention reads them (with the slots first, a 32-row
 pass through 4 tiny blocks at ~100 cached tokens took 31 ms on a CPU instead of 25, at ~250
-50 instead of 34). The last slot holds zeros; padding reads it, and the mask hides it (a masked
-zero key adds exactly nothing).
+50 instead of 34). The slot after the last holds zeros; padding reads it, and the mask hides it
+(a masked zero key adds exactly nothing). The one after that is scratch: the filler rows of a
+fixed-shape pass (``graphs``) write there.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ class CachePool:
 
     def __init__(self, span, capacity: int):
         kv_heads, head_dim = kv_shape(span.config)
-        shape = (kv_heads, capacity + 1, head_dim)  # the last slot: zeros, for padding
-        self.start, self.device, self.pad = span.start, span.device, capacity
+        shape = (kv_heads, capacity + 2, head_dim)  # then zeros, for padding, and scratch
+        self.start, self.device, self.pad, self.scratch = span.start, span.device, capacity, capacity + 1
         self.keys = [torch.empty(shape, dtype=span.dtype, device=span.device) for _ in range(span.start, span.end)]
         self.values = [torch.empty(shape, dtype=span.dtype, device=span.device) for _ in range(span.start, span.end)]
         for tensor in self.keys + self.values:
@@ -36,6 +37,7 @@ class CachePool:
         self._free = torch.arange(capacity)  # a stack of free slot numbers (CPU); the first `_top` are free
         self._top = capacity
         self._read = [torch.empty(0, dtype=span.dtype, device=span.device) for _ in range(2)]
+        self.fixed = None  # its fixed-shape decoding passes (``graphs.FixedPasses``), once one ran
 
     def read_buffer(self, which: int, slots: int) -> torch.Tensor:
         """A buffer [kv heads, slots, head dim] for a pass's keys (``which`` 0) or values (1): its
@@ -79,9 +81,21 @@ class PassCache:
             for b, (row, length) in enumerate(zip(rows, lengths)):
                 read[b, self.prefix - length:] = row[:length + new]
         write = torch.stack([row[length:length + new] for row, length in zip(rows, lengths)])
-        self.read, self.write = read.to(pool.device), write.to(pool.device)  # [B, prefix + new], [B, new]
+        self._use(read.to(pool.device), write.to(pool.device))
+
+    @classmethod
+    def of_slots(cls, pool: CachePool, read: torch.Tensor, write: torch.Tensor) -> "PassCache":
+        """A pass reading slots ``read`` [B, prefix + new] and writing ``write`` [B, new], given
+        as tensors on the pool's device (a fixed-shape pass fills them in place before each run)."""
+        cache = cls.__new__(cls)
+        cache.pool, cache.prefix = pool, read.shape[1] - write.shape[1]
+        cache._use(read, write)
+        return cache
+
+    def _use(self, read: torch.Tensor, write: torch.Tensor) -> None:
+        self.read, self.write = read, write  # [B, prefix + new], [B, new]
         # flat, for index_copy_ / index_select: about 5x faster than indexing with the 2-D tensors on a CPU
-        self._read_flat, self._write_flat = self.read.reshape(-1), self.write.reshape(-1)
+        self._read_flat, self._write_flat = read.reshape(-1), write.reshape(-1)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.prefix

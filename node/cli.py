@@ -29,6 +29,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     model.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
     model.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    model.add_argument("--cuda-graphs", action="store_true",
+                       help="GPU nodes: run each decoding pass as a CUDA graph, one launch instead of one per kernel "
+                            "(default: off)")
 
     placement = node.add_argument_group("placement")
     placement.add_argument("--blocks", default=None, metavar="A:B",
@@ -173,7 +176,7 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         placement_delay=args.placement_delay, balance_period=args.balance_period,
         balance_quality=args.balance_quality, throughput=args.throughput, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, initial_peers=initial_peers, public_name=args.public_name,
-        dtype=args.dtype, quant=args.quant, device=args.device,
+        dtype=args.dtype, quant=args.quant, device=args.device, cuda_graphs=args.cuda_graphs,
         model_name=args.model_name, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
         announce_period=args.announce_period, cache_tokens=args.cache_tokens, cache_gib=args.cache_gib,
         max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,

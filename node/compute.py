@@ -8,7 +8,8 @@ the next one, so under load decoding steps of many sessions go through the weigh
 moment (``gather_window``, 2 ms) for others sent along with it (bundled steps need no wait). A
 decoding step of the only open session, with nothing else waiting, runs right on the loop
 instead: a thread hand-over would cost about as much as the step. Other exclusive work (a speed
-measurement) goes to the same thread between batches.
+measurement) goes to the same thread between batches. With ``cuda_graphs`` every decoding pass,
+a lone one too, runs at fixed shapes and is replayed from a CUDA graph (``graphs``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ T = TypeVar("T")
 
 class ComputeLane:
     def __init__(self, max_batch: int = 64, prefill_chunk: int = 512, gather_window: float = 0.002,
-                 forward_tokens: int = 8192) -> None:
+                 forward_tokens: int = 8192, cuda_graphs: bool = False) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
         self.scheduler = Scheduler(max_batch, prefill_chunk, forward_tokens)
         self.busy_seconds = 0.0  # total time spent computing, for the node's counters
@@ -40,6 +41,7 @@ class ComputeLane:
         self._ids = itertools.count()
         self._engine: asyncio.Task | None = None
         self.gather_window = gather_window  # seconds a batch started from idle waits for steps arriving with it
+        self.cuda_graphs = cuda_graphs  # decoding passes at fixed shapes, replayed from CUDA graphs (``graphs``)
 
     async def step(self, session: Session, hidden: torch.Tensor, positions: torch.Tensor,
                    mask: torch.Tensor | None, start: int, alone: bool = False) -> torch.Tensor:
@@ -48,7 +50,8 @@ class ComputeLane:
         batch, new_tokens = hidden.shape[:2]
         decoding = new_tokens == 1 and batch == 1 and mask is None
         if alone and decoding and self._idle():
-            return self._timed(work.chunk, 0, 1)
+            self._timed(self._decode, [work])
+            return work.result()
         group = (id(session.span), session.request.start, session.request.end)
         kind = JobKind.DECODE if decoding else JobKind.PREFILL
         return await self._submit(Job(next(self._ids), kind, new_tokens, group, id(session)), work)
@@ -113,12 +116,21 @@ class ComputeLane:
         if batch.kind is JobKind.DECODE:
             self.counters["decode_batches"] += 1
             self.counters["decode_rows"] += len(works)
-            return decode_together(works)
+            return self._decode(works)
         if batch.kind is JobKind.PREFILL:
             self.counters["prefill_chunks"] += 1
             return [works[0].chunk(batch.begin, batch.end)]
         self.counters["forward_batches"] += 1
         return forward_together(works)
+
+    def _decode(self, works: list[StepWork]) -> list[torch.Tensor]:
+        """One decoding pass, counted as a graph pass if its pool replayed it from a CUDA graph."""
+        pool = works[0].session.pool
+        before = pool.fixed.replays if pool.fixed is not None else 0
+        rows = decode_together(works, self.cuda_graphs)
+        if pool.fixed is not None:
+            self.counters["graph_passes"] += pool.fixed.replays - before
+        return rows
 
     def _timed(self, fn: Callable[..., T], *args) -> T:
         began = time.perf_counter()

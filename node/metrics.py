@@ -26,6 +26,7 @@ COUNTERS = {  # servicer counter -> (metric name, help)
     "decode_batches": ("potluck_node_decode_batches", "Batches of decoding steps run (sessions batched together)"),
     "decode_rows": ("potluck_node_decode_rows", "Decoding steps run in batches (rows / batches = mean batch size)"),
     "prefill_chunks": ("potluck_node_prefill_chunks", "Chunks of longer steps (prompts) run"),
+    "graph_passes": ("potluck_node_graph_passes", "Decoding passes replayed from a CUDA graph (--cuda-graphs)"),
     "forward_batches": ("potluck_node_forward_batches", "Batches of cache-less forwards run (forwards / batches)"),
     "streams_timed_out": ("potluck_node_streams_timed_out", "Streams closed for idling or trickling past a timeout"),
     "bundles_received": ("potluck_node_bundles_received", "Frames that carried several messages (sessions' steps)"),

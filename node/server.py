@@ -62,6 +62,7 @@ class NodeConfig:
     dtype: str | None = None  # None: hardware.default_dtype of the device
     quant: str = "none"  # weights in 8 or 4 bits: "int8", "nf4" (``quantize``)
     device: str | None = None  # None: the best there is (cuda, mps, cpu)
+    cuda_graphs: bool = False  # decoding passes replayed from CUDA graphs (``graphs``); off a GPU: fixed shapes
     model_name: str | None = None  # name in DHT keys (default: from the checkpoint)
     host_maddrs: list[str] = field(default_factory=list)
     announce_maddrs: list[str] = field(default_factory=list)
@@ -100,7 +101,8 @@ class Node:
         self.links: PushLinks | None = None
         self.sessions: SessionTable | None = None
         self.compute = ComputeLane(config.max_batch_sessions, config.prefill_chunk,
-                                   forward_tokens=config.max_batch_tokens)  # what one forward may hold
+                                   forward_tokens=config.max_batch_tokens,  # what one forward may hold
+                                   cuda_graphs=config.cuda_graphs)
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self.reachability = ""  # as other peers found it (``reachability``); "" in a swarm on this machine
@@ -120,6 +122,9 @@ class Node:
             raise BadRequest(f"--dtype must be one of {', '.join(DTYPES)}")
         quantize.check(config.quant)
         hardware.prepare(device)
+        if config.cuda_graphs and device.type != "cuda":
+            logger.warning("--cuda-graphs: %s is not a CUDA device; decoding passes run at fixed shapes "
+                           "without graphs (slower: leave --cuda-graphs out)", device)
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")

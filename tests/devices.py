@@ -33,3 +33,29 @@ class StrictDevices(TorchDispatchMode):
             if len(devices) > 1:
                 raise DeviceMismatch(f"{func} got tensors on {sorted(map(str, devices))}")
         return func(*args, **kwargs)
+
+
+class GraphSafe(StrictDevices):
+    """``StrictDevices``, and raises ``NotCapturable`` on what a CUDA graph cannot record: a copy
+    between the CPU and the device (beyond 0-dim scalars), or a value read back to the CPU
+    (``item``, ``nonzero``: the CPU would wait for the GPU)."""
+
+    READ_BACKS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                  torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READ_BACKS:
+            raise NotCapturable(f"{func} reads a value back to the CPU")
+        if func in _MOVES:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+            devices = {t.device for t in tensors}
+            if kwargs.get("device") is not None:
+                devices.add(torch.device(kwargs["device"]))
+            if len(devices) > 1:
+                raise NotCapturable(f"{func} copies between {sorted(map(str, devices))}")
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class NotCapturable(RuntimeError):
+    pass

@@ -169,3 +169,31 @@ def test_a_full_cache_pool_refuses_a_session_until_one_closes_and_the_router_goe
             stream.close()
     finally:
         connection.close()
+
+
+def test_nodes_with_cuda_graphs_on_a_cpu_run_fixed_shape_passes_and_stay_exact(tiny_checkpoints, swarm_factory,
+                                                                                local):
+    """--cuda-graphs without a GPU: every decoding pass runs at the fixed shapes a GPU node captures
+    (tests/node/test_graphs.py), here eagerly; six concurrent sessions get local transformers' tokens."""
+    swarm = swarm_factory()
+    peers = swarm.start_nodes(tiny_checkpoints["llama"], ["0:4", "4:8"], "--cuda-graphs")
+    assert all(swarm.wait_for_line(p, "--cuda-graphs: cpu is not a CUDA device") for p in peers)
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_checkpoints["llama"]), swarm=connection)
+        prompts = [prompt(seed, 3 + 5 * seed) for seed in range(6)]  # 3 to 28 tokens
+        got = {}
+
+        def generate(i: int) -> None:
+            got[i] = remote.generate(prompts[i], max_new_tokens=20, do_sample=False)
+
+        threads = [threading.Thread(target=generate, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for i, ids in enumerate(prompts):
+            assert torch.equal(got.get(i), local.generate(ids, max_new_tokens=20, do_sample=False)), i
+        assert all(counters(connection, p)["decode_rows"] > counters(connection, p)["decode_batches"] for p in peers)
+    finally:
+        connection.close()

@@ -18,16 +18,23 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")]
 
 
-def cuda_swarm(swarm_factory, path, dtype, spans=("0:4", "4:8")):
+def cuda_swarm(swarm_factory, path, dtype, spans=("0:4", "4:8"), graphs=False):
     swarm = swarm_factory()
-    peers = swarm.start_nodes(path, list(spans), "--device", "cuda", "--dtype", dtype)
+    peers = swarm.start_nodes(path, list(spans), "--device", "cuda", "--dtype", dtype,
+                              *(["--cuda-graphs"] if graphs else []))
     return swarm, peers
 
 
+def graph_passes(connection, peers) -> list[int]:
+    infos = [connection.call(connection.request(p, msg.INFO_HANDLER, {"type": "info"})) for p in peers]
+    return [info.meta["counters"].get("graph_passes", 0) for info in infos]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
-def test_two_cuda_nodes_match_local_transformers_on_the_gpu(family, tiny_checkpoints, swarm_factory):
+def test_two_cuda_nodes_match_local_transformers_on_the_gpu(family, graphs, tiny_checkpoints, swarm_factory):
     path = tiny_checkpoints[family]
-    swarm, peers = cuda_swarm(swarm_factory, path, "float32")
+    swarm, peers = cuda_swarm(swarm_factory, path, "float32", graphs=graphs)
     connection = SwarmConnection(swarm.initial_peers)
     try:
         remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, device="cuda")
@@ -39,6 +46,7 @@ def test_two_cuda_nodes_match_local_transformers_on_the_gpu(family, tiny_checkpo
         assert torch.equal(remote.generate(ids, max_new_tokens=32, do_sample=False), expected)
         with torch.no_grad():
             assert (remote(ids).logits - local(ids).logits).abs().max() < 1e-4
+        assert all(n > 0 if graphs else n == 0 for n in graph_passes(connection, peers))
     finally:
         connection.close()
 
@@ -58,14 +66,16 @@ def test_default_model_in_bfloat16_gives_the_local_bfloat16_answer(swarm_factory
         connection.close()
 
 
-def test_thirty_two_concurrent_clients_through_cuda_nodes(tiny_checkpoints, swarm_factory):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_thirty_two_concurrent_clients_through_cuda_nodes(graphs, tiny_checkpoints, swarm_factory):
     path = tiny_checkpoints["llama"]
-    swarm, _ = cuda_swarm(swarm_factory, path, "float32")
+    swarm, peers = cuda_swarm(swarm_factory, path, "float32", graphs=graphs)
     connection = SwarmConnection(swarm.initial_peers)
     try:
         remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, device="cuda")
         local = AutoModelForCausalLM.from_pretrained(path).to("cuda").eval()
-        prompts = [torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(32)]
+        prompts = [torch.randint(0, 1000, (1, 4 + i), generator=torch.Generator().manual_seed(i))
+                   for i in range(32)]  # lengths 4 to 35: batches of many rows and cache lengths
         expected = [local.generate(p.cuda(), max_new_tokens=16, do_sample=False).cpu() for p in prompts]
         got: dict[int, torch.Tensor] = {}
 
@@ -78,5 +88,6 @@ def test_thirty_two_concurrent_clients_through_cuda_nodes(tiny_checkpoints, swar
         for thread in threads:
             thread.join(300)
         assert all(torch.equal(got.get(i), expected[i]) for i in range(32))
+        assert all(n > 0 if graphs else n == 0 for n in graph_passes(connection, peers))
     finally:
         connection.close()

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 import torch
 
-from devices import OTHER_DEVICE, StrictDevices
-from potluck.node import hardware
+from devices import OTHER_DEVICE, GraphSafe, NotCapturable, StrictDevices
+from potluck.node import graphs, hardware
 from potluck.node.batching import StepWork, decode_together
 from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
@@ -47,9 +47,13 @@ def test_span_steps_stay_on_its_device(family, tiny_checkpoints):
         long.step(hidden[:1], positions[:1], None, 0)
         works = [StepWork(s, hidden[:1, :1], positions[:1, :1] + s.cached, None, s.cached) for s in (short, long)]
         together = decode_together(works)  # a batch of two cache lengths, padded
+        works = [StepWork(s, hidden[:1, :1], positions[:1, :1] + s.cached, None, s.cached) for s in (short, long)]
+        fixed = decode_together(works, graphs=True)  # a fixed-shape pass, as --cuda-graphs captures it
         out = span(hidden, positions, None, None, 1, 3)  # a forward through part of the span
     assert out.device == OTHER_DEVICE and session.pool.keys[0].device == OTHER_DEVICE
-    assert [t.device for t in together] == [OTHER_DEVICE] * 2 and (short.cached, long.cached) == (3, 6)
+    assert [t.device for t in together + fixed] == [OTHER_DEVICE] * 4 and (short.cached, long.cached) == (4, 7)
+    assert all(t.device == OTHER_DEVICE for bucket in short.pool.fixed.buckets.values()
+               for t in (bucket.hidden, bucket.positions, bucket.attend, bucket.read, bucket.write))
     assert span.rotary.inv_freq.device == OTHER_DEVICE
 
 
@@ -128,3 +132,19 @@ def test_hardware_defaults_on_a_cpu_only_machine(monkeypatch):
     assert hardware.default_dtype(torch.device("cuda", 0)) == "float16"  # e.g. a T4 or a V100
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert hardware.default_dtype(torch.device("cuda", 0)) == "bfloat16"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "mixtral"])
+def test_a_fixed_shape_pass_holds_nothing_a_cuda_graph_cannot_record(family, tiny_checkpoints):
+    """What --cuda-graphs captures (``graphs.Bucket.forward``) moves nothing between the CPU and the
+    device and reads nothing back; a mixture of experts does (so it is never captured)."""
+    span = span_on_other_device(tiny_checkpoints[family], dtype=torch.bfloat16)
+    table = SessionTable(1000)
+    sessions = [table.open(msg.OpenSession(name, 0, 4, 16, 1), span) for name in ("a", "b", "c")]
+    bucket = graphs.Bucket(sessions[0].pool, span, 0, 4, 4, 16)
+    with GraphSafe():
+        if family == "mixtral":
+            with pytest.raises(NotCapturable, match="reads a value back"):
+                bucket.forward()
+        else:
+            assert bucket.forward().shape == (4, 1, 64)
