@@ -191,14 +191,15 @@ class Node:
             logger.info("speed from an earlier run: %.0f steps/s, %.0f tokens/s forward (refined when idle)",
                         cached.steps_per_s, cached.forward_tokens_per_s)
             return cached
-        speed = await asyncio.to_thread(measure, span, stopping=self.stopping)
+        speed = await asyncio.to_thread(measure, span, stopping=self.stopping, graphs=self.config.cuda_graphs)
         remember_speed(self._speed_key(), speed)
         return speed
 
     def _speed_key(self) -> str:
         c = self.config
         return speed_key(self.checkpoint.name, self.checkpoint.config.to_json_string(),
-                         c.dtype if c.quant == "none" else f"{c.dtype}/{c.quant}", self.device, c.end - c.start)
+                         c.dtype if c.quant == "none" else f"{c.dtype}/{c.quant}", self.device, c.end - c.start,
+                         c.cuda_graphs)
 
     async def _choose_span(self) -> None:
         """Take the span the swarm needs most (see ``placement``), claim it with a JOINING record,
@@ -246,7 +247,8 @@ class Node:
         idle = not self.sessions.sessions and span is not None
         if idle and self._remeasures_left > 0 and self.config.throughput is None:
             self._remeasures_left -= 1
-            self.speed = self.speed.best_of(await self.compute.run(measure, span))
+            self.speed = self.speed.best_of(await self.compute.run(
+                lambda: measure(span, graphs=self.config.cuda_graphs)))
             remember_speed(self._speed_key(), self.speed)
         await self._measure_pings()
         logger.info(status_line(self))

@@ -15,12 +15,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
 from potluck.protocol.default_model import default_cache_dir
+from potluck.protocol.messages import OpenSession
 
+from .batching import StepWork, decode_together
+from .sessions import SessionTable
 from .span import BlockSpan, Interrupted
 
 logger = logging.getLogger(__name__)
@@ -40,9 +44,9 @@ class Speed:
 
 
 def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats: int = 3,
-            stopping: threading.Event | None = None) -> Speed:
+            stopping: threading.Event | None = None, graphs: bool = False) -> Speed:
     """How fast one-token steps and a long forward run through the span (``stopping`` set: give
-    up at the next step, raising Interrupted).
+    up at the next step, raising Interrupted); ``graphs``: the steps as a --cuda-graphs node runs them.
 
     Nodes often start while others load beside them; taking each figure's best repeat keeps a
     moment of contention from being announced as the node's speed."""
@@ -51,13 +55,12 @@ def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats
     positions = torch.arange(forward_tokens, device=span.device).unsqueeze(0)
     span(hidden[:, :8], positions[:, :8], None, DynamicCache())  # warm-up
     _synchronize(span.device)
+    step = _fixed_step(span, steps) if graphs else _cached_step(span, hidden, positions)
     step_times = []
-    cache = DynamicCache()
-    span(hidden[:, :1], positions[:, :1], None, cache)
     for i in range(1, steps + 1):
         _check(stopping)
         began = time.perf_counter()
-        span(hidden[:, i:i + 1], positions[:, i:i + 1], None, cache)
+        step(i)
         _synchronize(span.device)
         step_times.append(time.perf_counter() - began)
     forward_times = []
@@ -71,6 +74,26 @@ def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats
     return Speed(len(fastest_half) / sum(fastest_half), forward_tokens / min(forward_times))
 
 
+def _cached_step(span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor) -> Callable[[int], None]:
+    """Step i (i >= 1) on a transformers cache holding token 0."""
+    cache = DynamicCache()
+    span(hidden[:, :1], positions[:, :1], None, cache)
+    return lambda i: span(hidden[:, i:i + 1], positions[:, i:i + 1], None, cache)
+
+
+def _fixed_step(span: BlockSpan, steps: int) -> Callable[[int], None]:
+    """Step i (i >= 1) of a session in a cache pool of its own, as a fixed-shape pass (a CUDA graph
+    on a GPU; the first step captures it, and the fastest half of the steps leaves that one out).
+    Its inputs are on the CPU, as a step's from the wire."""
+    table = SessionTable(steps + 1)
+    session = table.open(OpenSession("speed", span.start, span.end, steps + 1, 1), span)
+    hidden = torch.randn(1, steps + 1, span.config.hidden_size, dtype=span.dtype)
+    positions = torch.arange(steps + 1).unsqueeze(0)
+    session.step(hidden[:, :1], positions[:, :1], None, 0)
+    return lambda i: decode_together([StepWork(session, hidden[:, i:i + 1], positions[:, i:i + 1], None, i)],
+                                     graphs=True)
+
+
 def _check(stopping: threading.Event) -> None:
     if stopping.is_set():
         raise Interrupted("speed measurement stopped")
@@ -82,12 +105,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def speed_key(model: str, config_json: str, dtype: str, device: torch.device, blocks: int) -> str:
+def speed_key(model: str, config_json: str, dtype: str, device: torch.device, blocks: int,
+              graphs: bool = False) -> str:
     """What a cached measurement is valid for: this model (by name and config, since names are
-    reused), dtype, device (a GPU's name counts: another card is another speed) and span size."""
+    reused), dtype, device (a GPU's name counts: another card is another speed), span size, and
+    whether decoding steps run as CUDA graphs."""
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     shape = hashlib.sha256(config_json.encode()).hexdigest()[:12]
-    return f"{model}|{shape}|{dtype}|{kind}|{blocks} blocks"
+    return f"{model}|{shape}|{dtype}|{kind}|{blocks} blocks" + ("|cuda graphs" if graphs else "")
 
 
 def cached_speed(key: str, folder: Path | None = None) -> Speed | None:

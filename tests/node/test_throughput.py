@@ -1,9 +1,12 @@
-"""A node's measured speed is kept per model, dtype, device and span size, and read back."""
+"""A node's measured speed is kept per model, dtype, device, span size and CUDA graphs, and read back."""
 import json
 
 import torch
 
-from potluck.node.throughput import Speed, cached_speed, remember_speed, speed_key
+from potluck.node import graphs
+from potluck.node.span import load_span
+from potluck.node.throughput import Speed, cached_speed, measure, remember_speed, speed_key
+from potluck.protocol.checkpoint import resolve_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -26,3 +29,20 @@ def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path):
     assert cached_speed(key, tmp_path) is None
     remember_speed(key, Speed(5.0, 50.0), tmp_path)
     assert cached_speed(key, tmp_path) == Speed(5.0, 50.0)
+
+
+def test_a_node_with_cuda_graphs_measures_its_steps_as_fixed_shape_passes(tiny_checkpoints, monkeypatch):
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 4, torch.float32)
+    runs = []
+    real_run = graphs.FixedPasses.run
+
+    def run(self, works):
+        runs.append([work.start for work in works])
+        return real_run(self, works)
+
+    monkeypatch.setattr(graphs.FixedPasses, "run", run)
+    speed = measure(span, steps=4, forward_tokens=16, repeats=1, graphs=True)
+    assert speed.steps_per_s > 0 and speed.forward_tokens_per_s > 0
+    assert runs == [[1], [2], [3], [4]]  # each step on the cache its earlier steps left
+    assert measure(span, steps=4, forward_tokens=16, repeats=1).steps_per_s > 0 and len(runs) == 4
+    assert speed_key("tiny", "{}", "float32", CPU, 4, graphs=True) != speed_key("tiny", "{}", "float32", CPU, 4)
