@@ -4,9 +4,9 @@ On a GPU a decoding step of a few sessions costs what launching its kernels cost
 GPU does: about 45 kernels a block, each launched from Python (741 for 16 blocks of an 8B model,
 about 10 us each, measured on an H100, against 8.4 ms of GPU work). A CUDA graph records a pass
 once and replays all of its kernels with one launch. A graph needs fixed shapes and fixed
-memory, so a pass runs in a bucket: its rows rounded up to a power of two (filler rows attend
-to the pool's zero slot only and write its scratch slot), its cache length rounded up to a multiple of
-``LENGTH_STEP`` (each row right-aligned, what is not its own masked, as in any batch), and its
+memory, so a pass runs in a bucket: its rows rounded up to a power of two (filler rows attend to
+the pool's zero slot only and write its scratch slot), its cache length rounded up to a multiple
+of ``LENGTH_STEP`` (each row right-aligned, what is not its own masked, as in any batch), and its
 inputs copied into the bucket's own tensors before each run. Attention over masked slots adds
 exact zeros, so a session gets what it gets in any other batch.
 
