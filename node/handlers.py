@@ -104,9 +104,9 @@ class BlockServicer:
         messages. ``in_tasks``: serve each message in its own task (answers go out as they finish)."""
         try:
             self.peers.open_stream(peer)
-        except PeerLimitReached as e:  # closed at once, not after the peer: libp2p resets a peer's
-            out.write(msg.error_meta(e))  # streams past its own cap without a word
-            out.close()
+        except PeerLimitReached as e:  # not held until the peer closes: libp2p resets a peer's streams
+            out.write(msg.error_meta(e))  # past its own cap without a word; only until the answer is through
+            await out.end(reader, msg.REFUSED_LINGER_S)
             return
         linger = msg.LINGER_S  # how long to wait for the peer to close first (``msg.end_stream``)
         try:
