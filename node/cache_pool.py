@@ -74,13 +74,7 @@ class PassCache:
 
     def __init__(self, pool: CachePool, rows: list[torch.Tensor], lengths: list[int], new: int):
         self.pool, self.prefix = pool, max(lengths)
-        if len(set(lengths)) == 1:  # one session (or its own batch): no padding
-            read = torch.stack([row[:self.prefix + new] for row in rows])
-        else:
-            read = torch.full((len(rows), self.prefix + new), pool.pad)
-            for b, (row, length) in enumerate(zip(rows, lengths)):
-                read[b, self.prefix - length:] = row[:length + new]
-        write = torch.stack([row[length:length + new] for row, length in zip(rows, lengths)])
+        read, write = slots_read_and_written(rows, lengths, new, self.prefix + new, pool.pad)
         self._use(read.to(pool.device), write.to(pool.device))
 
     @classmethod
@@ -112,3 +106,16 @@ class PassCache:
             read = torch.index_select(pool, 1, self._read_flat, out=buffer)  # [kv heads, B * tokens, head dim]
             whole.append(read.view(kv_heads, *self.read.shape, head_dim).transpose(0, 1))
         return whole[0], whole[1]
+
+
+def slots_read_and_written(rows: list[torch.Tensor], lengths: list[int], new: int, width: int,
+                           pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots a pass reads, [B, width]: row b's ``lengths[b]`` cached and ``new`` tokens
+    right-aligned, the zero slot ``pad`` before them; and the slots it writes, [B, new] (CPU)."""
+    if all(length + new == width for length in lengths):  # no padding (one session, or its own batch)
+        read = torch.stack([row[:width] for row in rows])
+    else:
+        read = torch.full((len(rows), width), pad)
+        for b, (row, length) in enumerate(zip(rows, lengths)):
+            read[b, width - length - new:] = row[:length + new]
+    return read, torch.stack([row[length:length + new] for row, length in zip(rows, lengths)])

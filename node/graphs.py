@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import torch
 
-from .cache_pool import CachePool, PassCache
+from .cache_pool import CachePool, PassCache, slots_read_and_written
 
 logger = logging.getLogger(__name__)
 LENGTH_STEP = 256  # cache lengths of one bucket: attention reads up to this many masked slots more
@@ -95,25 +95,21 @@ class FixedPasses:
     def run(self, works: list) -> torch.Tensor:
         """One new token for each of ``works`` (``batching.StepWork``s of one span and block range,
         sessions of one row): their outputs [len(works), 1, H]."""
-        session = works[0].session
-        longest = max(work.start for work in works) + 1  # cached tokens and the new one
-        rows, length = 1 << (len(works) - 1).bit_length(), -(-longest // LENGTH_STEP) * LENGTH_STEP
+        session, starts, count = works[0].session, [work.start for work in works], len(works)
+        rows = 1 << (count - 1).bit_length()
+        length = -(-(max(starts) + 1) // LENGTH_STEP) * LENGTH_STEP  # the longest cache and its new token
         bucket = self._bucket(session.span, session.request.start, session.request.end, rows, length)
-        read = torch.full((rows, length), self.pool.pad)
-        write = torch.full((rows, 1), self.pool.scratch)
-        attend = torch.zeros(rows, length, dtype=torch.bool)
-        attend[:, -1] = True  # filler rows attend to the zero slot only
-        for row, work in enumerate(works):  # right-aligned: the cached tokens, then the new one
-            cached, slots = work.start, work.session.slots[0]
-            read[row, length - 1 - cached:] = slots[:cached + 1]
-            attend[row, length - 1 - cached:] = True
-            write[row, 0] = slots[cached]
+        read, write = torch.full((rows, length), self.pool.pad), torch.full((rows, 1), self.pool.scratch)
+        read[:count], write[:count] = slots_read_and_written([work.session.slots[0] for work in works], starts, 1,
+                                                             length, self.pool.pad)
+        cached = torch.tensor(starts + [0] * (rows - count)).unsqueeze(1)  # filler rows: the zero slot only
+        attend = torch.arange(length) >= length - 1 - cached  # [rows, length]
         hidden = torch.zeros(rows, 1, bucket.hidden.shape[2], dtype=bucket.hidden.dtype)
-        hidden[:len(works)] = torch.cat([work.hidden for work in works])
+        hidden[:count] = torch.cat([work.hidden for work in works])
         positions = torch.zeros(rows, 1, dtype=torch.long)
-        positions[:len(works)] = torch.cat([work.positions for work in works])
+        positions[:count] = torch.cat([work.positions for work in works])
         bucket.fill(hidden, positions, attend, read, write)
-        out = bucket.run()[:len(works)].clone()  # the next run overwrites the bucket's output
+        out = bucket.run()[:count].clone()  # the next run overwrites the bucket's output
         self.replays += bucket.graph is not None
         return out
 
