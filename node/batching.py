@@ -5,7 +5,9 @@ session's cache from the pool as one left-padded batch (``cache_pool.PassCache``
 tokens right-aligned, its padding masked out), runs once on the stacked new tokens with each
 session's own positions, and writes each new key and value into its session's slots. Attention
 over padding that is masked adds exact zeros, so a session's result does not depend on the
-company it keeps beyond float rounding. A prefill runs a chunk at a time on its session's cache.
+company it keeps beyond float rounding. A long prefill runs a chunk at a time on its session's
+cache; short prompts of several sessions run as one such pass, each padded at its end to the
+longest (causal attention keeps that padding from its real tokens; it writes a scratch slot).
 Cache-less forwards of the same length through the same blocks run stacked along the batch.
 """
 from __future__ import annotations
@@ -90,17 +92,46 @@ def decode_together(works: list[StepWork], graphs: bool = False) -> list[torch.T
     out = decode_fixed(works, capture=first.span.device.type == "cuda") if graphs else None
     if out is None and len(works) == 1:
         return [works[0].chunk(0, 1)]
-    if out is None:
-        span, start, end = first.span, first.request.start, first.request.end
-        lengths = [work.start for work in works]  # a client that rewound (after a failover) starts earlier
-        cache = PassCache(first.pool, [work.session.slots[0] for work in works], lengths, 1)
-        hidden = torch.cat([w.hidden for w in works]).to(span.device, span.dtype)  # [B, 1, H]
-        positions = torch.cat([w.positions for w in works]).to(span.device)  # [B, 1]
-        padding = cache.prefix - torch.tensor(lengths).unsqueeze(1)  # [B, 1] pad slots before each row
-        attend = (torch.arange(cache.prefix + 1).unsqueeze(0) >= padding).to(span.device)  # [B, prefix + 1]
-        out = span(hidden, positions, attend, cache, start, end)  # [B, 1, H]
-    rows = list(out.split(1))
-    for work, row in zip(works, rows):
-        work.session.cached = work.start + 1
+    return _noted(works, out if out is not None else _padded_pass(works, 1))
+
+
+def prefill_together(works: list[StepWork]) -> list[torch.Tensor]:
+    """The whole prompts of several sessions of one sequence each (same span and blocks), in one
+    pass; outputs [1, T, H] each, T its own length."""
+    works = [work for work in works if not work.session.closed]
+    if len(works) <= 1:
+        return [work.chunk(0, work.hidden.shape[1]) for work in works]
+    return _noted(works, _padded_pass(works, max(work.hidden.shape[1] for work in works)))
+
+
+def _padded_pass(works: list[StepWork], new: int) -> torch.Tensor:
+    """Every work's new tokens (at most ``new``, padded at the end to it) on its session's cache,
+    the rows left-padded to the longest cache: [B, new, H]."""
+    first = works[0].session
+    span, start, end = first.span, first.request.start, first.request.end
+    lengths = [work.start for work in works]  # a client that rewound (after a failover) starts earlier
+    kept = [work.hidden.shape[1] for work in works]
+    cache = PassCache(first.pool, [work.session.slots[0] for work in works], lengths, new,
+                      None if min(kept) == new else kept)
+    hidden = torch.cat([_padded(w.hidden, new) for w in works]).to(span.device, span.dtype)  # [B, new, H]
+    positions = torch.cat([_padded(w.positions, new) for w in works]).to(span.device)  # [B, new]
+    padding = cache.prefix - torch.tensor(lengths).unsqueeze(1)  # [B, 1] pad slots before each row
+    attend = (torch.arange(cache.prefix + new).unsqueeze(0) >= padding).to(span.device)  # [B, prefix + new]
+    return span(hidden, positions, attend, cache, start, end)
+
+
+def _padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """``tensor`` [1, T, ...] made ``length`` long by repeating its last token (a valid position)."""
+    missing = length - tensor.shape[1]
+    return tensor if not missing else torch.cat([tensor, tensor[:, -1:].expand(1, missing, *tensor.shape[2:])], 1)
+
+
+def _noted(works: list[StepWork], out: torch.Tensor) -> list[torch.Tensor]:
+    """Each work's rows of ``out`` [B, T, H] (its own tokens), recorded as its result."""
+    rows = []
+    for work, row in zip(works, out.split(1)):
+        row = row[:, :work.hidden.shape[1]]
+        work.session.cached = work.start + row.shape[1]
         work.outputs.append(row)
+        rows.append(row)
     return rows

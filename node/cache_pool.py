@@ -70,11 +70,15 @@ class CachePool:
 
 class PassCache:
     """Rows of a pool as the transformers cache of one pass: row b holds ``lengths[b]`` tokens in
-    the first slots of ``rows[b]`` and gets ``new`` more; rows are left-padded to the longest."""
+    the first slots of ``rows[b]`` and gets ``new`` more; rows are left-padded to the longest.
+    ``kept``: row b keeps only its first ``kept[b]`` new tokens (short prompts run with longer
+    ones); the rest of its new columns write the pool's scratch slot, and only later columns of
+    the same row, which causal attention hides from its real tokens, read them."""
 
-    def __init__(self, pool: CachePool, rows: list[torch.Tensor], lengths: list[int], new: int):
+    def __init__(self, pool: CachePool, rows: list[torch.Tensor], lengths: list[int], new: int,
+                 kept: list[int] | None = None):
         self.pool, self.prefix = pool, max(lengths)
-        read, write = slots_read_and_written(rows, lengths, new, self.prefix + new, pool.pad)
+        read, write = slots_read_and_written(rows, lengths, new, self.prefix + new, pool.pad, kept, pool.scratch)
         self._use(read.to(pool.device), write.to(pool.device))
 
     @classmethod
@@ -108,14 +112,21 @@ class PassCache:
         return whole[0], whole[1]
 
 
-def slots_read_and_written(rows: list[torch.Tensor], lengths: list[int], new: int, width: int,
-                           pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def slots_read_and_written(rows: list[torch.Tensor], lengths: list[int], new: int, width: int, pad: int,
+                           kept: list[int] | None = None, scratch: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots a pass reads, [B, width]: row b's ``lengths[b]`` cached and ``new`` tokens
-    right-aligned, the zero slot ``pad`` before them; and the slots it writes, [B, new] (CPU)."""
-    if all(length + new == width for length in lengths):  # no padding (one session, or its own batch)
-        read = torch.stack([row[:width] for row in rows])
+    right-aligned, the zero slot ``pad`` before them; and the slots it writes, [B, new] (CPU).
+    ``kept``: row b's new tokens after its first ``kept[b]`` write (and read) ``scratch``."""
+    if kept is None:
+        write = torch.stack([row[length:length + new] for row, length in zip(rows, lengths)])
+        if all(length + new == width for length in lengths):  # no padding (one session, or its own batch)
+            return torch.stack([row[:width] for row in rows]), write
     else:
-        read = torch.full((len(rows), width), pad)
-        for b, (row, length) in enumerate(zip(rows, lengths)):
-            read[b, width - length - new:] = row[:length + new]
-    return read, torch.stack([row[length:length + new] for row, length in zip(rows, lengths)])
+        write = torch.full((len(rows), new), scratch)
+        for b, (row, length, keep) in enumerate(zip(rows, lengths, kept)):
+            write[b, :keep] = row[length:length + keep]
+    read = torch.full((len(rows), width), pad)
+    for b, (row, length) in enumerate(zip(rows, lengths)):
+        read[b, width - length - new:width - new] = row[:length]
+    read[:, width - new:] = write
+    return read, write

@@ -22,7 +22,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .batching import ForwardWork, StepWork, decode_together, forward_together
+from .batching import ForwardWork, StepWork, decode_together, forward_together, prefill_together
 from .scheduler import Batch, Job, JobKind, Scheduler
 from .sessions import Session
 from .span import BlockSpan
@@ -54,7 +54,9 @@ class ComputeLane:
             return work.result()
         group = (id(session.span), session.request.start, session.request.end)
         kind = JobKind.DECODE if decoding else JobKind.PREFILL
-        return await self._submit(Job(next(self._ids), kind, new_tokens, group, id(session)), work)
+        joinable = batch == 1 and mask is None  # a prompt of one sequence: may run with others' (``scheduler``)
+        job = Job(next(self._ids), kind, new_tokens, group, id(session), joinable=joinable)
+        return await self._submit(job, work)
 
     async def forward(self, span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
@@ -119,6 +121,9 @@ class ComputeLane:
             return self._decode(works)
         if batch.kind is JobKind.PREFILL:
             self.counters["prefill_chunks"] += 1
+            if len(works) > 1:  # whole short prompts of several sessions
+                self.counters["prefills_together"] += len(works)
+                return prefill_together(works)
             return [works[0].chunk(batch.begin, batch.end)]
         self.counters["forward_batches"] += 1
         return forward_together(works)

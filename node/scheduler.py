@@ -4,7 +4,9 @@ The node's compute loop is three verbs, as in vLLM v1: ``schedule()`` picks a ``
 waiting jobs, the compute lane executes it, ``update(batch)`` records what it did and returns the
 jobs that are finished. Decoding steps (one new token on a session's cache) that wait at the same
 moment run as one batch, whatever their cache lengths, as long as they go through the same blocks.
-Longer steps (prefills) run one at a time, in chunks of at most ``prefill_chunk`` tokens.
+Longer steps (prefills) run in chunks of at most ``prefill_chunk`` tokens; short ones of one
+sequence each (a burst of new prompts) that wait together and go through the same blocks run
+whole as one batch, padded to the longest, within ``prefill_chunk`` tokens in all.
 Cache-less forwards run whole; those waiting together that go through the same blocks with the
 same length run as one batch, up to ``forward_tokens`` in all (the first whatever its size).
 Decoding batches and the longer work take turns whenever both wait, so a long prompt neither
@@ -33,13 +35,14 @@ class Job:
     session: Hashable = None  # a session's jobs run one at a time, in arrival order (None: any order)
     done: int = 0  # tokens run so far (a PREFILL's chunks)
     rows: int = 1  # sequences (a FORWARD's batch size: what it counts against the token budget)
+    joinable: bool = False  # a PREFILL that may run with others like it (one sequence, no padding mask)
 
 
 @dataclass(frozen=True)
 class Batch:
     kind: JobKind
-    jobs: tuple[Job, ...]  # DECODE and FORWARD: every job of the batch; PREFILL: exactly one
-    begin: int = 0  # PREFILL: the chunk is tokens begin:end of its job
+    jobs: tuple[Job, ...]  # every job of the batch (a long PREFILL: exactly one)
+    begin: int = 0  # PREFILL of one job: the chunk is tokens begin:end of it; of several: each whole
     end: int = 1
 
 
@@ -71,8 +74,10 @@ class Scheduler:
             self.running = Batch(JobKind.FORWARD, self._forwards(others), 0, others[0].tokens)
             self._prefill_turn = False
         else:
-            job = others[0]
-            self.running = Batch(job.kind, (job,), job.done, min(job.tokens, job.done + self.prefill_chunk))
+            jobs = self._prefills(others)
+            job = jobs[0]
+            end = max(j.tokens for j in jobs) if len(jobs) > 1 else min(job.tokens, job.done + self.prefill_chunk)
+            self.running = Batch(job.kind, jobs, job.done, end)
             self._prefill_turn = False
         return self.running
 
@@ -88,6 +93,24 @@ class Scheduler:
                 budget -= job.rows * job.tokens
         return tuple(jobs)
 
+    def _prefills(self, others: list[Job]) -> tuple[Job, ...]:
+        """The oldest waiting prefill, with the short joinable prefills of its blocks waiting with
+        it when it is one too: at most max_batch, their rows x longest within prefill_chunk."""
+        first = others[0]
+        if not self._whole(first):
+            return (first,)
+        jobs = [first]
+        for job in others[1:]:
+            if len(jobs) == self.max_batch:
+                break
+            longest = max(job.tokens, *(j.tokens for j in jobs))
+            if self._whole(job) and job.group == first.group and longest * (len(jobs) + 1) <= self.prefill_chunk:
+                jobs.append(job)
+        return tuple(jobs)
+
+    def _whole(self, job: Job) -> bool:
+        return job.kind is JobKind.PREFILL and job.joinable and job.done == 0 and job.tokens <= self.prefill_chunk
+
     def _ready(self) -> list[Job]:
         """Waiting jobs that no earlier job of the same session is ahead of."""
         seen, ready = set(), []
@@ -102,7 +125,7 @@ class Scheduler:
         assert batch is self.running, "update() takes the batch schedule() returned"
         self.running = None
         for job in batch.jobs:
-            job.done = batch.end if batch.kind is not JobKind.DECODE else job.tokens
+            job.done = batch.end if batch.kind is not JobKind.DECODE and len(batch.jobs) == 1 else job.tokens
         finished = [job for job in batch.jobs if job.done >= job.tokens]
         for job in finished:
             self.waiting.remove(job)

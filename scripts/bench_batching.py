@@ -7,9 +7,10 @@ For 1, 8 and 32 concurrent greedy sessions (--concurrency), with the nodes batch
 - ``serve``: streaming completions through one ``potluck serve`` (the official ``openai`` client,
   one thread per request), --repeats times (5), the levels taking turns.
 Reported: aggregate tokens per second (all new tokens over the wall time from the first start to
-the last finish), the p50 and p90 time between two tokens of one request (for serve: medians over
-the repeats, each run's p50 beside them), and the nodes' mean decoding batch size (rows / batches
-from their counters). The tiny model speaks SmolLM2's tokenizer, so ``potluck serve`` can run it.
+the last finish), the p50 and p90 time between two tokens of one request and to a request's first
+token (for serve: medians over the repeats, each run's p50 beside them), and the nodes' mean
+decoding batch size (rows / batches from their counters). The tiny model speaks SmolLM2's
+tokenizer, so ``potluck serve`` can run it.
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
                     for n, run in _measured(levels, args.repeats if way == "serve" else 1, peers, conn,
                                             lambda n: _one_run(way, n, path, swarm, base_url, args, config, expected)):
                         run.update(way=way, batching=batching)
-                        logger.info("%s, batching %s, %d at once: %.1f tokens/s, p50 %.1f ms", way,
-                                    "on" if batching else "off", n, run["tokens_per_s"],
-                                    run["ms_between_tokens"]["p50"])
+                        logger.info("%s, batching %s, %d at once: %.1f tokens/s, p50 %.1f ms, first token p50 %.1f ms",
+                                    way, "on" if batching else "off", n, run["tokens_per_s"],
+                                    run["ms_between_tokens"]["p50"], run["ms_to_first_token"]["p50"])
                         results.append(run)
             finally:
                 serve.send_signal(signal.SIGINT)
@@ -115,6 +116,8 @@ def _measured(levels: list[int], repeats: int, peers: list[str], conn, one_run) 
             run.update(tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs[n]), repeats=repeats,
                        ms_between_tokens={q: statistics.median(r["ms_between_tokens"][q] for r in runs[n])
                                           for q in ("p50", "p90")},
+                       ms_to_first_token={q: statistics.median(r["ms_to_first_token"][q] for r in runs[n])
+                                          for q in ("p50", "p90")},
                        p50_each_run=[r["ms_between_tokens"]["p50"] for r in runs[n]])
         run["mean_batch_size"] = [round(rows / batches, 2) if batches else 0.0 for rows, batches in decoded[n]]
         measured.append((n, run))
@@ -151,9 +154,10 @@ def concurrent_requests(base_url: str, name: str, n: int, new_tokens: int) -> di
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
-    stamps, counts = {}, {}
+    stamps, counts, firsts = {}, {}, {}
 
     def request(i: int) -> None:
+        began = time.time()
         times, stream = [], client.completions.create(model=name, prompt=f"Story number {i}:", max_tokens=new_tokens,
                                                       temperature=0, stream=True)
         for chunk in stream:
@@ -162,6 +166,7 @@ def concurrent_requests(base_url: str, name: str, n: int, new_tokens: int) -> di
             if chunk.usage is not None:
                 counts[i] = chunk.usage.completion_tokens
         stamps[i] = times
+        firsts[i] = (times[0] - began) * 1e3 if times else float("nan")
 
     began = time.time()
     threads = [threading.Thread(target=request, args=(i,)) for i in range(n)]
@@ -174,7 +179,13 @@ def concurrent_requests(base_url: str, name: str, n: int, new_tokens: int) -> di
     cuts = statistics.quantiles(gaps, n=10)
     return {"sessions": n, "tokens_per_s": round(sum(counts.values()) / (ended - began), 2),
             "ms_between_tokens": {"p50": round(statistics.median(gaps), 2), "p90": round(cuts[8], 2)},
-            "completion_tokens": sum(counts.values())}
+            "ms_to_first_token": _spread(list(firsts.values())), "completion_tokens": sum(counts.values())}
+
+
+def _spread(values: list[float]) -> dict:
+    """p50 and p90 of ``values`` (one value: itself for both)."""
+    cuts = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values * 9
+    return {"p50": round(statistics.median(values), 2), "p90": round(cuts[8], 2)}
 
 
 def concurrent_sessions(path: Path, peers: list[str], n: int, new_tokens: int, vocab: int) -> dict:
@@ -203,6 +214,7 @@ def concurrent_sessions(path: Path, peers: list[str], n: int, new_tokens: int, v
     cuts = statistics.quantiles(gaps, n=10)
     return {"sessions": n, "tokens_per_s": round(n * new_tokens / (ended - began), 2),
             "ms_between_tokens": {"p50": round(statistics.median(gaps), 2), "p90": round(cuts[8], 2)},
+            "ms_to_first_token": _spread([s["first_token_s"] * 1e3 for s in sessions.values()]),
             "tokens": {seed: s["tokens"] for seed, s in sessions.items()}}
 
 

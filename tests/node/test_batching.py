@@ -1,9 +1,13 @@
-"""Decoding steps of sessions with different cache lengths, run as one batch, give what each gives alone."""
+"""Decoding steps (and short prompts) of sessions with different cache lengths, run as one batch, give what
+each gives alone."""
+import asyncio
+
 import pytest
 import torch
 from transformers import DynamicCache
 
-from potluck.node.batching import ForwardWork, StepWork, decode_together, forward_together
+from potluck.node.batching import ForwardWork, StepWork, decode_together, forward_together, prefill_together
+from potluck.node.compute import ComputeLane
 from potluck.node.sessions import SessionTable
 from potluck.node.span import load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
@@ -39,6 +43,44 @@ def test_a_decoding_batch_matches_each_session_alone(family, tiny_checkpoints):
             for index in range(2, 6):
                 assert torch.allclose(cached_keys(session, index), cache.layers[index].keys[0],
                                       atol=1e-5)
+
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_prompts_of_different_lengths_run_together_give_what_each_gives_alone(family, tiny_checkpoints):
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints[family])), 2, 6, torch.float32)
+    table, generator = SessionTable(10_000), torch.Generator().manual_seed(0)
+    bystander = table.open(OpenSession("by", 2, 6, 64, 1), span)
+    bystander.step(torch.randn(1, 9, 64, generator=generator), torch.arange(9).unsqueeze(0), None, 0)
+    held = [bystander.pool.keys[b][:, bystander.slots[0, :9]].clone() for b in range(4)]
+    # (earlier tokens, where this step starts, new tokens, max_length): fresh prompts; a later turn on a
+    # cache; a session of 4 slots, fewer than the longest prompt (its padding must not write past them);
+    # a session that rewinds from 6 tokens to 2
+    shapes = [(0, 0, 5, 64), (0, 0, 2, 64), (4, 4, 7, 64), (0, 0, 3, 4), (6, 2, 3, 64)]
+    works, alone, inputs = [], [], []
+    for i, (earlier, start, new, max_length) in enumerate(shapes):
+        session = table.open(OpenSession(f"s{i}", 2, 6, max_length, 1), span)
+        history = torch.randn(1, earlier, 64, generator=generator)
+        if earlier:
+            session.step(history, torch.arange(earlier).unsqueeze(0), None, 0)
+        cache = DynamicCache()
+        if start:
+            span(history[:, :start], torch.arange(start).unsqueeze(0), None, cache)
+        hidden, positions = torch.randn(1, new, 64, generator=generator), torch.arange(start, start + new).unsqueeze(0)
+        works.append(StepWork(session, hidden, positions, None, start))
+        alone.append(cache)
+        inputs.append((hidden, positions))
+    together = prefill_together(works)
+    for work, cache, (hidden, positions), out in zip(works, alone, inputs, together):
+        expected = span(hidden, positions, None, cache)
+        assert out.shape == hidden.shape
+        assert torch.allclose(out, expected, atol=1e-5, rtol=0), (out - expected).abs().max()
+        assert work.result() is out and work.session.cached == cache.get_seq_length(layer_idx=2)
+        for index in range(2, 6):
+            assert torch.allclose(cached_keys(work.session, index), cache.layers[index].keys[0], atol=1e-5)
+    for b in range(4):  # nobody else's slots written, and the padding slot still zeros
+        assert torch.equal(bystander.pool.keys[b][:, bystander.slots[0, :9]], held[b])
+        assert not bystander.pool.keys[b][:, bystander.pool.pad].any()
 
 
 def test_a_session_that_rewinds_joins_the_batch_from_its_new_start(tiny_checkpoints):
@@ -88,3 +130,25 @@ def test_forwards_run_together_give_what_each_gives_alone(tiny_checkpoints):
         assert out.shape == alone.shape and work.result() is out
         real = slice(None) if work.mask is None else slice(2, None)  # a padded row's padding is not compared
         assert torch.allclose(out[:, real], alone[:, real], atol=1e-5, rtol=0), (out - alone).abs().max()
+
+
+def test_prompts_arriving_together_at_the_compute_lane_run_as_one_pass(tiny_checkpoints):
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 4, torch.float32)
+    table, generator = SessionTable(10_000), torch.Generator().manual_seed(3)
+    sessions = [table.open(OpenSession(f"s{i}", 0, 4, 32, rows), span) for i, rows in enumerate([1, 1, 1, 1, 2])]
+    hiddens = [torch.randn(rows, 3 + i, 64, generator=generator) for i, rows in enumerate([1, 1, 1, 1, 2])]
+    masks = [None, None, torch.ones(1, 5, dtype=torch.long), None, None]  # a padding mask: it runs on its own
+    lane = ComputeLane()
+
+    async def prompts():
+        return await asyncio.gather(*(lane.step(s, h, torch.arange(h.shape[1]).expand(h.shape[0], -1), m, 0)
+                                      for s, h, m in zip(sessions, hiddens, masks)))
+
+    try:
+        outs = asyncio.run(prompts())
+    finally:
+        lane.shutdown()
+    for hidden, mask, out in zip(hiddens, masks, outs):
+        positions = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
+        assert torch.allclose(out, span(hidden, positions, mask, DynamicCache()), atol=1e-5, rtol=0)
+    assert lane.counters["prefills_together"] == 3 and lane.counters["prefill_chunks"] == 3  # 0, 1, 3; then 2; 4

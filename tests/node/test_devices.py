@@ -11,7 +11,7 @@ import torch
 
 from devices import OTHER_DEVICE, GraphSafe, NotCapturable, StrictDevices
 from potluck.node import graphs, hardware
-from potluck.node.batching import StepWork, decode_together
+from potluck.node.batching import StepWork, decode_together, prefill_together
 from potluck.node.compute import ComputeLane
 from potluck.node.handlers import BlockServicer, ServingLimits
 from potluck.node.sessions import SessionTable
@@ -49,9 +49,13 @@ def test_span_steps_stay_on_its_device(family, tiny_checkpoints):
         together = decode_together(works)  # a batch of two cache lengths, padded
         works = [StepWork(s, hidden[:1, :1], positions[:1, :1] + s.cached, None, s.cached) for s in (short, long)]
         fixed = decode_together(works, graphs=True)  # a fixed-shape pass, as --cuda-graphs captures it
+        works = [StepWork(s, hidden[:1, :n], positions[:1, :n] + s.cached, None, s.cached)
+                 for s, n in ((short, 3), (long, 2))]
+        prompts = prefill_together(works)  # two sessions' new tokens in one pass, the shorter padded
         out = span(hidden, positions, None, None, 1, 3)  # a forward through part of the span
     assert out.device == OTHER_DEVICE and session.pool.keys[0].device == OTHER_DEVICE
-    assert [t.device for t in together + fixed] == [OTHER_DEVICE] * 4 and (short.cached, long.cached) == (4, 7)
+    assert [t.device for t in together + fixed + prompts] == [OTHER_DEVICE] * 6
+    assert (short.cached, long.cached) == (7, 9)
     assert all(t.device == OTHER_DEVICE for bucket in short.pool.fixed.buckets.values()
                for t in (bucket.hidden, bucket.positions, bucket.attend, bucket.read, bucket.write))
     assert span.rotary.inv_freq.device == OTHER_DEVICE

@@ -111,3 +111,35 @@ def test_a_sessions_jobs_run_one_at_a_time_in_arrival_order():
     scheduler.add(Job(3, JobKind.DECODE, 1, "a", session="y"))
     assert run_all(scheduler) == [("decode", [2], 0, 1), ("prefill", [0], 0, 4), ("decode", [3], 0, 1),
                                   ("prefill", [0], 4, 8), ("decode", [1], 0, 1)]
+
+
+def prompt(i, tokens, group="a", joinable=True, session=None):
+    return Job(i, JobKind.PREFILL, tokens, group, session=session, joinable=joinable)
+
+
+def test_short_prompts_waiting_together_run_whole_as_one_batch_within_the_budget():
+    scheduler = Scheduler(max_batch=8, prefill_chunk=16)
+    for job in [prompt(0, 3), prompt(1, 5), prompt(2, 2, group="b"), prompt(3, 4, joinable=False), prompt(4, 4),
+                prompt(5, 2)]:
+        scheduler.add(job)
+    # 0, 1 and 4: 3 rows of at most 5 tokens (15 <= 16); 5 would make 4 x 5 = 20; 2 has other blocks;
+    # 3 (a batch of sequences or a padding mask) runs alone
+    assert run_all(scheduler) == [("prefill", [0, 1, 4], 0, 5), ("prefill", [2], 0, 2), ("prefill", [3], 0, 4),
+                                  ("prefill", [5], 0, 2)]
+    assert not scheduler.waiting
+
+
+def test_a_long_prompt_keeps_to_its_chunks_and_short_ones_behind_it_join_each_other():
+    scheduler = Scheduler(max_batch=2, prefill_chunk=4)
+    for job in [prompt(0, 10), prompt(1, 2), prompt(2, 2), prompt(3, 1)]:
+        scheduler.add(job)
+    assert run_all(scheduler) == [("prefill", [0], 0, 4), ("prefill", [0], 4, 8), ("prefill", [0], 8, 10),
+                                  ("prefill", [1, 2], 0, 2), ("prefill", [3], 0, 1)]
+
+
+def test_a_batch_of_prompts_takes_its_turn_with_decoding_and_a_sessions_next_step_waits_for_its_prompt():
+    scheduler = Scheduler()
+    for job in [prompt(0, 3, session="x"), prompt(1, 4, session="y"), decode(2), Job(3, JobKind.DECODE, 1, "a",
+                                                                                      session="x")]:
+        scheduler.add(job)
+    assert run_all(scheduler) == [("decode", [2], 0, 1), ("prefill", [0, 1], 0, 4), ("decode", [3], 0, 1)]
