@@ -99,13 +99,14 @@ class Scheduler:
         first = others[0]
         if not self._whole(first):
             return (first,)
-        jobs = [first]
+        jobs, longest = [first], first.tokens
         for job in others[1:]:
             if len(jobs) == self.max_batch:
                 break
-            longest = max(job.tokens, *(j.tokens for j in jobs))
-            if self._whole(job) and job.group == first.group and longest * (len(jobs) + 1) <= self.prefill_chunk:
+            wider = max(longest, job.tokens)
+            if self._whole(job) and job.group == first.group and wider * (len(jobs) + 1) <= self.prefill_chunk:
                 jobs.append(job)
+                longest = wider
         return tuple(jobs)
 
     def _whole(self, job: Job) -> bool:
