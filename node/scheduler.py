@@ -6,7 +6,8 @@ jobs that are finished. Decoding steps (one new token on a session's cache) that
 moment run as one batch, whatever their cache lengths, as long as they go through the same blocks.
 Longer steps (prefills) run in chunks of at most ``prefill_chunk`` tokens; short ones of one
 sequence each (a burst of new prompts) that wait together and go through the same blocks run
-whole as one batch, padded to the longest, within ``prefill_chunk`` tokens in all.
+whole as one batch, padded to the longest, within ``prefill_chunk`` tokens in all. Short prompts
+waiting behind a long one take every other prefill turn with its chunks.
 Cache-less forwards run whole; those waiting together that go through the same blocks with the
 same length run as one batch, up to ``forward_tokens`` in all (the first whatever its size).
 Decoding batches and the longer work take turns whenever both wait, so a long prompt neither
@@ -54,6 +55,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()  # in arrival order
         self.running: Batch | None = None  # scheduled, not yet updated
         self._prefill_turn = False  # a decoding batch just ran while a longer job waited
+        self._chunk_ran = False  # the last prefill turn went to a long prompt's chunk
 
     def add(self, job: Job) -> None:
         self.waiting.append(job)
@@ -95,10 +97,15 @@ class Scheduler:
 
     def _prefills(self, others: list[Job]) -> tuple[Job, ...]:
         """The oldest waiting prefill, with the short joinable prefills of its blocks waiting with
-        it when it is one too: at most max_batch, their rows x longest within prefill_chunk."""
+        it when it is one too: at most max_batch, their rows x longest within prefill_chunk. When
+        it is long, every other turn goes to the short ones waiting behind it instead."""
         first = others[0]
         if not self._whole(first):
-            return (first,)
+            behind = [job for job in others[1:] if self._whole(job)]
+            self._chunk_ran = not (self._chunk_ran and behind)
+            if self._chunk_ran:
+                return (first,)
+            first, others = behind[0], behind  # short prompts behind a long one: every other turn
         jobs, longest = [first], first.tokens
         for job in others[1:]:
             if len(jobs) == self.max_batch:

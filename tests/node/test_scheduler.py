@@ -129,12 +129,15 @@ def test_short_prompts_waiting_together_run_whole_as_one_batch_within_the_budget
     assert not scheduler.waiting
 
 
-def test_a_long_prompt_keeps_to_its_chunks_and_short_ones_behind_it_join_each_other():
+def test_short_prompts_behind_a_long_one_take_every_other_turn_with_its_chunks():
     scheduler = Scheduler(max_batch=2, prefill_chunk=4)
     for job in [prompt(0, 10), prompt(1, 2), prompt(2, 2), prompt(3, 1)]:
         scheduler.add(job)
-    assert run_all(scheduler) == [("prefill", [0], 0, 4), ("prefill", [0], 4, 8), ("prefill", [0], 8, 10),
-                                  ("prefill", [1, 2], 0, 2), ("prefill", [3], 0, 1)]
+    assert run_all(scheduler) == [("prefill", [0], 0, 4), ("prefill", [1, 2], 0, 2), ("prefill", [0], 4, 8),
+                                  ("prefill", [3], 0, 1), ("prefill", [0], 8, 10)]
+    for job in [prompt(4, 9), *(prompt(5 + i, 1) for i in range(6))]:  # more than a turn takes: no starving
+        scheduler.add(job)
+    assert [ids for _, ids, _, _ in run_all(scheduler)] == [[5, 6], [4], [7, 8], [4], [9, 10], [4]]
 
 
 def test_a_batch_of_prompts_takes_its_turn_with_decoding_and_a_sessions_next_step_waits_for_its_prompt():
