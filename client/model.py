@@ -25,6 +25,7 @@ from potluck.protocol.errors import BadRequest
 from potluck.protocol.families import CACHE_ARG
 from potluck.protocol.network import initial_peers_from_env
 
+from .packed_head import packed_head
 from .swarm_view import FailoverPolicy, SwarmView
 from .session import InferenceSession
 from .transport import SwarmConnection
@@ -235,6 +236,7 @@ def build_local_part(checkpoint: Checkpoint, view: SwarmView, dtype: torch.dtype
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
         model.lm_head.load_state_dict({"weight": weights["lm_head.weight"]}, assign=True)
+    model.lm_head = packed_head(model.lm_head)
     model.model = RemoteDecoder(model.model.embed_tokens, model.model.norm, view).to(device)  # and its buffers
     model.swarm_view, model._local = view, threading.local()
     if (checkpoint.path / "generation_config.json").exists():

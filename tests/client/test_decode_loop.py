@@ -10,6 +10,7 @@ import torch
 
 from potluck.client import decode_loop
 from potluck.client.decode_loop import DecodeLoop, Request
+from potluck.client.packed_head import PackedHead, packed_head
 
 
 def request(temperature, top_p=1.0, seed=0):
@@ -166,3 +167,16 @@ def test_choices_are_the_lm_heads_greedy_tokens_and_logits_whatever_the_chunks(l
     assert greedy == expected.argmax(1).tolist() and greedy[4] == 1
     assert torch.allclose(logits, expected[[0, 3]].t(), atol=1e-6)
     assert loop._choices(last, [])[1] is None
+
+
+def test_choices_of_a_packed_head_are_the_linears(loop_and_view):
+    loop, _ = loop_and_view
+    head = loop.model.lm_head
+    loop.model.lm_head = packed_head(head)
+    assert isinstance(loop.model.lm_head, PackedHead)
+    with torch.no_grad():
+        last = torch.randn(7, 4, generator=torch.Generator().manual_seed(2))
+        expected = head(loop.model.model.norm(last))
+        greedy, logits = loop._choices(last, [1, 6])
+    assert greedy == expected.argmax(1).tolist()
+    torch.testing.assert_close(logits, expected[[1, 6]].t(), rtol=0, atol=1e-5)
