@@ -75,6 +75,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          help=f"seconds between announcements (default: {ANNOUNCE_PERIOD:g})")
 
     limits = node.add_argument_group("what one peer may take (an open swarm: anyone can connect)")
+    limits.add_argument("--peer-streams", type=int, default=Limits.streams_per_peer, metavar="N",
+                        help="streams one peer may hold open here (default: %(default)d; a client needs one)")
     limits.add_argument("--peer-sessions", type=int, default=Limits.sessions_per_peer, metavar="N",
                         help="sessions one peer may hold open here (a potluck serve holds up to 64)")
     limits.add_argument("--peer-cache-share", type=float, default=Limits.cache_share_per_peer, metavar="FRACTION",
@@ -165,10 +167,10 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         raise BadRequest("--balance-quality must be in (0, 1] and --balance-period at least 0")
     if args.prefill_chunk < 1 or args.max_batch_sessions < 1:
         raise BadRequest("--prefill-chunk and --max-batch-sessions must be at least 1")
-    if args.peer_sessions < 1 or not 0 < args.peer_cache_share <= 1 or not min(
+    if min(args.peer_streams, args.peer_sessions) < 1 or not 0 < args.peer_cache_share <= 1 or not min(
             args.idle_timeout, args.frame_timeout, args.peer_request_rate) > 0:
-        raise BadRequest("--peer-sessions must be at least 1, --peer-cache-share in (0, 1], and the timeouts and "
-                         "--peer-request-rate positive")
+        raise BadRequest("--peer-streams and --peer-sessions must be at least 1, --peer-cache-share in (0, 1], "
+                         "and the timeouts and --peer-request-rate positive")
     if args.throughput is not None and not args.throughput > 0:
         raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
@@ -182,7 +184,7 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
         max_batch_sessions=args.max_batch_sessions, drain_timeout=args.drain_timeout,
         identity_path=args.identity_path, public=args.public, relay_service=args.relay_service,
-        peer_limits=Limits(sessions_per_peer=args.peer_sessions, cache_share_per_peer=args.peer_cache_share,
+        peer_limits=Limits(streams_per_peer=args.peer_streams, sessions_per_peer=args.peer_sessions, cache_share_per_peer=args.peer_cache_share,
                            idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                            requests_per_peer_s=args.peer_request_rate),
         corrupt_outputs=args.test_corrupt_outputs,

@@ -87,6 +87,11 @@ def test_serve_on_a_busy_port_says_which_option_to_change(tiny_checkpoints):
     assert_one_clear_line(result, f"127.0.0.1:{port}", "--port")
 
 
+def test_a_limit_out_of_range_names_its_option(tiny_checkpoints):
+    result = run("node", str(tiny_checkpoints["llama"]), "--peer-streams", "0", "--initial-peers", NOBODY)
+    assert_one_clear_line(result, "--peer-streams")
+
+
 def test_a_client_command_without_peers_says_so_at_once(no_env_peers):
     began = time.monotonic()
     result = run("generate", "The capital of France is")
