@@ -41,6 +41,19 @@ def test_a_head_that_cannot_be_packed_stays_as_it_is(monkeypatch):
     assert packed_head(head) is head
 
 
+def test_a_packed_head_follows_its_weight_when_it_changes():
+    head = linear(True)
+    packed = packed_head(head)
+    hidden = torch.randn(5, 48)
+    with torch.no_grad():
+        head.weight.mul_(-2.0)  # in place, as load_state_dict or a tied embedding's edit would
+        torch.testing.assert_close(packed(hidden), head(hidden), rtol=0, atol=1e-5)
+        packed.to(torch.float64)  # a weight it cannot pack: computed as it is
+        assert torch.equal(packed(hidden.double()), torch.nn.functional.linear(hidden.double(), packed.weight,
+                                                                               packed.bias))
+        assert packed.packed is None
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_the_local_part_packs_its_lm_head_and_keeps_a_tied_weight_shared(tiny_checkpoints, family):
     checkpoint = resolve_checkpoint(str(tiny_checkpoints[family]))
