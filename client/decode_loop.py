@@ -149,12 +149,11 @@ class DecodeLoop:
         request's generator draws; None if none). A ``PackedHead`` (the CPU's float32 lm_head)
         computes the whole logits at once. A plain ``nn.Linear`` (a GPU's, or a CPU's in bfloat16)
         runs a chunk of the vocabulary at a time (``LOGITS_CHUNK_BYTES``), keeping each chunk's
-        best token per row: a round's whole
-        logits (6 MB for 32 rows of a 49k vocabulary) would not stay in a CPU's cache. 32 rows on
-        this 2-core CPU (512 KB of L2 a core): 21.5 instead of 31 ms at hidden 256, 34 instead of 50
-        at SmolLM2's 576; one row of a vocabulary up to 64k is one chunk, as before. Each chunk
-        is weight @ hidden^T, which a CPU computes 1.5x as fast as hidden @ weight^T for 4 to 32
-        rows."""
+        best token per row: a round's whole logits (6 MB for 32 rows of a 49k vocabulary) would
+        not stay in a CPU's cache (32 rows on this 2-core CPU, 512 KB of L2 a core: 21.5 instead of
+        31 ms at hidden 256, 34 instead of 50 at SmolLM2's 576; one row of a vocabulary up to 64k
+        is one chunk). Each chunk is weight @ hidden^T, which a CPU computes 1.5x as fast as
+        hidden @ weight^T for 4 to 32 rows."""
         head, normed = self.model.lm_head, self.model.model.norm(last)
         if type(head) is not torch.nn.Linear:  # a ``PackedHead`` reads its weight fast enough whole
             logits = head(normed).float().t()

@@ -1,11 +1,12 @@
 """The lm_head on a CPU, its weight also held in oneDNN's packed layout.
 
 On the CPU the lm_head is the client's largest matrix product: it reads the whole vocabulary's
-weights for every token (50 MB for the tiny test model, 113 MB for SmolLM2 in float32), and
-PyTorch's default kernel (MKL's) streams them at a third of what the memory gives. oneDNN's
-kernel over a weight packed once at load reads them 2 to 2.7x as fast for one row, 1.1 to 1.3x
-for 32 rows (``PackedHead``'s figures, README). The result is the same product, rounded
-differently (about 1e-6 of a logit).
+weights for every token (50 MB for the tiny test model, 113 MB for SmolLM2 in float32).
+PyTorch's default kernel (MKL's) read them at 10 to 12 GB/s on this project's 2-core machine,
+on 1 thread or 2; oneDNN's kernel, over a copy packed once at load, at 22 to 24 GB/s on 2
+threads: one token's lm_head 1.8 to 2.4x as fast (1.2 to 1.5x on 1 thread), 32 rows' 1.2 to
+1.4x (`scripts/bench lmhead`, README). The result is the same product, rounded differently
+(about 1e-6 of a logit).
 """
 from __future__ import annotations
 
