@@ -10,8 +10,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import os
 
+import psutil
 import torch
 
 from potluck.protocol.errors import BadRequest
@@ -71,16 +71,10 @@ def prepare(device: torch.device) -> None:
 
 def usable_memory(device: torch.device) -> int:
     """Bytes a node may fill on ``device`` unless --max-memory says: most of the free GPU memory,
-    or most of the RAM Linux calls available (the rest stays for activations and the system)."""
+    or most of the RAM the system calls available (the rest stays for activations and the system)."""
     if device.type == "cuda":
         return int(MEMORY_SHARE * torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        free = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(MEMORY_SHARE * free)
+    return int(MEMORY_SHARE * psutil.virtual_memory().available)  # MemAvailable on Linux
 
 
 def cache_reserve(device: torch.device, memory: int) -> int:
