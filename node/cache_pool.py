@@ -50,6 +50,12 @@ class CachePool:
                                                      device=buffer.device)
         return buffer[:size].view(kv_heads, slots, head_dim)
 
+    @staticmethod
+    def bytes_per_slot(span) -> int:
+        """What one token slot takes over all the span's blocks (keys and values)."""
+        kv_heads, head_dim = kv_shape(span.config)
+        return 2 * (span.end - span.start) * kv_heads * head_dim * torch.empty((), dtype=span.dtype).element_size()
+
     @property
     def slots_in_use(self) -> int:
         return self.pad - self._top

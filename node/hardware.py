@@ -87,10 +87,18 @@ def cache_reserve(device: torch.device, memory: int) -> int:
 
 def default_cache_gib(device: torch.device) -> float:
     """Cache budget when none is given: a share of the GPU memory free now (call after loading)."""
+    free = free_device_bytes(device)
+    return CPU_CACHE_GIB if free is None else GPU_CACHE_SHARE * free / 2**30
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Memory this process can still take on a GPU: what the device has free, and what its own
+    allocator holds unused; None off GPUs (a CPU cache pool takes its pages only as tokens are
+    written)."""
     if device.type != "cuda":
-        return CPU_CACHE_GIB
+        return None
     free, _ = torch.cuda.mem_get_info(device)
-    return GPU_CACHE_SHARE * free / 2**30
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def release_memory(device: torch.device) -> None:

@@ -157,7 +157,8 @@ class Node:
         self.speed = await self._initial_speed(span)
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
-        self.sessions = SessionTable(tokens, on_change=self.announcer.nudge)
+        default_budget = config.cache_tokens is None and config.cache_gib is None  # shrinks if the GPU fills
+        self.sessions = SessionTable(tokens, on_change=self.announcer.nudge, fit_to_device=default_budget)
         limits = ServingLimits(max_batch_tokens=config.max_batch_tokens, peers=config.peer_limits)
         self.links = PushLinks(self.p2p)
         self.servicer = BlockServicer(span, self.compute, self.sessions, limits, self.describe, self.links,

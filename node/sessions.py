@@ -16,10 +16,12 @@ import torch
 
 from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, UnknownSession
 from potluck.protocol.messages import OpenSession
+from . import hardware
 from .cache_pool import CachePool, PassCache
 from .span import BlockSpan
 
 logger = logging.getLogger(__name__)
+SHRINK_TOLERANCE = 0.05  # a default budget shrinks only when its share of the free memory is this much less
 
 
 @dataclass
@@ -66,10 +68,18 @@ class Session:
 
 
 class SessionTable:
-    """All open sessions of a node, with the cache budget they reserve against."""
+    """All open sessions of a node, with the cache budget they reserve against.
 
-    def __init__(self, cache_tokens: int, on_change: Callable[[], None] = lambda: None):
+    On a GPU a span's pool takes its memory whole when the span's first session opens, and other
+    processes on the same GPU (other nodes, a client) may have taken memory since the budget was
+    set. So the budget is checked against the memory free then: a default one (``fit_to_device``:
+    a share of what was free after loading) shrinks to the same share of what is free now, and the
+    node announces the smaller one; a budget the operator set that no longer fits refuses the
+    session (CacheFull, which sends the client to another node) with a line naming the options."""
+
+    def __init__(self, cache_tokens: int, on_change: Callable[[], None] = lambda: None, fit_to_device: bool = False):
         self.cache_tokens = cache_tokens
+        self.fit_to_device = fit_to_device
         self.sessions: dict[str, Session] = {}  # session_id -> session
         self.pools: dict[BlockSpan, CachePool] = {}  # span -> the cache of its sessions, while it has some
         self.on_change = on_change  # called when a session opens or closes (the node re-announces its load)
@@ -86,6 +96,8 @@ class SessionTable:
     def open(self, request: OpenSession, span: BlockSpan | None, peer: str = "") -> Session:
         if request.session_id in self.sessions:
             raise BadRequest(f"session {request.session_id} is already open")
+        if span is not None and span not in self.pools:
+            self._fit_budget(span)
         needed = request.max_length * request.batch_size
         if needed > self.tokens_left:
             raise CacheFull(
@@ -95,13 +107,41 @@ class SessionTable:
         session = Session(request, span, peer=peer, previous=request.previous)
         if span is not None:
             if span not in self.pools:
-                self.pools[span] = CachePool(span, self.cache_tokens)
+                self.pools[span] = self._new_pool(span)
             session.pool = self.pools[span]
             session.slots = session.pool.take(request.batch_size, request.max_length)
         self.sessions[request.session_id] = session
         logger.debug("opened session %s (%d tokens)", request.session_id, needed)
         self.on_change()
         return session
+
+    def _fit_budget(self, span: BlockSpan) -> None:
+        """Before ``span``'s pool is made: the budget within the device memory free now."""
+        free = hardware.free_device_bytes(span.device)
+        if free is None:
+            return
+        per_slot = CachePool.bytes_per_slot(span)
+        fits = int((hardware.GPU_CACHE_SHARE if self.fit_to_device else 1.0) * free) // per_slot
+        if fits >= self.cache_tokens * (1 - SHRINK_TOLERANCE if self.fit_to_device else 1):
+            return  # a default budget a little over its share still fits: the share leaves room
+        if not self.fit_to_device:
+            logger.warning("a session was refused: the cache budget no longer fits in %s's free memory (%.2f GiB); "
+                           "restart the node with a lower --cache-gib or --cache-tokens", span.device, free / 2**30)
+            raise CacheFull(f"this node's cache budget ({self.cache_tokens} tokens, "
+                            f"{self.cache_tokens * per_slot / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} "
+                            f"GiB free on {span.device} now: start the node with a lower --cache-gib or --cache-tokens")
+        logger.warning("%s has %.2f GiB free now (other processes took memory since this node loaded): the cache "
+                       "budget shrinks from %d to %d tokens", span.device, free / 2**30, self.cache_tokens, fits)
+        self.cache_tokens = fits
+        self.on_change()
+
+    def _new_pool(self, span: BlockSpan) -> CachePool:
+        try:
+            return CachePool(span, self.cache_tokens)
+        except torch.OutOfMemoryError:  # another process took the memory meanwhile
+            hardware.release_memory(span.device)
+            raise CacheFull(f"the cache pool ({self.cache_tokens} tokens) does not fit in {span.device}'s free "
+                            f"memory now; try another node") from None
 
     def get(self, session_id: str) -> Session:
         try:

@@ -61,3 +61,70 @@ def test_passes_of_any_size_read_through_the_pools_buffers_keys_apart_from_value
         keys, values = cache.update(tokens + 1000 * length, -tokens, 1)
         assert torch.equal(keys, tokens + 1000 * length) and torch.equal(values, -tokens)
     assert pool.keys[1][0, a.slots[0, 6], 0] == 7006  # the last pass's keys are in the pool itself too
+
+
+def span_on_a_gpu(tiny_checkpoints, monkeypatch, free_gib: float):
+    """Blocks 0:2 of the tiny Llama on ``meta`` (standing in for a GPU), which reports ``free_gib``
+    free (a list: change its item to change what is free)."""
+    from potluck.node import hardware
+    from tests.devices import OTHER_DEVICE
+
+    free = [free_gib]
+    monkeypatch.setattr(hardware, "free_device_bytes",
+                        lambda device: int(free[0] * 2**30) if device == OTHER_DEVICE else None)
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 2, torch.float32, OTHER_DEVICE)
+    return span, free
+
+
+def test_a_default_budget_shrinks_to_what_the_gpu_has_free_when_the_pool_is_made(tiny_checkpoints, monkeypatch):
+    from potluck.node.cache_pool import CachePool
+    from potluck.node.hardware import GPU_CACHE_SHARE
+
+    span, free = span_on_a_gpu(tiny_checkpoints, monkeypatch, 1.0)
+    per_slot = CachePool.bytes_per_slot(span)  # 2 blocks x keys and values x 4 kv heads x 16 x 4 bytes
+    assert per_slot == 2 * 2 * span.config.num_key_value_heads * span.config.head_dim * 4
+    budget = int(GPU_CACHE_SHARE * 2**30) // per_slot  # its share of 1 GiB, as at load
+    announced = []
+    table = SessionTable(budget, on_change=lambda: announced.append(table.tokens_left), fit_to_device=True)
+    free[0] = 0.98  # a little less free since: within the tolerance, the budget stays
+    first = table.open(OpenSession("first", 0, 2, 100, 1), span)
+    assert table.cache_tokens == budget and first.pool.pad == budget
+    table.close("first")
+    free[0] = 0.25  # another node on the GPU took most of it before this span's pool was made again
+    shrunk = int(GPU_CACHE_SHARE * 0.25 * 2**30) // per_slot
+    second = table.open(OpenSession("second", 0, 2, 100, 1), span)
+    assert table.cache_tokens == shrunk and second.pool.pad == shrunk  # the pool holds what the node announces
+    assert announced[-2:] == [shrunk, shrunk - 100]  # re-announced smaller, then with the session in it
+    with pytest.raises(CacheFull, match=f"only {shrunk - 100} of {shrunk}"):
+        table.open(OpenSession("too-big", 0, 2, shrunk, 1), span)
+
+
+def test_a_budget_the_operator_set_that_no_longer_fits_refuses_sessions_until_memory_frees(tiny_checkpoints,
+                                                                                          monkeypatch):
+    from potluck.node.cache_pool import CachePool
+
+    span, free = span_on_a_gpu(tiny_checkpoints, monkeypatch, 0.001)
+    budget = 2**20 // CachePool.bytes_per_slot(span) * 2  # 2 MiB of cache, with 1 MiB free
+    table = SessionTable(budget)
+    with pytest.raises(CacheFull, match="lower --cache-gib or --cache-tokens"):
+        table.open(OpenSession("s", 0, 2, 10, 1), span)
+    assert not table.sessions and not table.pools and table.cache_tokens == budget
+    free[0] = 0.01
+    assert table.open(OpenSession("s", 0, 2, 10, 1), span).pool.pad == budget
+
+
+def test_a_pool_the_gpu_cannot_hold_refuses_the_session_and_the_table_keeps_serving(tiny_checkpoints, monkeypatch):
+    from potluck.node.cache_pool import CachePool
+
+    span, _ = span_on_a_gpu(tiny_checkpoints, monkeypatch, 1.0)
+    table = SessionTable(100, fit_to_device=True)
+
+    def taken_meanwhile(pool, span, capacity):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CachePool, "__init__", taken_meanwhile)
+        with pytest.raises(CacheFull, match="try another node"):
+            table.open(OpenSession("s", 0, 2, 10, 1), span)
+    assert not table.sessions and not table.pools and table.tokens_left == 100
+    assert table.open(OpenSession("s", 0, 2, 10, 1), span).pool.pad == 100
