@@ -10,7 +10,10 @@ Reported: aggregate tokens per second (all new tokens over the wall time from th
 the last finish), the p50 and p90 time between two tokens of one request and to a request's first
 token (for serve: medians over the repeats, each run's p50 beside them), and the nodes' mean
 decoding batch size (rows / batches from their counters). The tiny model speaks SmolLM2's
-tokenizer, so ``potluck serve`` can run it.
+tokenizer, so ``potluck serve`` can run it. ``--model 8b``: random weights of Llama-3.1-8B's shape
+(``scripts/bench 8b``'s, with SmolLM2's tokenizer; ids past it decode to nothing) in bfloat16 on
+``--device`` (a GPU: cuda by default), which the nodes, `potluck serve`, the client processes and
+the local reference all use.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from bench_swarm import bench_swarm
+from bench_swarm import bench_swarm, empty_device_cache
 from potluck.client.transport import SwarmConnection
 from potluck.node.swarm import split_evenly
+from potluck.protocol.checkpoint import DTYPES
 
 logger = logging.getLogger("bench")
 PROCESSES = 4
@@ -43,11 +47,12 @@ def prompt(seed: int, vocab: int) -> torch.Tensor:
 def run_batching(path: Path, args, workdir: Path) -> dict:
     config = transformers.AutoConfig.from_pretrained(path)
     levels = [int(n) for n in args.concurrency.split(",")]
-    local = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    expected = {seed: local.generate(prompt(seed, config.vocab_size), max_new_tokens=args.new_tokens,
+    local = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    expected = {seed: local.generate(prompt(seed, config.vocab_size).to(args.device), max_new_tokens=args.new_tokens,
                                      min_new_tokens=args.new_tokens, do_sample=False)[0].tolist()
                 for seed in range(max(levels))}
     del local
+    empty_device_cache(args.device)
     results = []
     for batching in (True, False):
         logs = workdir / f"batching-{'on' if batching else 'off'}"
@@ -56,9 +61,10 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
         try:
             swarm.start_dht()
             peers = swarm.start_nodes(path, split_evenly(config.num_hidden_layers, 2), "--max-batch-sessions",
-                                      "64" if batching else "1", name="bench")
+                                      "64" if batching else "1", "--device", args.device, "--dtype", args.dtype,
+                                      name="bench")
             conn = SwarmConnection(swarm.initial_peers)
-            serve, base_url = _start_serve(path, swarm.initial_peers, logs)
+            serve, base_url = _start_serve(path, swarm.initial_peers, logs, args.device)
             try:
                 for way in ("clients", "serve"):
                     for n, run in _measured(levels, args.repeats if way == "serve" else 1, peers, conn,
@@ -90,7 +96,8 @@ def run_batching(path: Path, args, workdir: Path) -> dict:
 def _one_run(way: str, n: int, path: Path, swarm, base_url: str, args, config, expected: dict) -> dict:
     if way == "serve":
         return concurrent_requests(base_url, path.name, n, args.new_tokens)
-    run = concurrent_sessions(path, swarm.initial_peers, n, args.new_tokens, config.vocab_size)
+    run = concurrent_sessions(path, swarm.initial_peers, n, args.new_tokens, config.vocab_size, args.device,
+                              args.dtype)
     tokens = run.pop("tokens")
     run["tokens_match_local"] = all(tokens[s] == expected[s] for s in range(n))
     return run
@@ -127,21 +134,26 @@ def _measured(levels: list[int], repeats: int, peers: list[str], conn, one_run) 
 def chat_ready_tiny(folder: Path) -> Path:
     """A random Llama (8 blocks, hidden 256) with SmolLM2's tokenizer, so `potluck serve` runs it."""
     from potluck.node.local_swarm import make_tiny_checkpoint
+
+    return with_tokenizer(make_tiny_checkpoint("llama", folder, hidden=256, layers=8, vocab=49152, heads=8,
+                                               kv_heads=8, intermediate=1024))
+
+
+def with_tokenizer(path: Path) -> Path:
+    """The checkpoint at ``path`` given SmolLM2's tokenizer (and its generation config)."""
     from potluck.protocol.checkpoint import resolve_checkpoint
 
     source = resolve_checkpoint(None).path
-    path = make_tiny_checkpoint("llama", folder, hidden=256, layers=8, vocab=49152, heads=8, kv_heads=8,
-                                intermediate=1024)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (source / name).exists():
             shutil.copy(source / name, path / name)
     return path
 
 
-def _start_serve(path: Path, peers: list[str], logs: Path) -> tuple[subprocess.Popen, str]:
+def _start_serve(path: Path, peers: list[str], logs: Path, device: str = "cpu") -> tuple[subprocess.Popen, str]:
     log = open(logs / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "potluck", "serve", str(path), "--port", "0", "--initial-peers",
-                             *peers], stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "potluck", "serve", str(path), "--port", "0", "--device", device,
+                             "--initial-peers", *peers], stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
     if not line.startswith("POTLUCK_OPENAI_BASE_URL="):
         proc.kill()
@@ -188,11 +200,14 @@ def _spread(values: list[float]) -> dict:
     return {"p50": round(statistics.median(values), 2), "p90": round(cuts[8], 2)}
 
 
-def concurrent_sessions(path: Path, peers: list[str], n: int, new_tokens: int, vocab: int) -> dict:
+def concurrent_sessions(path: Path, peers: list[str], n: int, new_tokens: int, vocab: int, device: str = "cpu",
+                        dtype: str = "float32") -> dict:
+    """``n`` greedy generations at once from client processes (their local part on ``device``, in ``dtype``)."""
     seeds = list(range(n))
     groups = [seeds[i::PROCESSES] for i in range(min(PROCESSES, n))]
     workers = [subprocess.Popen([sys.executable, __file__, str(path), ",".join(peers), json.dumps(group),
-                                 str(new_tokens), str(vocab)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 str(new_tokens), str(vocab), device, dtype],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                for group in groups]
     try:
         for worker in workers:
@@ -239,15 +254,16 @@ def _worker() -> None:
 
     path, peers, seeds, new_tokens, vocab = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3]), \
         int(sys.argv[4]), int(sys.argv[5])
+    device, dtype = sys.argv[6], sys.argv[7]
     torch.set_num_threads(1)
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers, device=device, dtype=dtype)
     print("ready", flush=True)
     sys.stdin.readline()
     sessions = {}
 
     def generate(seed: int) -> None:
         clock, began = _Clock(), time.time()
-        out = model.generate(prompt(seed, vocab), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(prompt(seed, vocab).to(device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, logits_processor=transformers.LogitsProcessorList([clock]))
         sessions[seed] = {"tokens": out[0].tolist(), "stamps": clock.stamps,
                           "first_token_s": clock.stamps[0] - began}
