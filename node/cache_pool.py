@@ -23,6 +23,13 @@ from potluck.protocol.errors import CacheFull
 from potluck.protocol.families import kv_shape
 
 
+def bytes_per_token(config, blocks: int, dtype: torch.dtype) -> int:
+    """Keys and values of one token in ``blocks`` blocks of a model with ``config``: a slot's size
+    over a span's pool."""
+    kv_heads, head_dim = kv_shape(config)
+    return 2 * kv_heads * head_dim * blocks * torch.finfo(dtype).bits // 8
+
+
 class CachePool:
     """Token slots for blocks ``span.start:span.end`` on the span's device and dtype."""
 
@@ -49,12 +56,6 @@ class CachePool:
             buffer = self._read[which] = torch.empty(max(size, buffer.numel() * 3 // 2), dtype=buffer.dtype,
                                                      device=buffer.device)
         return buffer[:size].view(kv_heads, slots, head_dim)
-
-    @staticmethod
-    def bytes_per_slot(span) -> int:
-        """What one token slot takes over all the span's blocks (keys and values)."""
-        kv_heads, head_dim = kv_shape(span.config)
-        return 2 * (span.end - span.start) * kv_heads * head_dim * torch.empty((), dtype=span.dtype).element_size()
 
     @property
     def slots_in_use(self) -> int:

@@ -24,12 +24,12 @@ from potluck.protocol import reachability
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.directory import read_block_records
-from potluck.protocol.families import kv_shape
 from potluck.protocol.identity import identity_path
 from potluck.protocol.records import ANNOUNCE_PERIOD, PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState
 
 from . import hardware, placement, quantize, reachable
 from .announcer import Announcer
+from .cache_pool import bytes_per_token
 from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
 from .limits import Limits
@@ -82,8 +82,7 @@ class NodeConfig:
 
 def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype) -> int:
     """Keys and values of one token in ``blocks`` blocks."""
-    kv_heads, head_dim = kv_shape(checkpoint.config)
-    return 2 * kv_heads * head_dim * blocks * torch.finfo(dtype).bits // 8
+    return bytes_per_token(checkpoint.config, blocks, dtype)
 
 
 def cache_tokens_for(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype, gib: float) -> int:

@@ -17,7 +17,7 @@ import torch
 from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, UnknownSession
 from potluck.protocol.messages import OpenSession
 from . import hardware
-from .cache_pool import CachePool, PassCache
+from .cache_pool import CachePool, PassCache, bytes_per_token
 from .span import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -120,20 +120,21 @@ class SessionTable:
         free = hardware.free_device_bytes(span.device)
         if free is None:
             return
-        per_slot = CachePool.bytes_per_slot(span)
-        fits = int((hardware.GPU_CACHE_SHARE if self.fit_to_device else 1.0) * free) // per_slot
-        if fits >= self.cache_tokens * (1 - SHRINK_TOLERANCE if self.fit_to_device else 1):
-            return  # a default budget a little over its share still fits: the share leaves room
-        if not self.fit_to_device:
+        per_slot = bytes_per_token(span.config, span.end - span.start, span.dtype)
+        if self.fit_to_device:  # the default: its share of what is free now, unless only a little short of it
+            fits = int(hardware.GPU_CACHE_SHARE * free) // per_slot
+            if fits < (1 - SHRINK_TOLERANCE) * self.cache_tokens:
+                logger.warning("%s has %.2f GiB free now (other processes took memory since this node loaded): the "
+                               "cache budget shrinks from %d to %d tokens", span.device, free / 2**30,
+                               self.cache_tokens, fits)
+                self.cache_tokens = fits
+                self.on_change()
+        elif free // per_slot < self.cache_tokens:
             logger.warning("a session was refused: the cache budget no longer fits in %s's free memory (%.2f GiB); "
                            "restart the node with a lower --cache-gib or --cache-tokens", span.device, free / 2**30)
             raise CacheFull(f"this node's cache budget ({self.cache_tokens} tokens, "
                             f"{self.cache_tokens * per_slot / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} "
                             f"GiB free on {span.device} now: start the node with a lower --cache-gib or --cache-tokens")
-        logger.warning("%s has %.2f GiB free now (other processes took memory since this node loaded): the cache "
-                       "budget shrinks from %d to %d tokens", span.device, free / 2**30, self.cache_tokens, fits)
-        self.cache_tokens = fits
-        self.on_change()
 
     def _new_pool(self, span: BlockSpan) -> CachePool:
         try:

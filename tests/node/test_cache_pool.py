@@ -77,11 +77,11 @@ def span_on_a_gpu(tiny_checkpoints, monkeypatch, free_gib: float):
 
 
 def test_a_default_budget_shrinks_to_what_the_gpu_has_free_when_the_pool_is_made(tiny_checkpoints, monkeypatch):
-    from potluck.node.cache_pool import CachePool
+    from potluck.node.cache_pool import bytes_per_token
     from potluck.node.hardware import GPU_CACHE_SHARE
 
     span, free = span_on_a_gpu(tiny_checkpoints, monkeypatch, 1.0)
-    per_slot = CachePool.bytes_per_slot(span)  # 2 blocks x keys and values x 4 kv heads x 16 x 4 bytes
+    per_slot = bytes_per_token(span.config, 2, torch.float32)  # 2 blocks x keys and values x kv heads x dim x 4
     assert per_slot == 2 * 2 * span.config.num_key_value_heads * span.config.head_dim * 4
     budget = int(GPU_CACHE_SHARE * 2**30) // per_slot  # its share of 1 GiB, as at load
     announced = []
@@ -101,10 +101,10 @@ def test_a_default_budget_shrinks_to_what_the_gpu_has_free_when_the_pool_is_made
 
 def test_a_budget_the_operator_set_that_no_longer_fits_refuses_sessions_until_memory_frees(tiny_checkpoints,
                                                                                           monkeypatch):
-    from potluck.node.cache_pool import CachePool
+    from potluck.node.cache_pool import bytes_per_token
 
     span, free = span_on_a_gpu(tiny_checkpoints, monkeypatch, 0.001)
-    budget = 2**20 // CachePool.bytes_per_slot(span) * 2  # 2 MiB of cache, with 1 MiB free
+    budget = 2**20 // bytes_per_token(span.config, 2, torch.float32) * 2  # 2 MiB of cache, with 1 MiB free
     table = SessionTable(budget)
     with pytest.raises(CacheFull, match="lower --cache-gib or --cache-tokens"):
         table.open(OpenSession("s", 0, 2, 10, 1), span)
