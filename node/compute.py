@@ -46,17 +46,28 @@ class ComputeLane:
     async def step(self, session: Session, hidden: torch.Tensor, positions: torch.Tensor,
                    mask: torch.Tensor | None, start: int, alone: bool = False) -> torch.Tensor:
         """Run a session's step (hidden [B, T, H]); ``alone``: no other session is open here."""
+        return await self.submit_step(session, hidden, positions, mask, start, alone)
+
+    def submit_step(self, session: Session, hidden: torch.Tensor, positions: torch.Tensor,
+                    mask: torch.Tensor | None, start: int, alone: bool = False) -> asyncio.Future:
+        """``step`` without a coroutine: the future of its output (done at once for a step run
+        right here). A node's handlers serve a bundle's steps this way, with no task for each."""
         work = StepWork(session, hidden, positions, mask, start)
         batch, new_tokens = hidden.shape[:2]
         decoding = new_tokens == 1 and batch == 1 and mask is None
         if alone and decoding and self._idle():
-            self._timed(self._decode, [work])
-            return work.result()
+            answer = asyncio.get_running_loop().create_future()
+            try:
+                self._timed(self._decode, [work])
+                answer.set_result(work.result())
+            except Exception as e:
+                answer.set_exception(e)
+            return answer
         group = (id(session.span), session.request.start, session.request.end)
         kind = JobKind.DECODE if decoding else JobKind.PREFILL
         joinable = batch == 1 and mask is None  # a prompt of one sequence: may run with others' (``scheduler``)
         job = Job(next(self._ids), kind, new_tokens, group, id(session), joinable=joinable)
-        return await self._submit(job, work)
+        return self._submit(job, work)
 
     async def forward(self, span: BlockSpan, hidden: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:

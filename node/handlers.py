@@ -62,7 +62,7 @@ class BlockServicer:
         self.peers = PeerLimits(limits.peers, sessions.cache_tokens)
         self.frame_bytes = step_frame_bytes(self.hidden_size, limits.max_batch_tokens, sessions.cache_tokens)
         self._client_streams: dict[str, FrameBatcher] = {}  # session id -> stream it was opened on
-        self._tasks: set[asyncio.Task] = set()  # requests being served in their own tasks
+        self._tasks: set[asyncio.Task] = set()  # hand-offs waiting on a next node that is behind (or not linked yet)
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_binary_stream_handler(msg.INFERENCE_HANDLER, self._inference_stream)
@@ -78,30 +78,32 @@ class BlockServicer:
         self.counters["streams"] += 1
         try:
             await self._serve_stream(reader, out, peer, lambda frame: self._inference_request(frame, opened, out, peer),
-                                     counter="client_messages", in_tasks=True, sessions_open=lambda: bool(opened))
+                                     counter="client_messages", concurrent=True, sessions_open=lambda: bool(opened))
         finally:
             for session_id in opened:
                 self.sessions.close(session_id)
                 self._client_streams.pop(session_id, None)
 
     async def _push_stream(self, info, reader, writer) -> None:
-        # one stream carries the pushes of every session the previous node hands on: each is served in
-        # its own task, so they meet in the compute lane's batches instead of queueing behind each other
+        # one stream carries the pushes of every session the previous node hands on: none waits for
+        # another, so they meet in the compute lane's batches instead of queueing behind each other
         peer = _peer_of(info)
         await self._serve_stream(reader, FrameBatcher(writer), peer, lambda frame: self._push_request(frame, peer),
-                                 counter="pushes_received", in_tasks=True, sessions_open=lambda: True)
+                                 counter="pushes_received", concurrent=True, sessions_open=lambda: True)
 
     async def _single_request_stream(self, info, reader, writer) -> None:
         await self._serve_stream(reader, FrameBatcher(writer), _peer_of(info), self._single_request,
                                  counter="messages", once=True)
 
     async def _serve_stream(self, reader, out: FrameBatcher, peer: str, serve: Callable, counter: str,
-                            once: bool = False, in_tasks: bool = False,
+                            once: bool = False, concurrent: bool = False,
                             sessions_open: Callable[[], bool] = lambda: False) -> None:
         """Answer messages until the peer closes the stream, under the peer's limits (``limits``).
         A frame over a size limit, or a stream silent or trickling past its timeout, ends it with a
         typed error (a payload cannot be skipped safely). A bundle's parts are served as separate
-        messages. ``in_tasks``: serve each message in its own task (answers go out as they finish)."""
+        messages. ``concurrent``: ``serve`` is synchronous and gives an answer, or the future of one
+        (a step's, done when its batch has run); no message waits for another's answer, and each
+        answer goes out as it is ready. Otherwise ``serve`` is a coroutine, awaited in turn."""
         try:
             self.peers.open_stream(peer)
         except PeerLimitReached as e:  # not held until the peer closes: libp2p resets a peer's streams
@@ -138,10 +140,8 @@ class BlockServicer:
                         self.counters["errors"] += 1
                         out.write(msg.error_meta(e, part.meta))
                         continue
-                    if in_tasks:
-                        task = asyncio.create_task(self._answer(serve, part, out, counter))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+                    if concurrent:
+                        self._serve_part(serve, part, out, counter)
                     else:
                         await self._answer(serve, part, out, counter)
                 if once:
@@ -160,8 +160,23 @@ class BlockServicer:
             finally:
                 self.peers.close_stream(peer)
 
+    def _serve_part(self, serve: Callable, frame: msg.Frame, out: FrameBatcher, counter: str) -> None:
+        """Serve one message of a concurrent stream: its answer is written now, or when its future is
+        done. No task per message: the 32 steps of a bundle would start 32, and each task's
+        start and wake-up cost about what the rest of serving its step does."""
+        try:
+            reply = serve(frame)
+        except Exception as e:
+            reply = self._failed(e, frame)
+        if isinstance(reply, asyncio.Future):
+            reply.add_done_callback(lambda done: self._write(out, self._outcome(done, frame), counter))
+        else:
+            self._write(out, reply, counter)
+
     async def _answer(self, serve: Callable, frame: msg.Frame, out: FrameBatcher, counter: str) -> None:
-        reply = await self._serve_safely(serve, frame)
+        self._write(out, await self._serve_safely(serve, frame), counter)
+
+    def _write(self, out: FrameBatcher, reply: Reply | None, counter: str) -> None:
         if reply is not None and not out.is_closing():
             self.counters["to_client" if counter == "client_messages" else "replies"] += 1
             out.write(*reply)
@@ -169,17 +184,27 @@ class BlockServicer:
     async def _serve_safely(self, serve: Callable, frame: msg.Frame) -> Reply | None:
         try:
             return await serve(frame)
-        except PotluckError as e:
-            self.counters["errors"] += 1
-            return msg.error_meta(e, frame.meta), ()
         except Exception as e:
-            logger.exception("request failed")
-            self.counters["errors"] += 1
-            error = PotluckError(f"internal error on the node: {type(e).__name__}: {e}")
-            return msg.error_meta(error, frame.meta), ()
+            return self._failed(e, frame)
 
-    async def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], out,
-                                 peer: str = "") -> Reply | None:
+    def _outcome(self, done: asyncio.Future, frame: msg.Frame) -> Reply | None:
+        """The answer a done future holds; its error as an error answer; None if it was cancelled."""
+        if done.cancelled():
+            return None
+        error = done.exception()
+        return done.result() if error is None else self._failed(error, frame)
+
+    def _failed(self, error: BaseException, frame: msg.Frame) -> Reply:
+        """The error answer to ``frame``: a typed error as it is, anything else (a bug) logged and
+        sent as an internal error; the node goes on serving."""
+        self.counters["errors"] += 1
+        if not isinstance(error, PotluckError):
+            logger.error("request failed", exc_info=error)
+            error = PotluckError(f"internal error on the node: {type(error).__name__}: {error}")
+        return msg.error_meta(error, frame.meta), ()
+
+    def _inference_request(self, frame: msg.Frame, opened: dict[str, Session], out,
+                           peer: str = "") -> Reply | asyncio.Future:
         request = msg.parse_request(frame.meta)
         if isinstance(request, msg.OpenSession):
             if self.draining:
@@ -196,7 +221,7 @@ class BlockServicer:
             session = opened.get(request.session_id) or self.sessions.get(request.session_id)
             if request.session_id not in opened:
                 raise BadRequest(f"session {request.session_id} belongs to another stream")
-            return await self._step(session, request, frame)
+            return self._step(session, request, frame)
         if isinstance(request, msg.Follow):
             session = self.sessions.get(request.session_id)
             if request.session_id not in opened:
@@ -213,7 +238,7 @@ class BlockServicer:
             return replies.Closed(request.session_id).to_meta(), ()
         raise BadRequest(f"{type(request).__name__} is not valid on an inference stream")
 
-    async def _push_request(self, frame: msg.Frame, peer: str) -> Reply | None:
+    def _push_request(self, frame: msg.Frame, peer: str) -> None:
         """A step handed off by the previous node: errors go to the session's client, not back;
         a push from any other peer is refused back to that peer (it never reaches the client)."""
         request = msg.parse_request(frame.meta)
@@ -224,16 +249,21 @@ class BlockServicer:
             raise BadRequest(f"session {request.session_id} takes pushes only from the node before it in its chain")
         client = self._client_streams.get(request.session_id)
         try:
-            reply = await self._step(session, request, frame)
+            answer = self._step(session, request, frame)
         except PotluckError as e:
-            self.counters["errors"] += 1
-            reply = msg.error_meta(e, frame.meta), ()
+            self._to_client(client, self._failed(e, frame))
+            return None
+        answer.add_done_callback(lambda done: self._to_client(client, self._outcome(done, frame)))
+        return None
+
+    def _to_client(self, client: FrameBatcher | None, reply: Reply | None) -> None:
         if reply is not None and client is not None and not client.is_closing():
             self.counters["to_client"] += 1
             client.write(*reply)
-        return None
 
-    async def _step(self, session: Session, request: msg.Step | msg.Push, frame: msg.Frame) -> Reply | None:
+    def _step(self, session: Session, request: msg.Step | msg.Push, frame: msg.Frame) -> asyncio.Future:
+        """Check a step and submit it to the compute lane; the future of its answer: a result, or
+        None once it is pushed on to the next node (its hand-off failed: the answer says so)."""
         tensors = frame.tensors
         new_tokens = tensors[0].shape[1] if tensors and tensors[0].ndim == 3 else 0
         start = session.step_start(request.start_from, new_tokens)
@@ -241,24 +271,50 @@ class BlockServicer:
                                                          frame.sane)
         self._check_tokens(hidden)
         alone = len(self.sessions.sessions) == 1
-        out = await self._compute(session.span.device,
-                                  self.compute.step(session, hidden, positions, mask, start, alone))
-        self.counters["steps"] += 1
-        self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
-        self.counters["hidden_bytes_in"] += hidden.numel() * hidden.element_size()  # as sent: 16-bit halves it
-        out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
-        if not request.next:
-            return replies.Result(session.cached, request.seq, session.id).to_meta(), (out,)
-        following = request.next[0]
-        push = msg.Push(following.session_id, start, request.next[1:], request.seq)
+        computed = self.compute.submit_step(session, hidden, positions, mask, start, alone)
+        answer = asyncio.get_running_loop().create_future()
+        computed.add_done_callback(lambda done: self._stepped(done, answer, session, request, hidden, tensors, start))
+        return answer
+
+    def _stepped(self, computed: asyncio.Future, answer: asyncio.Future, session: Session,
+                 request: msg.Step | msg.Push, hidden: torch.Tensor, tensors: tuple, start: int) -> None:
+        """A step's batch has run: answer it, or push its output on (at once where the link to the
+        next node is open and keeping up; otherwise in a task that may wait for it)."""
+        if computed.cancelled():  # the lane stopped: the node is going away
+            return
         try:
-            await self.links.push(following.peer_id, push.to_meta(), [out, *tensors[1:]])
+            out = self._computed(session.span.device, computed)
+            self.counters["steps"] += 1
+            self.counters["tokens"] += hidden.shape[0] * hidden.shape[1]
+            self.counters["hidden_bytes_in"] += hidden.numel() * hidden.element_size()  # as sent: 16-bit halves it
+            out = out.to(hidden.dtype)  # still on the span's device: encode_frame moves it to the CPU
+            if not request.next:
+                answer.set_result((replies.Result(session.cached, request.seq, session.id).to_meta(), (out,)))
+                return
+            following = request.next[0]
+            push = msg.Push(following.session_id, start, request.next[1:], request.seq).to_meta()
+            if self.links.push_now(following.peer_id, push, [out, *tensors[1:]]):
+                self.counters["pushes_sent"] += 1
+                answer.set_result(None)
+                return
+        except Exception as e:  # an error answer, not a request left without one
+            answer.set_exception(e)
+            return
+        task = asyncio.create_task(self._push(following.peer_id, push, [out, *tensors[1:]], session, request, answer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _push(self, peer_id: str, push: dict, tensors: list[torch.Tensor], session: Session,
+                    request: msg.Step | msg.Push, answer: asyncio.Future) -> None:
+        try:
+            await self.links.push(peer_id, push, tensors)
         except NodeUnavailable as e:  # the client carries on from here itself
             self.counters["handoff_failures"] += 1
-            return replies.HandoffFailed(following.peer_id, str(e), session.cached, request.seq,
-                                         session.id).to_meta(), (out,)
+            reply = replies.HandoffFailed(peer_id, str(e), session.cached, request.seq, session.id).to_meta()
+            answer.set_result((reply, (tensors[0],)))
+            return
         self.counters["pushes_sent"] += 1
-        return None
+        answer.set_result(None)
 
     async def _single_request(self, frame: msg.Frame) -> Reply:
         request = msg.parse_request(frame.meta)
@@ -281,21 +337,35 @@ class BlockServicer:
         raise BadRequest(f"{type(request).__name__} is not valid on this stream")
 
     async def _compute(self, device: torch.device, work: Awaitable[torch.Tensor]) -> torch.Tensor:
-        """Await block work on ``device`` from the compute lane; running out of device memory fails
-        the requests of that batch only."""
+        """Await block work on ``device`` from the compute lane (a forward's)."""
         try:
-            out = await work
+            return self._corrupted(await work)
         except torch.OutOfMemoryError:
-            hardware.release_memory(device)
-            logger.warning("out of memory on %s; the request failed, the node goes on", device)
-            raise NodeOutOfMemory(f"the node ran out of {device.type} memory; try another node") from None
-        if self.corrupt_outputs:
+            raise self._out_of_memory(device) from None
+
+    def _computed(self, device: torch.device, done: asyncio.Future) -> torch.Tensor:
+        """The output of a step's block work on ``device``, from its done future."""
+        try:
+            return self._corrupted(done.result())
+        except torch.OutOfMemoryError:
+            raise self._out_of_memory(device) from None
+
+    @staticmethod
+    def _out_of_memory(device: torch.device) -> NodeOutOfMemory:
+        """Running out of device memory fails the requests of that batch only."""
+        hardware.release_memory(device)
+        logger.warning("out of memory on %s; the request failed, the node goes on", device)
+        return NodeOutOfMemory(f"the node ran out of {device.type} memory; try another node")
+
+    def _corrupted(self, out: torch.Tensor) -> torch.Tensor:
+        if self.corrupt_outputs:  # tests of clients' verification only
             scale = out.float().pow(2).mean().sqrt() * self.corrupt_outputs
             out = out + (torch.randn(out.shape, device=out.device) * scale).to(out.dtype)
         return out
 
     def stop(self) -> None:
-        """Cancel the requests still being served (the node is going away)."""
+        """Cancel the hand-offs still waiting (the node is going away; the compute lane's shutdown
+        leaves the steps in it unanswered)."""
         for task in list(self._tasks):
             task.cancel()
 

@@ -35,6 +35,15 @@ class PushLinks:
             self._drop(peer_id)
             raise NodeUnavailable(f"cannot hand off to node {peer_id}: {type(e).__name__} {e}", peer_id) from None
 
+    def push_now(self, peer_id: str, meta: dict, tensors) -> bool:
+        """Queue one push frame to ``peer_id`` without waiting, where its stream is open and its
+        peer has taken everything written so far; False otherwise (``push`` then waits for it)."""
+        writer = self._writers.get(peer_id)
+        if writer is None or writer.is_closing() or writer.backed_up():
+            return False
+        writer.write(meta, tensors)
+        return True
+
     async def _writer(self, peer_id: str) -> FrameBatcher:
         writer = self._writers.get(peer_id)
         if writer is not None and not writer.is_closing():

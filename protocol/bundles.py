@@ -61,22 +61,32 @@ def bundled(messages: list[tuple[dict[str, Any], Sequence[torch.Tensor]]]) -> li
 
 
 def _runs(messages):
-    run = []
+    run, shared = [], None
     for meta, tensors in messages:
-        if run and (len(run) == MAX_BUNDLE_PARTS or not _joinable(run[0][1], tensors)):
+        signature = _signature(tensors)
+        if run and (len(run) == MAX_BUNDLE_PARTS or signature is None or signature != shared):
             yield run
             run = []
+        if not run:
+            shared = signature
         run.append((meta, tensors))
     if run:
         yield run
 
 
-def _joinable(first: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> bool:
-    """Tensors that differ only in the batch size they all share."""
-    one_batch = all(len({t.shape[0] for t in ts if t.ndim}) <= 1 for ts in (first, other))
-    return one_batch and len(first) == len(other) and all(
-        a.ndim and b.ndim and a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device
-        for a, b in zip(first, other))
+def _signature(tensors: Sequence[torch.Tensor]) -> tuple | None:
+    """What messages must share to go in one bundle: each tensor's shape past the batch
+    dimension, its dtype and device (their tensors then differ only in the batch size each
+    shares); None for a message that goes alone (a tensor without dimensions, or tensors of
+    different batch sizes)."""
+    signature, batch = [], None
+    for tensor in tensors:  # a plain loop: a message's signature is taken on every hop of every step
+        shape = tensor.shape
+        if not shape or (batch is not None and shape[0] != batch):
+            return None
+        batch = shape[0]
+        signature.append((shape[1:], tensor.dtype, tensor.device))
+    return tuple(signature)
 
 
 class FrameBatcher:
@@ -116,6 +126,11 @@ class FrameBatcher:
 
     def is_closing(self) -> bool:
         return self.writer.is_closing()
+
+    def backed_up(self) -> bool:
+        """Whether bytes written earlier still wait in the stream's buffer (its peer is not keeping
+        up: ``send`` would wait for it)."""
+        return self.writer.transport.get_write_buffer_size() > 0
 
     def close(self) -> None:
         """Send what is queued, then end the stream."""

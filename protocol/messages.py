@@ -250,6 +250,10 @@ class Step(Message):
     next: tuple[NextHop, ...] = ()
     seq: int | None = None  # the client's number for this attempt, echoed in the answer
 
+    def to_meta(self) -> dict[str, Any]:  # built directly: one per session per hop and round
+        return {"type": self.KIND, "session_id": self.session_id, "start_from": self.start_from,
+                "next": _hops_meta(self.next), "seq": self.seq}
+
 
 @dataclass(frozen=True)
 class Push(Message):
@@ -262,6 +266,14 @@ class Push(Message):
     start_from: int  # where the step starts in the session's cache: pushes always say
     next: tuple[NextHop, ...] = ()
     seq: int | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": self.KIND, "session_id": self.session_id, "start_from": self.start_from,
+                "next": _hops_meta(self.next), "seq": self.seq}
+
+
+def _hops_meta(hops: tuple[NextHop, ...]) -> list[dict[str, str]]:
+    return [{"peer_id": hop.peer_id, "session_id": hop.session_id} for hop in hops]
 
 
 @dataclass(frozen=True)

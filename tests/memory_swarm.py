@@ -23,7 +23,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.node.span import load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
-from potluck.protocol.errors import NodeUnavailable
+from potluck.protocol.errors import NodeUnavailable, PotluckError
 from potluck.protocol.records import NodeRecord, NodeState
 
 
@@ -37,6 +37,10 @@ class MemoryWriter:
 
     def __init__(self, peer: asyncio.StreamReader):
         self.peer, self.closed = peer, False
+        self.transport = self  # what FrameBatcher asks of a stream's transport
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # the peer's reader takes everything at once
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -70,7 +74,16 @@ class MemoryLinks:
     async def push(self, peer: str, meta: dict, tensors) -> None:
         target = self.swarm.live_servicer(peer)
         frame = msg.decode_payload(msg.encode_frame(meta, tensors)[msg.HEADER_BYTES:])
-        asyncio.get_running_loop().create_task(target._push_request(frame, self.source))
+        asyncio.get_running_loop().call_soon(self._serve, target, frame)
+
+    def push_now(self, peer: str, meta: dict, tensors) -> bool:
+        return False  # every push goes through ``push``
+
+    def _serve(self, target: BlockServicer, frame: msg.Frame) -> None:
+        try:
+            target._push_request(frame, self.source)
+        except PotluckError:
+            pass  # a refusal goes back to the pushing node, which these links do not model
 
     def close(self) -> None:
         pass

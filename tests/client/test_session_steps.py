@@ -37,15 +37,15 @@ def test_a_failed_step_leaves_the_session_in_step(swarm, tiny_checkpoints, hando
     first, second = (swarm.servicers[p] for p, r in sorted(swarm.records.items(), key=lambda item: item[1].start))
     first_step, second_step, asked_first, asked_second = first._step, second._step, [], []
 
-    async def recording(session, request, tensors):
+    def recording(session, request, tensors):
         asked_first.append(request.start_from)
-        return await first_step(session, request, tensors)
+        return first_step(session, request, tensors)
 
-    async def fail_the_second_step(session, request, tensors):  # the first decoding step, on the second hop
+    def fail_the_second_step(session, request, tensors):  # the first decoding step, on the second hop
         asked_second.append(request.start_from)
         if len(asked_second) == 2:
             raise BadRequest("injected after the first hop")  # not retriable: the step fails
-        return await second_step(session, request, tensors)
+        return second_step(session, request, tensors)
 
     first._step, second._step = recording, fail_the_second_step
     view = swarm.view(8, FailoverPolicy(request_timeout=2.0, backoff=0.0), handoff=handoff)

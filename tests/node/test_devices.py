@@ -76,6 +76,10 @@ class CapturedPushes:
     async def push(self, peer_id, meta, tensors):
         self.pushed.append((peer_id, meta, tensors))
 
+    def push_now(self, peer_id, meta, tensors) -> bool:
+        self.pushed.append((peer_id, meta, tensors))
+        return True
+
 
 def test_handlers_step_and_hand_off_on_the_span_device(tiny_checkpoints):
     span = span_on_other_device(tiny_checkpoints["llama"], 0, 8)
@@ -88,7 +92,9 @@ def test_handlers_step_and_hand_off_on_the_span_device(tiny_checkpoints):
         on_compute_thread = StrictDevices()  # modes are per thread: the prefill runs on the lane's thread
         await servicer.compute.run(on_compute_thread.__enter__)
         try:
-            ask = lambda meta, *tensors: servicer._inference_request(msg.Frame(meta, tensors), opened, None)  # noqa
+            async def ask(meta, *tensors):
+                answer = servicer._inference_request(msg.Frame(meta, tensors), opened, None)
+                return await answer if isinstance(answer, asyncio.Future) else answer
             await ask({"type": "open", "session_id": "s", "start": 0, "end": 8, "max_length": 32, "batch_size": 1})
             wire = (torch.randn(1, 6, 64), torch.arange(6).unsqueeze(0))  # as decoded from a frame: CPU
             meta, (out,) = await ask({"type": "step", "session_id": "s", "start_from": None, "seq": 1}, *wire)

@@ -1,5 +1,6 @@
 """The node's handlers, hand-off links and announcer, each on its own over in-memory streams."""
 import asyncio
+import socket
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol.checkpoint import resolve_checkpoint
 from potluck.protocol.errors import BadRequest, BlocksNotServed, NodeDraining, NodeUnavailable, UnknownSession
 from potluck.protocol.records import MODEL_INDEX_KEY, ModelInfo, NodeRecord, NodeState, unpack_node_record
-from potluck.protocol.replies import Closed, Followed, Opened, Result, parse_reply
+from potluck.protocol.replies import Closed, Followed, HandoffFailed, Opened, Result, parse_reply
 
 HIDDEN = 64
 
@@ -127,7 +128,7 @@ def test_only_the_previous_node_may_push_into_a_session_and_follow_changes_which
             (reader, writer), (node_reader, node_writer) = stream_pair()
             serving = asyncio.ensure_future(servicer._serve_stream(
                 node_reader, FrameBatcher(node_writer), frm, lambda frame: servicer._push_request(frame, frm),
-                counter="pushes_received", in_tasks=True))
+                counter="pushes_received", concurrent=True))
             await msg.write_frame(writer, msg.Push("s", start, (), seq=start).to_meta(), step_tensors(1, start))
             try:
                 return await asyncio.wait_for(msg.read_frame(reader), 0.5)  # an answer here is a refusal
@@ -257,3 +258,52 @@ def test_the_announcer_stores_every_block_and_the_index_and_comes_back_when_nudg
     keys = [(key, subkey) for key, subkey, _ in dht.stores[0]]
     assert keys == [("m.2", me), ("m.3", me), ("m.4", me), (MODEL_INDEX_KEY, me)]
     assert unpack_node_record(dht.stores[0][0][2]).state == NodeState.ONLINE
+
+
+class SocketP2P:
+    """What PushLinks uses of hivemind's P2P, over real socket pairs: a peer that stops reading
+    fills the socket's buffers, then the stream's own buffer, as a next node that falls behind does."""
+
+    def __init__(self):
+        self.peers: list[asyncio.StreamReader] = []  # the far end of each stream opened, in order
+        self._far_writers: list[asyncio.StreamWriter] = []  # kept open: a dropped writer closes its socket
+
+    async def call_binary_stream_handler(self, peer, handler):
+        mine, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=mine)
+        their_reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
+        self.peers.append(their_reader)
+        self._far_writers.append(their_writer)
+        return None, reader, writer
+
+
+def test_a_hand_off_waits_for_a_next_node_that_falls_behind_and_reports_one_that_stopped(servicer):
+    near = peer_id("near")
+    p2p = SocketP2P()
+    servicer.links = PushLinks(p2p, connect_timeout=0.3)
+
+    async def talk():
+        client = Client(servicer)
+        await client.ask(msg.OpenSession("s", 0, 4, 16, 1))
+        assert not servicer.links.push_now(near, {}, [])  # no stream to it yet: ``push`` opens one
+        await msg.write_frame(client.writer, msg.Step("s", None, (msg.NextHop(near, "n"),), seq=1).to_meta(),
+                              step_tensors(5))
+        while not p2p.peers:  # the step runs, then its push opens the stream
+            await asyncio.sleep(0.01)
+        pushed = await asyncio.wait_for(msg.read_frame(p2p.peers[0]), 10)
+        assert (pushed.meta["type"], pushed.meta["session_id"], pushed.meta["start_from"]) == ("push", "n", 0)
+        assert pushed.tensors[0].shape == (1, 5, HIDDEN)
+        filler = msg.Push("n", 5).to_meta(), [torch.zeros(1, 1, 1 << 20)]
+        for _ in range(64):  # the next node reads nothing more: its stream backs up
+            if not servicer.links.push_now(near, *filler):
+                break
+            await asyncio.sleep(0)  # the frame leaves at the end of the loop's turn
+        assert servicer.links._writers[near].backed_up()
+        reply, (out,) = await client.ask(msg.Step("s", None, (msg.NextHop(near, "n"),), seq=2), *step_tensors(1, 5))
+        await client.hang_up()
+        return reply, out
+
+    reply, out = asyncio.run(talk())
+    assert isinstance(reply, HandoffFailed) and reply.peer_id == near and (reply.length, reply.seq) == (6, 2)
+    assert out.shape == (1, 1, HIDDEN)  # the client carries on from the next node itself
+    assert servicer.counters["handoff_failures"] == 1 and servicer.counters["pushes_sent"] == 1
