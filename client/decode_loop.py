@@ -148,17 +148,14 @@ class DecodeLoop:
         the float logits [V, len(sampled)] of the rows in ``sampled`` (on the CPU, where each
         request's generator draws; None if none). A ``PackedHead`` (the CPU's float32 lm_head)
         computes the whole logits at once. A plain ``nn.Linear`` (a GPU's, or a CPU's in bfloat16)
-        runs a chunk of the vocabulary at a time (``LOGITS_CHUNK_BYTES``), keeping each chunk's
-        best token per row: a round's whole logits (6 MB for 32 rows of a 49k vocabulary) would
-        not stay in a CPU's cache (32 rows on this 2-core CPU, 512 KB of L2 a core: 21.5 instead of
-        31 ms at hidden 256, 34 instead of 50 at SmolLM2's 576; one row of a vocabulary up to 64k
-        is one chunk). Each chunk is weight @ hidden^T, which a CPU computes 1.5x as fast as
+        runs a chunk of the vocabulary at a time (``logits_chunk``), keeping each chunk's best
+        token per row. Each chunk is weight @ hidden^T, which a CPU computes 1.5x as fast as
         hidden @ weight^T for 4 to 32 rows."""
         head, normed = self.model.lm_head, self.model.model.norm(last)
         if type(head) is not torch.nn.Linear:  # a ``PackedHead`` reads its weight fast enough whole
             logits = head(normed).float().t()
             return logits.argmax(0).tolist(), logits[:, sampled].cpu() if sampled else None
-        columns, step = normed.t(), max(1, LOGITS_CHUNK_BYTES // (4 * len(last)))
+        columns, step = normed.t(), logits_chunk(len(last), head.weight)
         best, where, kept = [], [], []
         for begin in range(0, head.weight.shape[0], step):
             logits = torch.mm(head.weight[begin:begin + step], columns)
@@ -225,6 +222,19 @@ class DecodeLoop:
         if not request.ended:
             request.ended = True
             request.on_end(error)
+
+
+def logits_chunk(rows: int, weight: torch.Tensor) -> int:
+    """How many tokens of the vocabulary the lm_head ``weight`` computes at once for ``rows``
+    hidden states. On a CPU, a chunk whose float logits fit ``LOGITS_CHUNK_BYTES``: a round's whole
+    logits (6 MB for 32 rows of a 49k vocabulary) would not stay in its caches (32 rows on this
+    2-core CPU, 512 KB of L2 a core: 21.5 instead of 31 ms at hidden 256, 34 instead of 50 at
+    SmolLM2's 576; one row of a vocabulary up to 64k is one chunk). Elsewhere the whole vocabulary:
+    a GPU computes a chunk in microseconds but launches each of its few kernels from Python, so 63
+    chunks (32 rows of a 128k vocabulary) would cost more to start than one product to run."""
+    if weight.device.type != "cpu":
+        return weight.shape[0]
+    return max(1, LOGITS_CHUNK_BYTES // (4 * rows))
 
 
 async def _together(steps: list) -> list:

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from devices import OTHER_DEVICE
 from potluck.client import decode_loop
 from potluck.client.decode_loop import DecodeLoop, Request
 from potluck.client.packed_head import PackedHead, packed_head
@@ -167,6 +168,13 @@ def test_choices_are_the_lm_heads_greedy_tokens_and_logits_whatever_the_chunks(l
     assert greedy == expected.argmax(1).tolist() and greedy[4] == 1
     assert torch.allclose(logits, expected[[0, 3]].t(), atol=1e-6)
     assert loop._choices(last, [])[1] is None
+
+
+def test_the_lm_head_runs_in_chunks_on_a_cpu_and_whole_on_a_gpu():
+    vocab = 128256
+    assert decode_loop.logits_chunk(32, torch.empty(vocab, 8)) == decode_loop.LOGITS_CHUNK_BYTES // (4 * 32) < vocab
+    assert decode_loop.logits_chunk(1, torch.empty(vocab, 8)) == decode_loop.LOGITS_CHUNK_BYTES // 4
+    assert decode_loop.logits_chunk(32, torch.empty(vocab, 8, device=OTHER_DEVICE)) == vocab
 
 
 def test_choices_of_a_packed_head_are_the_linears(loop_and_view):
