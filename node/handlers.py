@@ -162,8 +162,8 @@ class BlockServicer:
 
     def _serve_part(self, serve: Callable, frame: msg.Frame, out: FrameBatcher, counter: str) -> None:
         """Serve one message of a concurrent stream: its answer is written now, or when its future is
-        done. No task per message: the 32 steps of a bundle would start 32, and each task's
-        start and wake-up cost about what the rest of serving its step does."""
+        done. No task per message: a task for each of a bundle's 32 steps, and a timeout around each
+        hand-off's drain, were a quarter of a hand-off node's work per step (80 against 61 us)."""
         try:
             reply = serve(frame)
         except Exception as e:
