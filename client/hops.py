@@ -11,7 +11,6 @@ that breaks marks its hop failed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
@@ -141,11 +140,12 @@ class HopStreams:
         if hop_session.failed is not None:
             raise hop_session.failed
         self.seq += 1  # answers echo it; an answer to an earlier attempt is dropped
+        meta = request.to_meta()
         if isinstance(request, msg.Step):
-            request = dataclasses.replace(request, seq=self.seq)
+            meta["seq"] = self.seq
         tensors = () if inputs is None else [inputs.hidden, inputs.positions] + (
             [] if inputs.mask is None else [inputs.mask])
-        hop_session.channel.send(request.to_meta(), tensors)  # leaves with the other sessions' steps of this turn
+        hop_session.channel.send(meta, tensors)  # leaves with the other sessions' steps of this turn
 
     async def receive(self, expected: HopSession | None, deadline: float,
                       waiting_on: list[HopSession]) -> tuple[HopSession, msg.Frame]:

@@ -90,12 +90,12 @@ class InferenceSession:
             if not self.hop_sessions:
                 self.hop_sessions = await self.open_chain(0, self.view.num_blocks)
             wire = wire_dtype(self.hops[0], hidden.dtype)
-            out = await self._step(StepInputs(hidden.to(wire), positions, mask), start_from)
+            out = await self._step(StepInputs(_as(hidden, wire), positions, mask), start_from)
         except BaseException:
             self._rewound = True  # some hops may hold this step's tokens: the next step re-sends from position
             raise
         self.position, self._rewound = self.position + hidden.shape[1], False
-        return out.to(hidden.dtype)
+        return _as(out, hidden.dtype)
 
     async def _step(self, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
         step_start = self.position  # where this step begins; ``start_from`` is None or the same number
@@ -203,3 +203,8 @@ class InferenceSession:
             self.streams.close(hop_session)  # the node frees the session's cache
         self.hop_sessions.clear()
 
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``; itself, without a call into torch, when it already is (every step,
+    twice, of every session)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

@@ -9,6 +9,7 @@ fails over instead of guessing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -100,6 +101,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """A reply class's fields: (name, whether a reply must carry it). Looked up once: a client
+    parses an answer per session per step."""
+    return tuple((item.name, item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING)
+                 for item in dataclasses.fields(cls))
+
+
 def parse_reply(frame: Frame, peer_id: str | None = None) -> Reply:
     """The typed reply in ``frame``; the peer's own typed error if it answered with one."""
     raise_if_error(frame, peer_id)
@@ -108,16 +117,16 @@ def parse_reply(frame: Frame, peer_id: str | None = None) -> Reply:
     if cls is None:
         raise NodeUnavailable(f"node {peer_id} sent an unknown reply type {meta.get('type')!r:.40}", peer_id)
     values = {}
-    for item in dataclasses.fields(cls):
-        if item.name not in meta:
-            if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
-                raise NodeUnavailable(f"node {peer_id} sent a {meta['type']} reply without {item.name!r}", peer_id)
+    for name, required in _fields(cls):
+        if name not in meta:
+            if required:
+                raise NodeUnavailable(f"node {peer_id} sent a {meta['type']} reply without {name!r}", peer_id)
             continue
-        value = meta[item.name]
-        if not isinstance(value, _TYPES[item.name]) or isinstance(value, bool):
-            raise NodeUnavailable(f"node {peer_id} sent a {meta['type']} reply with a bad {item.name!r}: "
+        value = meta[name]
+        if not isinstance(value, _TYPES[name]) or isinstance(value, bool):
+            raise NodeUnavailable(f"node {peer_id} sent a {meta['type']} reply with a bad {name!r}: "
                                   f"{value!r:.40}", peer_id)
-        values[item.name] = value
+        values[name] = value
     if cls is Info:
         values["counters"] = {str(k): v for k, v in values.get("counters", {}).items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
