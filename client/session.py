@@ -143,12 +143,12 @@ class InferenceSession:
             source, frame = await self.streams.receive(None, deadline, hops)
             reply = replies.parse_reply(frame, source.hop.peer_id)
             if source is last and isinstance(reply, replies.Result):
-                out = expect_hidden(frame, last.hop, inputs.hidden.shape)
+                out = expect_hidden(frame, last.hop, inputs.hidden.shape, reply)
                 break
             if isinstance(reply, replies.HandoffFailed) and source is not last:  # carry on from the next hop
                 index = hops.index(source)
                 self._direct_links.add((source.hop.peer_id, hops[index + 1].hop.peer_id))
-                hidden = expect_hidden(frame, source.hop, inputs.hidden.shape)
+                hidden = expect_hidden(frame, source.hop, inputs.hidden.shape, reply)
                 first.remember(inputs, step_start)
                 for hop_session in hops[1:index + 1]:
                     hop_session.history_known = False

@@ -209,11 +209,11 @@ def wire_dtype(hop: Hop, given: torch.dtype) -> torch.dtype:
     return dtype if dtype is not None and dtype.itemsize == 2 and given.itemsize > 2 else given
 
 
-def expect_hidden(frame: msg.Frame, hop: Hop, shape: torch.Size) -> torch.Tensor:
+def expect_hidden(frame: msg.Frame, hop: Hop, shape: torch.Size, reply: replies.Reply | None = None) -> torch.Tensor:
     """The hidden states a node answered with (a result, or the output of a hand-off it could not
     make); anything else, the wrong shape or dtype, or a NaN or infinite value counts as a failed
-    node (the session routes around it)."""
-    reply = replies.parse_reply(frame, hop.peer_id)
+    node (the session routes around it). ``reply``: the frame's reply, where it was parsed already."""
+    reply = replies.parse_reply(frame, hop.peer_id) if reply is None else reply
     if not isinstance(reply, (replies.Result, replies.HandoffFailed)) or len(frame.tensors) != 1 \
             or frame.tensors[0].shape != shape or not frame.tensors[0].is_floating_point():
         raise NodeUnavailable(f"node {hop.peer_id} (blocks {hop.start}:{hop.end}) sent a malformed answer "
