@@ -235,8 +235,18 @@ class NextHop:
     session_id: str  # the session opened on it for this chain
 
 
+class _Stepping(Message):
+    """``Step`` and ``Push``: their metadata built directly, not through ``_plain`` (one message
+    per session per hop and round)."""
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": self.KIND, "session_id": self.session_id, "start_from": self.start_from,
+                "next": [{"peer_id": hop.peer_id, "session_id": hop.session_id} for hop in self.next],
+                "seq": self.seq}
+
+
 @dataclass(frozen=True)
-class Step(Message):
+class Step(_Stepping):
     """Run new tokens through the session's blocks; tensors: hidden [B, T, H], position_ids [B, T],
     optionally attention_mask [B, prefix + T] (1 = attend, 0 = padding).
 
@@ -250,13 +260,9 @@ class Step(Message):
     next: tuple[NextHop, ...] = ()
     seq: int | None = None  # the client's number for this attempt, echoed in the answer
 
-    def to_meta(self) -> dict[str, Any]:  # built directly: one per session per hop and round
-        return {"type": self.KIND, "session_id": self.session_id, "start_from": self.start_from,
-                "next": _hops_meta(self.next), "seq": self.seq}
-
 
 @dataclass(frozen=True)
-class Push(Message):
+class Push(_Stepping):
     """A step handed on by the previous node of a chain (tensors as in Step); its answer goes to
     the stream the session was opened on, not back to the pushing node."""
 
@@ -266,14 +272,6 @@ class Push(Message):
     start_from: int  # where the step starts in the session's cache: pushes always say
     next: tuple[NextHop, ...] = ()
     seq: int | None = None
-
-    def to_meta(self) -> dict[str, Any]:
-        return {"type": self.KIND, "session_id": self.session_id, "start_from": self.start_from,
-                "next": _hops_meta(self.next), "seq": self.seq}
-
-
-def _hops_meta(hops: tuple[NextHop, ...]) -> list[dict[str, str]]:
-    return [{"peer_id": hop.peer_id, "session_id": hop.session_id} for hop in hops]
 
 
 @dataclass(frozen=True)
