@@ -293,14 +293,15 @@ class BlockServicer:
                 return
             following = request.next[0]
             push = msg.Push(following.session_id, start, request.next[1:], request.seq).to_meta()
-            if self.links.push_now(following.peer_id, push, [out, *tensors[1:]]):
+            pushed = [out, *tensors[1:]]  # its output, with the step's positions (and mask)
+            if self.links.push_now(following.peer_id, push, pushed):
                 self.counters["pushes_sent"] += 1
                 answer.set_result(None)
                 return
         except Exception as e:  # an error answer, not a request left without one
             answer.set_exception(e)
             return
-        task = asyncio.create_task(self._push(following.peer_id, push, [out, *tensors[1:]], session, request, answer))
+        task = asyncio.create_task(self._push(following.peer_id, push, pushed, session, request, answer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
