@@ -81,8 +81,8 @@ def test_node_killed_in_the_middle_of_the_prefill(handoff, replicated):
 
         async def kill_second_hop_once_the_first_has_the_prefill(hop_session, request, inputs):
             await send(hop_session, request, inputs)
-            # once: a hand-off that timed out (the push was written before the first hop saw the
-            # link drop) redoes the prefill hop by hop, and the first hop gets it again
+            # once: a failed hand-off is redone hop by hop, the first hop's step passing here again
+            # (the killed node may be reaped by then: a second kill would find no such process)
             if isinstance(request, Step) and hop_session is session.hop_sessions[0] and not killed:
                 killed.append(session.hop_sessions[1].hop.peer_id)
                 hit(swarm, stopped, killed[0], "SIGKILL")
