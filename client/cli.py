@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from potluck.protocol.errors import BadRequest
+
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="continue a prompt through the swarm")
@@ -181,6 +183,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    if not args.prompt:
+        raise BadRequest("the prompt is empty: give the text to continue")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     tokenizer, model = _load(args)

@@ -97,9 +97,12 @@ class DecodeLoop:
         next token of every request that is back, then send their next steps as the next round."""
         for request in [r for r in self._active if r.cancelled.is_set() and not self._in_round(r)]:
             self._finish(request, None)
-        for request in self._active:
-            if request.step is None:  # a new request: its prompt's step runs beside the rounds
+        for request in [r for r in self._active if r.step is None]:  # new: its prompt's step runs beside the rounds
+            try:
                 self._send([request], self._embed([request.prompt]))
+            except Exception as e:  # a prompt that slipped past the checks fails its own request only
+                logger.exception("a request's prompt could not be sent")
+                self._finish(request, e)
         round_ = {r.step for r in self._active if self._in_round(r)}
         if round_:  # prompts back meanwhile join the round's tokens
             concurrent.futures.wait(round_)

@@ -3,13 +3,17 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (with
 ``stream`` as Server-Sent Events in OpenAI's chunk format, ending with ``[DONE]``). Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: unknown model 404, bad
-parameters 400 naming the field, wrong API key 401, no live chain 503 naming the blocks.
+parameters 400 naming the field (parameters this server does not implement too, unless left
+"off": no answer silently lacks what was asked for), wrong API key 401, no live chain 503 naming
+the blocks, unknown paths 404, a bug 500.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -17,15 +21,37 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from potluck.protocol.errors import NoRoute, NodeUnavailable, PotluckError
 
-from .serving import Completion, SamplingParams, TextGenerator
+from .serving import Completion, PromptError, SamplingParams, TextGenerator
+
+logger = logging.getLogger(__name__)
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[dict[str, Any]]  # parts of text are joined; images and audio are not taken
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, str):
+            return content
+        if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+            raise ValueError('takes text only: a string, or parts {"type": "text", "text": ...}')
+        return "".join(part["text"] for part in content)
+
+
+UNSUPPORTED = "is not supported by this server; leave it out"
+
+
+def _unsupported(value: Any) -> Any:
+    """A parameter this server does not implement: refused unless left at what means "off"."""
+    if value not in (None, False, 0, "", [], {}, {"type": "text"}):
+        raise ValueError(UNSUPPORTED)
+    return value
 
 
 class _Common(BaseModel):
@@ -37,6 +63,23 @@ class _Common(BaseModel):
     seed: int | None = None
     n: int = 1
     stream: bool = False
+    logprobs: Any = None  # refused when asked for, never silently left out of the answer
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    @field_validator("logit_bias", "presence_penalty", "frequency_penalty", "top_logprobs", "tools",
+                     "response_format", "echo", "suffix", check_fields=False)  # the last five: chat's or completions'
+    @classmethod
+    def _not_asked_for(cls, value: Any) -> Any:
+        return _unsupported(value)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value is not None and value is not False:  # completions' logprobs=0 still asks for the chosen token's
+            raise ValueError(UNSUPPORTED)
+        return value
 
     @field_validator("n")
     @classmethod
@@ -59,11 +102,38 @@ class _Common(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)  # OpenAI's newer name for max_tokens
+    top_logprobs: Any = None
+    tools: Any = None
+    response_format: Any = None
+
+    def sampling(self) -> SamplingParams:
+        params = super().sampling()
+        return params if self.max_completion_tokens is None else replace(params, max_tokens=self.max_completion_tokens)
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt: a text or token ids, or a list of one
     max_tokens: int = Field(16, ge=1, le=32768)
+    echo: Any = None
+    best_of: int | None = None
+    suffix: Any = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return best_of
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError("takes one prompt per request (a text or a list of token ids)")
+            prompt = prompt[0]
+        return prompt
 
 
 class ApiError(Exception):
@@ -74,6 +144,17 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": str(self), "type": self.kind, "param": self.param,
                                        "code": self.code}}, status_code=self.status)
+
+
+def _prompt_error(error: PromptError, chat: bool) -> ApiError:
+    param = "messages" if chat and error.param == "prompt" else error.param
+    return ApiError(400, f"{param}: {error}", "invalid_request_error", param=param, code="invalid_value")
+
+
+def _internal(error: Exception) -> ApiError:
+    """A bug in this server: the client hears its name, the server goes on serving."""
+    return ApiError(500, f"internal error in the server: {type(error).__name__}: {error}", "server_error",
+                    code="internal_error")
 
 
 def _swarm_error(error: PotluckError) -> ApiError:
@@ -99,9 +180,25 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
+        if first["type"] == "json_invalid":  # its location is a character of the body, not a field
+            return ApiError(400, f"the request body is not valid JSON ({first['msg']} at character "
+                                 f"{first['loc'][-1]})", "invalid_request_error", code="invalid_json").response()
         param = ".".join(str(p) for p in first["loc"] if p != "body")
-        return ApiError(400, f"{param}: {first['msg']}", "invalid_request_error", param=param,
+        message = first["msg"].removeprefix("Value error, ")
+        return ApiError(400, f"{param}: {message}", "invalid_request_error", param=param,
                         code="invalid_value").response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = {404: f"there is no {request.url.path} here (endpoints: GET /v1/models, POST "
+                        f"/v1/chat/completions, POST /v1/completions)",
+                   405: f"{request.url.path} does not take {request.method}"}.get(error.status_code, error.detail)
+        return ApiError(error.status_code, message, "invalid_request_error",
+                        code=str(error.detail).lower().replace(" ", "_")).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        return _internal(error).response()
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -122,7 +219,11 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest):
         check_model(body.model)
-        return await respond(body, generator.text_ids(body.prompt), chat=False)
+        try:
+            ids = generator.text_ids(body.prompt)
+        except PromptError as error:
+            raise _prompt_error(error, chat=False) from None
+        return await respond(body, ids, chat=False)
 
     def check_model(name: str) -> None:
         if name != generator.name:
@@ -130,10 +231,12 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
                            "invalid_request_error", param="model", code="model_not_found")
 
     async def respond(body: _Common, ids: list[int], chat: bool):
-        if len(ids) + body.max_tokens > generator.max_length:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens exceeds the model's "
-                           f"{generator.max_length}", "invalid_request_error", param="max_tokens")
-        stream = generator.stream(ids, body.sampling())
+        params = body.sampling()
+        try:
+            generator.check_prompt(ids, params.max_tokens)
+        except PromptError as error:
+            raise _prompt_error(error, chat) from None
+        stream = generator.stream(ids, params)
         try:
             first = await anext(stream)  # errors before the first token become proper HTTP errors
         except PotluckError as error:
@@ -194,8 +297,10 @@ async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterat
             yield chunk(item, None)
             item = await anext(stream)
         yield "data: [DONE]\n\n"
-    except PotluckError as error:
-        api = _swarm_error(error)
+    except Exception as error:  # the swarm lost every replica of some block mid-answer (or a bug): said in the stream
+        if not isinstance(error, PotluckError):
+            logger.error("a streamed answer failed", exc_info=error)  # uvicorn logs those raised before the stream
+        api = _swarm_error(error) if isinstance(error, PotluckError) else _internal(error)
         yield f"data: {json.dumps({'error': {'message': str(api), 'type': api.kind, 'code': api.code}})}\n\n"
     finally:
         await stream.aclose()  # a client that left stops the generation and frees its session

@@ -17,6 +17,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .decode_loop import DecodeLoop, Request
 
 
+class PromptError(ValueError):
+    """A prompt the model cannot take; ``param``: the request's field to change."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -98,10 +106,25 @@ class TextGenerator:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(encoded["input_ids"])
 
-    def text_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+    def text_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's token ids: a text's, or ids given as they are (each checked)."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt)["input_ids"]
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= token < vocab for token in prompt):
+            raise PromptError(f"token ids must be from 0 to {vocab - 1} (this model's vocabulary)", "prompt")
+        return list(prompt)
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """PromptError unless the prompt has tokens, and room for ``max_tokens`` after it."""
+        if not prompt_ids:
+            raise PromptError("the prompt holds no tokens; give at least one", "prompt")
+        if len(prompt_ids) + max_tokens > self.max_length:
+            raise PromptError(f"prompt ({len(prompt_ids)} tokens) + max_tokens exceeds the model's {self.max_length}",
+                              "max_tokens")
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
+        self.check_prompt(prompt_ids, params.max_tokens)
         loop, answers = asyncio.get_running_loop(), asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(answers.put_nowait, item)  # noqa: E731
         streamer = _DeltaStreamer(self.tokenizer, params.stop, put)

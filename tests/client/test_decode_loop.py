@@ -153,6 +153,24 @@ def test_a_stop_string_answers_at_once_and_the_session_closes_when_its_step_is_b
     assert view.log[-3] == ("token", 1, greedy_chain(loop.model, 1, 1)[0])
 
 
+def test_a_request_that_fails_to_start_ends_alone(loop_and_view):
+    loop, view = loop_and_view
+    release(view)
+    errors, ended = [], threading.Event()
+
+    def on_end(error):
+        errors.append(error)
+        ended.set()
+
+    # no tokens to embed: the server refuses such a prompt sooner; here it reaches the loop, which must not fall
+    loop.submit(Request([], 4, 0.0, 1.0, torch.Generator(), on_token=lambda t: False, on_end=on_end))
+    good = submit(loop, [1], 4, view.log)
+    assert ended.wait(10) and good.wait(10)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert [e[2] for e in view.log if e[:2] == ("token", 1)] == greedy_chain(loop.model, 1, 4)
+    assert ("end", 1, None) in view.log
+
+
 @pytest.mark.parametrize("chunk_bytes", [decode_loop.LOGITS_CHUNK_BYTES, 40])
 def test_choices_are_the_lm_heads_greedy_tokens_and_logits_whatever_the_chunks(loop_and_view, monkeypatch,
                                                                                 chunk_bytes):

@@ -92,6 +92,11 @@ def test_a_limit_out_of_range_names_its_option(tiny_checkpoints):
     assert_one_clear_line(result, "--peer-streams")
 
 
+def test_an_empty_prompt_is_named(tiny_checkpoints):
+    assert_one_clear_line(run("generate", str(tiny_checkpoints["llama"]), "", "--initial-peers", NOBODY),
+                          "prompt is empty")
+
+
 def test_a_client_command_without_peers_says_so_at_once(no_env_peers):
     began = time.monotonic()
     result = run("generate", "The capital of France is")

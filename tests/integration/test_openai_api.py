@@ -169,6 +169,69 @@ def test_bad_requests_get_openai_errors(api, body, status, param):
     assert error["param"] == param and error["message"] and error["type"]
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": [5, 49152]}, "prompt"),  # past the vocabulary
+    ("completions", {"prompt": ["one", "two"]}, "prompt"),
+    ("completions", {"prompt": "Hi", "logprobs": 0}, "logprobs"),
+    ("completions", {"prompt": "Hi", "echo": True}, "echo"),
+    ("completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
+    ("completions", {"prompt": "Hi", "max_tokens": 600}, "max_tokens"),  # past the model's 512 positions
+    ("chat/completions", {"messages": MESSAGES, "logprobs": True}, "logprobs"),
+    ("chat/completions", {"messages": MESSAGES, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content"),
+])
+def test_what_the_server_cannot_do_is_a_400_naming_the_parameter(api, path, body, param):
+    response = httpx.post(f"{api[1]}/{path}", json={"model": "tiny-chat", **body},
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param) and error["type"] == "invalid_request_error"
+
+
+def test_requests_that_are_not_json_or_go_nowhere_get_openai_errors(api):
+    base_url, headers = api[1], {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    broken = httpx.post(f"{base_url}/completions", content=b'{"model": "tiny-chat",', headers=headers)
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+    assert "not valid JSON" in broken.json()["error"]["message"] and broken.json()["error"]["param"] is None
+    nowhere = httpx.post(f"{base_url}/embeddings", json={"model": "tiny-chat"}, headers=headers)
+    assert nowhere.status_code == 404 and "/v1/chat/completions" in nowhere.json()["error"]["message"]
+    wrong_method = httpx.get(f"{base_url}/completions", headers=headers)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_bad_prompt_leaves_the_requests_being_served_alone(api, local):
+    client, base_url = api[0], api[1]
+    expected = local_chat(local, MESSAGES, 64)
+    stream = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=64, temperature=0,
+                                            stream=True)
+    text = [next(c for c in stream if c.choices and c.choices[0].delta.content).choices[0].delta.content]
+    for prompt in ("", [], [49152]):  # refused while the stream above is in the decoding loop
+        response = httpx.post(f"{base_url}/completions", json={"model": "tiny-chat", "prompt": prompt},
+                              headers={"Authorization": f"Bearer {KEY}"})
+        assert response.status_code == 400
+    text += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(text) == expected
+
+
+def test_token_prompts_text_parts_and_max_completion_tokens_mean_what_they_do_in_openai(api, local):
+    client, tokenizer = api[0], local[1]
+    text = client.completions.create(model="tiny-chat", prompt="Once upon a time", max_tokens=8, temperature=0)
+    ids = tokenizer("Once upon a time")["input_ids"]
+    for prompt in (ids, [ids]):
+        by_ids = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=8, temperature=0)
+        assert by_ids.choices[0].text == text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"][:4]},
+                                              {"type": "text", "text": m["content"][4:]}]} for m in MESSAGES]
+    answer = client.chat.completions.create(model="tiny-chat", messages=parts, max_completion_tokens=3,
+                                            max_tokens=30, temperature=0)
+    assert answer.usage.completion_tokens == 3 and answer.choices[0].message.content == local_chat(local, MESSAGES, 3)
+
+
 def test_wrong_api_key(api):
     response = httpx.post(f"{api[1]}/chat/completions", json={"model": "tiny-chat", "messages": MESSAGES},
                           headers={"Authorization": "Bearer wrong"})
