@@ -129,16 +129,21 @@ class DecodeLoop:
         with torch.no_grad():
             greedy, logits = self._choices(torch.stack([out for _, out in back]).to(self.model.device), sampled)
         columns = dict(zip(sampled, logits.unbind(1))) if sampled else {}  # each sampling row's logits [V]
-        goes_on = []
+        chosen = []  # each request whose next token was picked, and whether it goes on
         for row, (request, _) in enumerate(back):
-            token = greedy[row] if request.temperature == 0 else self._choose(request, columns[row])
+            try:
+                token = greedy[row] if request.temperature == 0 else self._choose(request, columns[row])
+            except Exception as e:  # a bug in one request's sampling ends that request only
+                logger.exception("picking a request's next token failed")
+                self._finish(request, e)
+                continue
             request.tokens.append(token)
             request.step = None
-            goes_on.append(token not in self.eos_ids and len(request.tokens) < request.max_tokens)
-        going_on = [request for (request, _), more in zip(back, goes_on) if more]
+            chosen.append((request, token not in self.eos_ids and len(request.tokens) < request.max_tokens))
+        going_on = [request for request, more in chosen if more]
         if going_on:
             self._send(going_on, self._embed([r.tokens[-1:] for r in going_on]))
-        for (request, _), more in zip(back, goes_on):
+        for request, more in chosen:
             stop = request.on_token(request.tokens[-1])
             if not more:
                 self._finish(request, None)

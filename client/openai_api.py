@@ -13,127 +13,20 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import replace
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from potluck.protocol.errors import NoRoute, NodeUnavailable, PotluckError
 
-from .serving import Completion, PromptError, SamplingParams, TextGenerator
+from .openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
+from .serving import Completion, PromptError, TextGenerator
 
 logger = logging.getLogger(__name__)
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]]  # parts of text are joined; images and audio are not taken
-
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
-        if isinstance(content, str):
-            return content
-        if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
-            raise ValueError('takes text only: a string, or parts {"type": "text", "text": ...}')
-        return "".join(part["text"] for part in content)
-
-
-UNSUPPORTED = "is not supported by this server; leave it out"
-
-
-def _unsupported(value: Any) -> Any:
-    """A parameter this server does not implement: refused unless left at what means "off"."""
-    if value not in (None, False, 0, "", [], {}, {"type": "text"}):
-        raise ValueError(UNSUPPORTED)
-    return value
-
-
-class _Common(BaseModel):
-    model: str
-    max_tokens: int = Field(256, ge=1, le=32768)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    logprobs: Any = None  # refused when asked for, never silently left out of the answer
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-
-    @field_validator("logit_bias", "presence_penalty", "frequency_penalty", "top_logprobs", "tools",
-                     "response_format", "echo", "suffix", check_fields=False)  # the last five: chat's or completions'
-    @classmethod
-    def _not_asked_for(cls, value: Any) -> Any:
-        return _unsupported(value)
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value is not None and value is not False:  # completions' logprobs=0 still asks for the chosen token's
-            raise ValueError(UNSUPPORTED)
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and (len(stop) > 4 or not all(stop)):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return stop
-
-    def sampling(self) -> SamplingParams:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(self.max_tokens, self.temperature, self.top_p, stop, self.seed)
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)  # OpenAI's newer name for max_tokens
-    top_logprobs: Any = None
-    tools: Any = None
-    response_format: Any = None
-
-    def sampling(self) -> SamplingParams:
-        params = super().sampling()
-        return params if self.max_completion_tokens is None else replace(params, max_tokens=self.max_completion_tokens)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt: a text or token ids, or a list of one
-    max_tokens: int = Field(16, ge=1, le=32768)
-    echo: Any = None
-    best_of: int | None = None
-    suffix: Any = None
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_candidate(cls, best_of: int | None) -> int | None:
-        if best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return best_of
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError("takes one prompt per request (a text or a list of token ids)")
-            prompt = prompt[0]
-        return prompt
 
 
 class ApiError(Exception):
@@ -141,9 +34,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
 
-    def response(self) -> JSONResponse:
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": str(self), "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=headers)
 
 
 def _prompt_error(error: PromptError, chat: bool) -> ApiError:
@@ -184,6 +77,9 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
             return ApiError(400, f"the request body is not valid JSON ({first['msg']} at character "
                                  f"{first['loc'][-1]})", "invalid_request_error", code="invalid_json").response()
         param = ".".join(str(p) for p in first["loc"] if p != "body")
+        if not param:  # the body as a whole
+            return ApiError(400, "the request body must be a JSON object (sent with Content-Type: "
+                                 "application/json)", "invalid_request_error", code="invalid_body").response()
         message = first["msg"].removeprefix("Value error, ")
         return ApiError(400, f"{param}: {message}", "invalid_request_error", param=param,
                         code="invalid_value").response()
@@ -194,7 +90,7 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
                         f"/v1/chat/completions, POST /v1/completions)",
                    405: f"{request.url.path} does not take {request.method}"}.get(error.status_code, error.detail)
         return ApiError(error.status_code, message, "invalid_request_error",
-                        code=str(error.detail).lower().replace(" ", "_")).response()
+                        code=str(error.detail).lower().replace(" ", "_")).response(error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
@@ -210,17 +106,23 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
             served = []  # not every block has a live node right now
         return {"object": "list", "data": served}
 
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        check_model(name)
+        return {"id": generator.name, "object": "model", "created": 0, "owned_by": "potluck"}
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
         check_model(body.model)
-        ids = generator.chat_ids([m.model_dump() for m in body.messages])
+        # tokenizing runs beside the event loop: a huge prompt does not hold up the answers streaming
+        ids = await run_in_threadpool(generator.chat_ids, [m.model_dump() for m in body.messages])
         return await respond(body, ids, chat=True)
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest):
         check_model(body.model)
         try:
-            ids = generator.text_ids(body.prompt)
+            ids = await run_in_threadpool(generator.text_ids, body.prompt)
         except PromptError as error:
             raise _prompt_error(error, chat=False) from None
         return await respond(body, ids, chat=False)
@@ -230,20 +132,24 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
             raise ApiError(404, f"the model {name!r} does not exist here; this server runs {generator.name!r}",
                            "invalid_request_error", param="model", code="model_not_found")
 
-    async def respond(body: _Common, ids: list[int], chat: bool):
-        params = body.sampling()
+    async def respond(body: OpenAIRequest, ids: list[int], chat: bool):
+        max_tokens = body.requested_tokens()
+        if max_tokens is None:  # as many as asked by default, or as fit after the prompt
+            room = generator.max_length - len(ids)
+            max_tokens = max(1, room if body.default_tokens is None else min(body.default_tokens, room))
         try:
-            generator.check_prompt(ids, params.max_tokens)
+            generator.check_prompt(ids, max_tokens)
         except PromptError as error:
             raise _prompt_error(error, chat) from None
-        stream = generator.stream(ids, params)
+        stream = generator.stream(ids, body.sampling(max_tokens))
         try:
             first = await anext(stream)  # errors before the first token become proper HTTP errors
         except PotluckError as error:
             raise _swarm_error(error) from None
         reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.stream:
-            return StreamingResponse(_sse(reply_id, body.model, chat, first, stream), media_type="text/event-stream")
+            return StreamingResponse(_sse(reply_id, body.model, chat, first, stream, body.include_usage),
+                                     media_type="text/event-stream")
         parts = [first]
         try:
             async for item in stream:
@@ -271,18 +177,24 @@ def _usage(done: Completion) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterator) -> AsyncIterator[str]:
+async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterator,
+               include_usage: bool) -> AsyncIterator[str]:
+    """The answer as OpenAI's chunks; with ``include_usage`` every chunk has ``usage`` null, and a
+    last one with no choices holds the counts."""
     created = int(time.time())
 
-    def chunk(text: str | None, finish: str | None, role: bool = False, usage: dict | None = None) -> str:
+    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
         if chat:
             delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return event([choice])
+
+    def event(choices: list, usage: dict | None = None) -> str:
         payload = {"id": reply_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                   "created": created, "model": model, "choices": [choice]}
-        if usage is not None:
+                   "created": created, "model": model, "choices": choices}
+        if include_usage:
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -292,7 +204,9 @@ async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterat
         item = first
         while True:
             if isinstance(item, Completion):
-                yield chunk(None, item.finish_reason, usage=_usage(item))
+                yield chunk(None, item.finish_reason)
+                if include_usage:
+                    yield event([], _usage(item))
                 break
             yield chunk(item, None)
             item = await anext(stream)

@@ -17,6 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .decode_loop import DecodeLoop, Request
 
 
+GREEDY_BELOW = 1e-5  # a lower temperature is greedy decoding: the logits divided by it could overflow to inf
+
+
 class PromptError(ValueError):
     """A prompt the model cannot take; ``param``: the request's field to change."""
 
@@ -74,8 +77,7 @@ class _DeltaStreamer:
             self.text, self.stopped = text[:cut], True
             self._send(cut)
             return
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self._send(len(text) - hold)
+        self._send(len(text) - max((_held(text, s) for s in self.stop), default=0))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
@@ -90,6 +92,19 @@ class _DeltaStreamer:
         if not (self.stopped or whole.endswith("\ufffd")):  # an answer cut in a character ends before it
             self.text = whole
         self._send(len(self.text))
+
+
+def _held(text: str, stop: str) -> int:
+    """How many characters at the end of ``text`` could be the start of ``stop`` (held back until
+    the next tokens tell). Only where ``stop``'s first character occurs is a match tried, each in
+    one string comparison."""
+    tail = text[max(0, len(text) - len(stop) + 1):] if len(stop) > 1 else ""
+    start = tail.find(stop[0]) if tail else -1
+    while start >= 0:
+        if stop.startswith(tail[start:]):
+            return len(tail) - start  # the earliest start is the longest match
+        start = tail.find(stop[0], start + 1)
+    return 0
 
 
 class TextGenerator:
@@ -119,9 +134,12 @@ class TextGenerator:
         """PromptError unless the prompt has tokens, and room for ``max_tokens`` after it."""
         if not prompt_ids:
             raise PromptError("the prompt holds no tokens; give at least one", "prompt")
+        if len(prompt_ids) >= self.max_length:
+            raise PromptError(f"the prompt ({len(prompt_ids)} tokens) leaves no room in the model's "
+                              f"{self.max_length} positions", "prompt")
         if len(prompt_ids) + max_tokens > self.max_length:
-            raise PromptError(f"prompt ({len(prompt_ids)} tokens) + max_tokens exceeds the model's {self.max_length}",
-                              "max_tokens")
+            raise PromptError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                              f"{self.max_length} positions", "max_tokens")
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
         self.check_prompt(prompt_ids, params.max_tokens)
@@ -148,8 +166,8 @@ class TextGenerator:
             generator.manual_seed(params.seed)
         else:
             generator.seed()
-        request = Request(prompt_ids, params.max_tokens, params.temperature, params.top_p, generator, on_token,
-                          on_end)
+        temperature = params.temperature if params.temperature >= GREEDY_BELOW else 0.0
+        request = Request(prompt_ids, params.max_tokens, temperature, params.top_p, generator, on_token, on_end)
         self.loop.submit(request)
         try:
             while True:

@@ -171,7 +171,8 @@ def concurrent_requests(base_url: str, name: str, n: int, new_tokens: int) -> di
     def request(i: int) -> None:
         began = time.time()
         times, stream = [], client.completions.create(model=name, prompt=f"Story number {i}:", max_tokens=new_tokens,
-                                                      temperature=0, stream=True)
+                                                      temperature=0, stream=True,
+                                                      stream_options={"include_usage": True})
         for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
                 times.append(time.time())

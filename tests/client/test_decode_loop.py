@@ -171,6 +171,23 @@ def test_a_request_that_fails_to_start_ends_alone(loop_and_view):
     assert ("end", 1, None) in view.log
 
 
+def test_a_request_whose_sampling_fails_ends_alone(loop_and_view, monkeypatch):
+    loop, view = loop_and_view
+
+    def choose(request, logits):
+        raise FloatingPointError("probabilities with inf")  # as torch.multinomial on logits / 1e-45
+
+    monkeypatch.setattr(DecodeLoop, "_choose", staticmethod(choose))
+    release(view)
+    errors, ended = [], threading.Event()
+    loop.submit(Request([2], 4, 0.7, 1.0, torch.Generator(), on_token=lambda t: False,
+                        on_end=lambda e: (errors.append(e), ended.set())))
+    good = submit(loop, [1], 4, view.log)
+    assert ended.wait(10) and good.wait(10)
+    assert len(errors) == 1 and isinstance(errors[0], FloatingPointError)
+    assert [e[2] for e in view.log if e[:2] == ("token", 1)] == greedy_chain(loop.model, 1, 4)
+
+
 @pytest.mark.parametrize("chunk_bytes", [decode_loop.LOGITS_CHUNK_BYTES, 40])
 def test_choices_are_the_lm_heads_greedy_tokens_and_logits_whatever_the_chunks(loop_and_view, monkeypatch,
                                                                                 chunk_bytes):

@@ -1,9 +1,11 @@
 """The HTTP API's incremental detokenizer: streamed pieces add up to the whole text's decode."""
+import random
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from potluck.client.serving import _DeltaStreamer
+from potluck.client.serving import _DeltaStreamer, _held
 from potluck.protocol.checkpoint import resolve_checkpoint
 
 TEXT = ("Once upon a time, a fox named Zoë met a crow. \"Hello!\" said the fox; the crow said nothing . "
@@ -80,3 +82,12 @@ def test_an_answer_cut_inside_a_character_ends_before_it(smollm2_tokenizer):
         streamer.add([token])
     streamer.end()
     assert "".join(pieces) == streamer.text == "A fox"  # the space came in the fox's first token
+
+
+def test_what_is_held_back_is_the_longest_end_of_the_text_that_starts_a_stop_string():
+    rng = random.Random(0)
+    for _ in range(20000):  # small alphabets: many partial matches, overlapping ones included
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
+        longest = max((k for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        assert _held(text, stop) == longest, (text, stop)

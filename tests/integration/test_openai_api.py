@@ -184,6 +184,13 @@ def test_bad_requests_get_openai_errors(api, body, status, param):
     ("chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content"),
+    ("chat/completions", {"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+    ("chat/completions", {"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
+    ("chat/completions", {"messages": MESSAGES, "modalities": ["text", "audio"]}, "modalities"),
+    ("chat/completions", {"messages": MESSAGES, "stop": ""}, "stop"),
+    ("chat/completions", {"messages": MESSAGES, "stop": "Q" * 257}, "stop"),
+    ("chat/completions", {"messages": MESSAGES, "seed": 1 << 64}, "seed"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "word " * 600}]}, "messages"),  # fills 512
 ])
 def test_what_the_server_cannot_do_is_a_400_naming_the_parameter(api, path, body, param):
     response = httpx.post(f"{api[1]}/{path}", json={"model": "tiny-chat", **body},
@@ -197,11 +204,22 @@ def test_requests_that_are_not_json_or_go_nowhere_get_openai_errors(api):
     base_url, headers = api[1], {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     broken = httpx.post(f"{base_url}/completions", content=b'{"model": "tiny-chat",', headers=headers)
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+    for body, param in ((b'{"model": "tiny-chat", "prompt": "a\\ud800b"}', "prompt"),  # JSON can carry a lone surrogate
+                        (b'{"model": "tiny-chat", "prompt": "a", "stop": ["\\udfff"]}', "stop")):
+        surrogate = httpx.post(f"{base_url}/completions", content=body, headers=headers)
+        assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == param, surrogate.text
     assert "not valid JSON" in broken.json()["error"]["message"] and broken.json()["error"]["param"] is None
     nowhere = httpx.post(f"{base_url}/embeddings", json={"model": "tiny-chat"}, headers=headers)
     assert nowhere.status_code == 404 and "/v1/chat/completions" in nowhere.json()["error"]["message"]
     wrong_method = httpx.get(f"{base_url}/completions", headers=headers)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+    assert wrong_method.headers["allow"] == "POST"
+    form = httpx.post(f"{base_url}/completions", content=b"model=tiny-chat", headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 400 and "JSON object" in form.json()["error"]["message"]
+    assert api[0].models.retrieve("tiny-chat").id == "tiny-chat"
+    with pytest.raises(openai.NotFoundError):
+        api[0].models.retrieve("gpt-5")
 
 
 def test_a_bad_prompt_leaves_the_requests_being_served_alone(api, local):
@@ -216,6 +234,36 @@ def test_a_bad_prompt_leaves_the_requests_being_served_alone(api, local):
         assert response.status_code == 400
     text += [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(text) == expected
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy_and_harms_no_one(api, local):
+    client = api[0]
+    expected = local_chat(local, MESSAGES, 48)
+    stream = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=48, temperature=0,
+                                            stream=True)
+    text = [next(c for c in stream if c.choices and c.choices[0].delta.content).choices[0].delta.content]
+    tiny = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=1e-45)
+    assert tiny.choices[0].message.content == local_chat(local, MESSAGES, 8)  # logits / 1e-45 would be inf
+    text += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(text) == expected
+
+
+def test_usage_streams_as_openai_sends_it_and_nulls_mean_defaults(api, local):
+    client, base_url = api[0], api[1]
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 6
+    plain = list(client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
+    nulls = {"max_tokens": None, "temperature": 0, "top_p": None, "n": None, "stream": None, "seed": None}
+    response = httpx.post(f"{base_url}/chat/completions", json={"model": "tiny-chat", "messages": MESSAGES, **nulls},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert response.status_code == 200, response.text
+    answer = response.json()  # no limit given: up to the end of the text or of the model's 512 positions
+    assert answer["usage"]["completion_tokens"] + answer["usage"]["prompt_tokens"] <= 512
+    assert answer["choices"][0]["message"]["content"].startswith(local_chat(local, MESSAGES, 24))
 
 
 def test_token_prompts_text_parts_and_max_completion_tokens_mean_what_they_do_in_openai(api, local):

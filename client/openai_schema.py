@@ -1,0 +1,142 @@
+"""The request bodies `potluck serve` takes, as OpenAI's API defines them, checked field by field.
+
+A field left out or sent as ``null`` takes its default. What this server does not implement is
+refused by name unless left at what means "off", so no answer silently lacks what was asked for.
+Text must be valid Unicode (a lone surrogate, which JSON can carry, is refused here rather than
+failing in the tokenizer).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from .serving import SamplingParams
+
+UNSUPPORTED = "is not supported by this server; leave it out"
+OFF = (None, False, 0, "", [], {}, {"type": "text"}, "none", "auto", ["text"])  # what leaves a feature off
+MAX_STOP_CHARS = 256  # each stop string is matched against the tail of the text at every token
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate: not valid Unicode text") from None
+    return text
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]]  # parts of text are joined; images and audio are not taken
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, list):
+            if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+                raise ValueError('takes text only: a string, or parts {"type": "text", "text": ...}')
+            content = "".join(part["text"] for part in content)
+        return _unicode(content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = None  # a last chunk with no choices and the usage counts
+
+
+class OpenAIRequest(BaseModel):
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # default 1; 0 (or below 1e-5): greedy
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch generator takes
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    default_tokens: ClassVar[int | None] = None  # max_tokens when the client gives none (None: up to the model's length)
+
+    @field_validator("logit_bias", "presence_penalty", "frequency_penalty", "top_logprobs", "tools", "tool_choice",
+                     "functions", "function_call", "response_format", "modalities", "audio", "echo", "suffix",
+                     check_fields=False)  # some are chat's or completions' only
+    @classmethod
+    def _not_asked_for(cls, value: Any) -> Any:
+        if value not in OFF:
+            raise ValueError(UNSUPPORTED)
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value is not None and value is not False:  # completions' logprobs=0 still asks for the chosen token's
+            raise ValueError(UNSUPPORTED)
+        return value
+
+    @field_validator("n", "best_of", check_fields=False)  # best_of: completions'
+    @classmethod
+    def _one_choice(cls, count: int | None, info: ValidationInfo) -> int | None:
+        if count not in (None, 1):
+            raise ValueError(f"only {info.field_name}=1 is supported")
+        return count
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"takes at most 4 strings, each of 1 to {MAX_STOP_CHARS} characters")
+        for s in stops:
+            _unicode(s)
+        return stop
+
+    def requested_tokens(self) -> int | None:
+        """The limit on new tokens the client asked for; None if it gave none."""
+        return self.max_tokens
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingParams(max_tokens, temperature, 1.0 if self.top_p is None else self.top_p, stop, self.seed)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)  # OpenAI's newer name for max_tokens
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt: a text or token ids, or a list of one
+    echo: Any = None
+    best_of: int | None = None
+    suffix: Any = None
+
+    default_tokens: ClassVar[int | None] = 16  # as OpenAI's completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError("takes one prompt per request (a text or a list of token ids)")
+            prompt = prompt[0]
+        return _unicode(prompt) if isinstance(prompt, str) else prompt
