@@ -16,6 +16,7 @@ import sys
 from typing import NoReturn
 
 from potluck.protocol.errors import PotluckError
+from potluck.protocol.options import OneLineParser
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     from potluck.client.health import cli as health_cli
     from potluck.node import cli as node_cli
 
-    parser = argparse.ArgumentParser(prog="potluck", description="Run large language models on a volunteer swarm.",
-                                     formatter_class=HelpFormatter)
+    parser = OneLineParser(prog="potluck", description="Run large language models on a volunteer swarm.",
+                           formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"potluck {__version__}")
     _add_log_level(parser, "INFO")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the output went to a reader that stopped (`| head`): stop quietly, as on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        return 141
     except Exception as e:  # a bug or an environment problem: one line, the traceback only with DEBUG
         if args.log_level == "DEBUG":
             raise
@@ -90,8 +94,11 @@ def run_and_exit(argv: list[str] | None = None) -> NoReturn:
 def exit_now(code: int) -> NoReturn:
     """Run the exit handlers, flush the output and exit, skipping the modules' teardown."""
     atexit._run_exitfuncs()  # what interpreter shutdown would run first (multiprocessing's, logging's)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:  # its reader is gone (`| head`)
+            code = code or 141
     os._exit(code)
 
 

@@ -5,15 +5,17 @@ import argparse
 import sys
 
 from potluck.protocol.errors import BadRequest
+from potluck.protocol.options import COUNT, FRACTION, PORT, number
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="continue a prompt through the swarm")
     _add_model_args(generate)
     generate.add_argument("prompt", help="the text to continue")
-    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+    generate.add_argument("--max-new-tokens", type=COUNT, default=32, help="tokens to generate")
+    generate.add_argument("--temperature", type=number(at_least=0), default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=number(above=0, at_most=1), default=1.0,
+                          help="nucleus sampling: the smallest set of tokens "
                           "whose probability reaches P (with --temperature above 0)")
     generate.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
     _add_local_args(generate)
@@ -21,9 +23,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     chat = commands.add_parser("chat", help="chat with the model through the swarm")
     _add_model_args(chat)
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn")
-    chat.add_argument("--max-length", type=int, default=4096, help="longest conversation, in tokens")
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--max-new-tokens", type=COUNT, default=256, help="longest answer per turn")
+    chat.add_argument("--max-length", type=COUNT, default=4096, help="longest conversation, in tokens")
+    chat.add_argument("--temperature", type=number(at_least=0), default=0.0, help="0 = greedy")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_local_args(chat)
     chat.set_defaults(run=_run_chat)
@@ -33,7 +35,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API whose model runs through the swarm")
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--port", type=PORT, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     _add_local_args(serve)
     serve.set_defaults(run=_run_serve)
@@ -42,7 +44,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _add_route_command(commands: argparse._SubParsersAction) -> None:
     route = commands.add_parser("route", help="show the swarm's nodes for a model and the chain a session would take")
     _add_model_args(route)
-    route.add_argument("--max-length", type=int, default=2048, help="cache tokens the session would reserve")
+    route.add_argument("--max-length", type=COUNT, default=2048, help="cache tokens the session would reserve")
     route.add_argument("--allow-quantized", action="store_true", help="a chain may use nodes with 8- or 4-bit weights")
     route.set_defaults(run=_run_route)
 
@@ -151,7 +153,7 @@ def _add_local_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-quantized", action="store_true",
                         help="also use nodes holding 8- or 4-bit weights: close to the model, not exact "
                              "(default: never)")
-    parser.add_argument("--verify", type=float, default=0.0, metavar="FRACTION",
+    parser.add_argument("--verify", type=FRACTION, default=0.0, metavar="FRACTION",
                         help="check this share of steps against other replicas of each node's blocks and ban nodes "
                              "caught computing wrong, e.g. 0.05 (default: 0; suspicious outputs are always checked)")
 

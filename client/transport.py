@@ -18,7 +18,7 @@ from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
 from potluck.protocol.errors import NodeUnavailable, NoRoute
-from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm
+from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm, leave_swarm
 from potluck.protocol.records import NodeRecord
 from potluck.protocol.replies import Info, request_info
 
@@ -101,8 +101,7 @@ class SwarmConnection:
             for task in list(self._tasks):
                 task.cancel()
             self.channels.close()
-            await self.dht.shutdown()
-            await self.p2p.shutdown()
+            await leave_swarm(self.p2p, self.dht)
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in others:  # hivemind's background refreshers
                 task.cancel()

@@ -13,8 +13,10 @@ import asyncio
 import logging
 from typing import Sequence
 
+from hivemind.p2p import P2P
+
 from potluck.protocol.identity import identity_path
-from potluck.protocol.network import INITIAL_PEERS_ENV, dialable, join_swarm, p2p_options
+from potluck.protocol.network import INITIAL_PEERS_ENV, dialable, join_swarm, leave_swarm, p2p_options
 from potluck.protocol.reachability import serve_dialback
 
 logger = logging.getLogger(__name__)
@@ -28,16 +30,21 @@ async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str]
                                 relay_service=relay_service, relay_public=True)
     try:
         await serve_dialback(p2p)  # nodes ask their bootstrap peers whether others can reach them
-        maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
-        shown = dialable(maddrs) if reachable else maddrs
-        if reachable and not shown:
-            logger.warning("no address here other peers could dial (only loopback); pass --announce-maddrs "
-                           "or --host-maddrs with this machine's public address")
-            shown = maddrs
-        print(f"{INITIAL_PEERS_ENV}={','.join(shown)}", flush=True)
-        logger.info("bootstrap peer ready; others join with --initial-peers %s%s", shown[0],
-                    f" (or any of {len(shown)} addresses above)" if len(shown) > 1 else "")
+        await print_join_address(p2p, reachable, "bootstrap peer ready")
         await stop.wait()
     finally:
-        await dht.shutdown()
-        await p2p.shutdown()
+        await leave_swarm(p2p, dht)
+
+
+async def print_join_address(p2p: P2P, reachable: bool, ready: str) -> None:
+    """Print ``POTLUCK_INITIAL_PEERS=...`` with the addresses others join this peer at (those other
+    machines can dial, where it is reachable beyond loopback), and log how to use it."""
+    maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+    shown = dialable(maddrs) if reachable else maddrs
+    if reachable and not shown:
+        logger.warning("no address here other peers could dial (only loopback); pass --announce-maddrs "
+                       "or --host-maddrs with this machine's public address")
+        shown = maddrs
+    print(f"{INITIAL_PEERS_ENV}={','.join(shown)}", flush=True)
+    logger.info("%s; others join with --initial-peers %s%s", ready, shown[0],
+                f" (or any of {len(shown)} addresses above)" if len(shown) > 1 else "")

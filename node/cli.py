@@ -8,8 +8,9 @@ import logging
 
 from potluck.node.limits import Limits
 from potluck.protocol.errors import BadRequest
-from potluck.protocol.network import initial_peers_from_env
-from potluck.protocol.records import ANNOUNCE_PERIOD
+from potluck.protocol.network import initial_peers_from_env, p2p_options
+from potluck.protocol.options import COUNT, PORT, POSITIVE, number
+from potluck.protocol.records import ANNOUNCE_PERIOD, MAX_NAME_CHARS
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -28,7 +29,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                             "such nodes only if they allow it; needs pip install 'potluck[quant]' (default: none)")
     model.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
-    model.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    model.add_argument("--num-threads", type=COUNT, default=None, help="torch CPU threads (default: torch's choice)")
     model.add_argument("--cuda-graphs", action="store_true",
                        help="GPU nodes: run each decoding pass as a CUDA graph, one launch instead of one per kernel "
                             "(default: off)")
@@ -37,65 +38,66 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     placement.add_argument("--blocks", default=None, metavar="A:B",
                            help="serve blocks A (inclusive) to B (exclusive) (default: the blocks the swarm serves "
                                 "least)")
-    placement.add_argument("--num-blocks", type=int, default=None, metavar="N",
+    placement.add_argument("--num-blocks", type=COUNT, default=None, metavar="N",
                            help="without --blocks: take N blocks (default: as many as --max-memory holds)")
-    placement.add_argument("--placement-delay", type=float, default=2.0, metavar="S",
+    placement.add_argument("--placement-delay", type=number(at_least=0), default=2.0, metavar="S",
                            help="wait up to S seconds at random before choosing blocks, so nodes started "
                                 "together spread out (default: 2)")
-    placement.add_argument("--balance-period", type=float, default=60.0, metavar="S",
+    placement.add_argument("--balance-period", type=number(at_least=0), default=60.0, metavar="S",
                            help="without --blocks: every S seconds, check whether the swarm needs this node's "
                                 "blocks elsewhere more, and move (0: never move; default: 60)")
-    placement.add_argument("--balance-quality", type=float, default=0.75, metavar="Q",
+    placement.add_argument("--balance-quality", type=number(above=0, at_most=1), default=0.75, metavar="Q",
                            help="move only when the weakest block's throughput now is under Q times what it "
                                 "would be after the move (0 < Q <= 1; default: 0.75)")
-    placement.add_argument("--throughput", type=float, default=None, metavar="STEPS_PER_S",
+    placement.add_argument("--throughput", type=POSITIVE, default=None, metavar="STEPS_PER_S",
                            help="announce this many one-token steps per second instead of measuring (default: "
                                 "measured at the first start, then taken from the cache folder)")
 
     memory = node.add_argument_group("memory")
-    memory.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+    memory.add_argument("--max-memory", type=POSITIVE, default=None, metavar="GIB",
                         help="without --blocks/--num-blocks: memory for weights and cache, in GiB "
                              "(default: 80%% of the free GPU memory, or of the available RAM)")
-    memory.add_argument("--cache-tokens", type=int, default=None, help="attention-cache budget in tokens")
-    memory.add_argument("--cache-gib", type=float, default=None,
+    memory.add_argument("--cache-tokens", type=COUNT, default=None, help="attention-cache budget in tokens")
+    memory.add_argument("--cache-gib", type=POSITIVE, default=None,
                         help="cache budget in GiB when --cache-tokens is unset (default: half the GPU memory free "
                              "after loading, or 1 GiB on CPUs)")
-    memory.add_argument("--max-batch-tokens", type=int, default=8192,
+    memory.add_argument("--max-batch-tokens", type=COUNT, default=8192,
                         help="most tokens accepted in one message (default: 8192)")
-    memory.add_argument("--max-batch-sessions", type=int, default=64, metavar="N",
+    memory.add_argument("--max-batch-sessions", type=COUNT, default=64, metavar="N",
                         help="decoding steps of at most N sessions run as one batch (1: no batching)")
-    memory.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+    memory.add_argument("--prefill-chunk", type=COUNT, default=512, metavar="TOKENS",
                         help="run a long prompt this many tokens at a time, so other sessions' decoding steps "
                              "go between its chunks")
 
     network = node.add_argument_group("network")
     _add_network_args(network)
     network.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
-    network.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD,
+    network.add_argument("--announce-period", type=POSITIVE, default=ANNOUNCE_PERIOD,
                          help=f"seconds between announcements (default: {ANNOUNCE_PERIOD:g})")
 
     limits = node.add_argument_group("what one peer may take (an open swarm: anyone can connect)")
-    limits.add_argument("--peer-streams", type=int, default=Limits.streams_per_peer, metavar="N",
+    limits.add_argument("--peer-streams", type=COUNT, default=Limits.streams_per_peer, metavar="N",
                         help="streams one peer may hold open here (default: %(default)d; a client needs one)")
-    limits.add_argument("--peer-sessions", type=int, default=Limits.sessions_per_peer, metavar="N",
+    limits.add_argument("--peer-sessions", type=COUNT, default=Limits.sessions_per_peer, metavar="N",
                         help="sessions one peer may hold open here (a potluck serve holds up to 64)")
-    limits.add_argument("--peer-cache-share", type=float, default=Limits.cache_share_per_peer, metavar="FRACTION",
+    limits.add_argument("--peer-cache-share", type=number(above=0, at_most=1), default=Limits.cache_share_per_peer, metavar="FRACTION",
                         help="share of the cache tokens one peer may reserve")
-    limits.add_argument("--peer-request-rate", type=float, default=Limits.requests_per_peer_s, metavar="PER_SECOND",
+    limits.add_argument("--peer-request-rate", type=POSITIVE, default=Limits.requests_per_peer_s, metavar="PER_SECOND",
                         help="messages one peer may send a second (default: %(default)g)")
-    limits.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout, metavar="SECONDS",
+    limits.add_argument("--idle-timeout", type=POSITIVE, default=Limits.idle_timeout, metavar="SECONDS",
                         help="close a stream with no open session that stays silent this long")
-    limits.add_argument("--frame-timeout", type=float, default=Limits.frame_timeout, metavar="SECONDS",
+    limits.add_argument("--frame-timeout", type=POSITIVE, default=Limits.frame_timeout, metavar="SECONDS",
                         help="close a stream whose message does not arrive within this long (plus 1 s per MiB)")
 
     # tests of clients' verification only: a node that computes wrong (noise of SCALE x its outputs' RMS)
     limits.add_argument("--test-corrupt-outputs", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
 
     operator = node.add_argument_group("operator")
-    operator.add_argument("--public-name", default="", help="a name shown to users and on the health page")
-    operator.add_argument("--drain-timeout", type=float, default=10.0,
+    operator.add_argument("--public-name", default="", type=public_name,
+                          help=f"a name shown to users and on the health page (at most {MAX_NAME_CHARS} characters)")
+    operator.add_argument("--drain-timeout", type=number(at_least=0), default=10.0,
                           help="seconds Ctrl-C waits for open sessions before going OFFLINE (default: 10)")
-    operator.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+    operator.add_argument("--metrics-port", type=PORT, default=None, metavar="PORT",
                           help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
                                "default: off)")
     operator.add_argument("--metrics-host", default="127.0.0.1",
@@ -108,11 +110,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     swarm = commands.add_parser("swarm", help="start a bootstrap peer and N nodes on loopback")
     swarm.add_argument("model", nargs="?", default=None,
                        help="checkpoint folder or HF id (default: SmolLM2-135M-Instruct)")
-    swarm.add_argument("--nodes", type=int, default=3, help="how many nodes split the blocks evenly")
+    swarm.add_argument("--nodes", type=COUNT, default=3, help="how many nodes split the blocks evenly")
     swarm.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="the nodes' dtype (default: each node's own, as for potluck node)")
     swarm.add_argument("--model-name", default=None, help="the model's name in the swarm")
-    swarm.add_argument("--announce-period", type=float, default=ANNOUNCE_PERIOD,
+    swarm.add_argument("--announce-period", type=POSITIVE, default=ANNOUNCE_PERIOD,
                        help="seconds between the nodes' announcements")
     swarm.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
     swarm.set_defaults(run=_run_swarm)
@@ -161,18 +163,6 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     start, end = _parse_blocks(args.blocks) if args.blocks else (None, None)
-    if args.num_blocks is not None and args.num_blocks < 1:
-        raise BadRequest("--num-blocks must be at least 1")
-    if not 0 < args.balance_quality <= 1 or args.balance_period < 0:
-        raise BadRequest("--balance-quality must be in (0, 1] and --balance-period at least 0")
-    if args.prefill_chunk < 1 or args.max_batch_sessions < 1:
-        raise BadRequest("--prefill-chunk and --max-batch-sessions must be at least 1")
-    if min(args.peer_streams, args.peer_sessions) < 1 or not 0 < args.peer_cache_share <= 1 or not min(
-            args.idle_timeout, args.frame_timeout, args.peer_request_rate) > 0:
-        raise BadRequest("--peer-streams and --peer-sessions must be at least 1, --peer-cache-share in (0, 1], "
-                         "and the timeouts and --peer-request-rate positive")
-    if args.throughput is not None and not args.throughput > 0:
-        raise BadRequest("--throughput must be a positive number of steps per second")
     config = NodeConfig(
         model=args.model, start=start, end=end, num_blocks=args.num_blocks, max_memory_gib=args.max_memory,
         placement_delay=args.placement_delay, balance_period=args.balance_period,
@@ -201,6 +191,11 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
         return 130
     stopping.cancel()
     node = starting.result()
+    if not initial_peers:  # a new swarm: say how others join it
+        from .bootstrap import print_join_address
+
+        await print_join_address(node.p2p, p2p_options([], args.host_maddrs, public=args.public)["nat_port_map"],
+                                 "a new swarm")
     try:
         await stop.wait()
     finally:
@@ -222,3 +217,9 @@ async def _run_swarm(args: argparse.Namespace, stop: asyncio.Event) -> int:
     config = SwarmConfig(model=args.model, nodes=args.nodes, dtype=args.dtype, model_name=args.model_name,
                          announce_period=args.announce_period, node_args=tuple(args.node_arg))
     return await run_swarm(config, stop)
+
+
+def public_name(text: str) -> str:
+    if len(text) > MAX_NAME_CHARS or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"give at most {MAX_NAME_CHARS} printable characters")
+    return text

@@ -18,7 +18,7 @@ from hivemind.p2p import P2P
 from potluck.protocol import reachability
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.errors import PotluckError
-from potluck.protocol.network import join_swarm, p2p_options, relay_addresses, relays_of
+from potluck.protocol.network import join_swarm, leave_swarm, p2p_options, relay_addresses, relays_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ async def join(initial_peers: Sequence[str], host_maddrs: Sequence[str] | None,
         return p2p, dht, found, []
     logger.info("no peer could connect to this node; joining again through relays on %s",
                 " ".join(relays_of(initial_peers)))
-    await dht.shutdown()
-    await p2p.shutdown()
+    await leave_swarm(p2p, dht)
     p2p, dht = await join_as(True)
     return p2p, dht, found, relay_addresses(initial_peers)
 

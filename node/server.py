@@ -25,6 +25,7 @@ from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.identity import identity_path
+from potluck.protocol.network import LEAVE_TIMEOUT, bounded, leave_swarm
 from potluck.protocol.records import ANNOUNCE_PERIOD, PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState
 
 from . import hardware, placement, quantize, reachable
@@ -314,7 +315,7 @@ class Node:
             task.cancel()
         if self.servicer is not None and drain:
             self.servicer.draining = True
-            await self.announcer.announce(NodeState.DRAINING)
+            await bounded(self.announcer.announce(NodeState.DRAINING), LEAVE_TIMEOUT, "announcing DRAINING")
             deadline = time.monotonic() + self.config.drain_timeout
             while self.sessions.sessions and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
@@ -324,7 +325,8 @@ class Node:
                 await self.servicer.evict(NodeDraining(
                     f"node {self.peer_id} is leaving (its drain timeout passed); continue on another node"))
         if self.config.start is not None:  # a node stopped before it chose its span announced nothing
-            await self.announcer.announce(NodeState.OFFLINE)  # the DHT keeps the later-expiring value: not shorter
+            await bounded(self.announcer.announce(NodeState.OFFLINE), LEAVE_TIMEOUT,  # the DHT keeps the later-
+                          "announcing OFFLINE")  # expiring value: not a shorter one
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
@@ -333,6 +335,5 @@ class Node:
         if self.links is not None:
             self.links.close()
         self.compute.shutdown()
-        await self.dht.shutdown()
-        await self.p2p.shutdown()
+        await leave_swarm(self.p2p, self.dht)
         logger.info("OFFLINE")

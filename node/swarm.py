@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from potluck.protocol.checkpoint import resolve_checkpoint
+from potluck.protocol.errors import BadRequest
 from potluck.protocol.network import INITIAL_PEERS_ENV
 
 from .local_swarm import LocalSwarm, SwarmStartError
@@ -47,6 +48,9 @@ def split_evenly(num_blocks: int, parts: int) -> list[tuple[int, int]]:
 
 async def run_swarm(config: SwarmConfig, stop: asyncio.Event) -> int:
     checkpoint = await asyncio.to_thread(resolve_checkpoint, config.model, config.model_name)
+    if config.nodes > checkpoint.num_blocks:
+        raise BadRequest(f"--nodes {config.nodes} is more than {checkpoint.name}'s {checkpoint.num_blocks} blocks: "
+                         f"give at most {checkpoint.num_blocks}")
     spans = split_evenly(checkpoint.num_blocks, config.nodes)
     node_args = ["--model-name", checkpoint.name, "--announce-period", str(config.announce_period),
                  *(["--dtype", config.dtype] if config.dtype else []), *config.node_args]

@@ -20,10 +20,11 @@ initial peer reserve slots on it.
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
@@ -40,6 +41,7 @@ PUBLIC_MADDR = "/ip4/0.0.0.0/tcp/0"
 
 
 MADDR_EXAMPLE = "/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW..."
+LEAVE_TIMEOUT = 5.0  # seconds each step of leaving the swarm may take
 
 
 def initial_peers_from_env(initial_peers: Sequence[str] | None) -> list[str]:
@@ -211,3 +213,22 @@ async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | 
         await p2p.shutdown()
         raise
     return p2p, dht
+
+
+async def leave_swarm(p2p: P2P, dht: DHTNode, timeout: float = LEAVE_TIMEOUT) -> None:
+    """Stop the DHT node, then the P2P daemon, each waited for at most ``timeout`` seconds: a
+    daemon that is already gone (a service manager's SIGTERM reaches the whole process group)
+    would otherwise leave the DHT's shutdown waiting forever."""
+    await bounded(dht.shutdown(), timeout, "stopping the DHT node")
+    await bounded(p2p.shutdown(), timeout, "stopping the P2P daemon")
+
+
+async def bounded(work: Awaitable, timeout: float, what: str) -> None:
+    """Await ``work`` for at most ``timeout`` seconds (a P2P daemon that died answers nothing, ever);
+    past it, or if it fails, say so and go on: for steps of a shutdown."""
+    try:
+        await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        logger.warning("%s took over %.0f s (is the P2P daemon gone?); going on without it", what, timeout)
+    except Exception as e:
+        logger.warning("%s failed: %s", what, e)

@@ -21,6 +21,7 @@ RECORD_TTL_PERIODS = 2.5  # a record expires this many periods after it was stor
 MAX_RECORD_BYTES = 16 * 1024
 MAX_BLOCKS = 4096  # most blocks a model may claim (a reader reads one DHT key per block)
 MAX_RELAYS, MAX_RELAY_CHARS = 8, 300  # circuit addresses a record may name, and their length
+MAX_NAME_CHARS = 64  # of a public name, as shown to others
 PROTOCOL_VERSION = 2  # what the RPCs mean; 2: sessions share a stream per node and messages travel in bundles
 
 
@@ -105,6 +106,14 @@ def pack(record: NodeRecord | ModelInfo) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
+def shown_name(name: str) -> str:
+    """A peer's public name as it may reach a terminal or a log: control characters (a newline
+    that forges output lines, an escape sequence) written as escapes, at most MAX_NAME_CHARS."""
+    name = name[:MAX_NAME_CHARS]
+    return name if name.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
+
+
 def unpack_node_record(data: Any) -> NodeRecord | None:
     """Decode a node record from the DHT; None if it is not one (never raises on bad input)."""
     fields = _unpack_dict(data)
@@ -121,6 +130,7 @@ def unpack_node_record(data: Any) -> NodeRecord | None:
         if len(relays) > MAX_RELAYS or not all(isinstance(r, str) and len(r) <= MAX_RELAY_CHARS for r in relays):
             return None
         known["relays"] = tuple(relays)
+        known["public_name"] = shown_name(known.get("public_name", ""))
         record = NodeRecord(**known)
     except (KeyError, TypeError, ValueError):
         return None

@@ -5,6 +5,8 @@ import argparse
 import asyncio
 import logging
 
+from potluck.protocol.options import PORT, POSITIVE
+
 logger = logging.getLogger(__name__)
 
 
@@ -13,13 +15,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     health.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                         help="multiaddrs of peers to join through (default: $POTLUCK_INITIAL_PEERS)")
     health.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    health.add_argument("--port", type=int, default=8600, help="port to serve on; 0 picks a free one")
-    health.add_argument("--refresh", type=float, default=5.0, help="seconds between crawls of the swarm")
-    health.add_argument("--crawl-timeout", type=float, default=10.0,
+    health.add_argument("--port", type=PORT, default=8600, help="port to serve on; 0 picks a free one")
+    health.add_argument("--refresh", type=POSITIVE, default=5.0, help="seconds between crawls of the swarm")
+    health.add_argument("--crawl-timeout", type=POSITIVE, default=10.0,
                         help="seconds a DHT read may take before the last good view is kept")
-    health.add_argument("--probe-timeout", type=float, default=2.0,
+    health.add_argument("--probe-timeout", type=POSITIVE, default=2.0,
                         help="seconds a node may take to answer the dashboard's info request")
-    health.add_argument("--forget-after", type=float, default=300.0,
+    health.add_argument("--forget-after", type=POSITIVE, default=300.0,
                         help="seconds an expired (stale) record stays on the page")
     health.set_defaults(run=_run_health)
 

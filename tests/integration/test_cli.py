@@ -87,9 +87,21 @@ def test_serve_on_a_busy_port_says_which_option_to_change(tiny_checkpoints):
     assert_one_clear_line(result, f"127.0.0.1:{port}", "--port")
 
 
-def test_a_limit_out_of_range_names_its_option(tiny_checkpoints):
-    result = run("node", str(tiny_checkpoints["llama"]), "--peer-streams", "0", "--initial-peers", NOBODY)
-    assert_one_clear_line(result, "--peer-streams")
+def test_an_option_out_of_range_is_one_line_naming_it(tiny_checkpoints):
+    model = str(tiny_checkpoints["llama"])
+    cases = [("node", model, "--peer-streams", "0"), ("node", model, "--max-memory", "-5"),
+             ("node", model, "--cache-gib", "nan"), ("node", model, "--announce-period", "0"),
+             ("node", model, "--num-threads", "x"), ("node", model, "--metrics-port", "99999"),
+             ("node", model, "--public-name", "two\nlines"), ("swarm", model, "--nodes", "0"),
+             ("swarm", model, "--nodes", "9"), ("health", "--refresh", "0"), ("serve", model, "--port", "70000"),
+             ("generate", model, "hi", "--max-new-tokens", "0")]
+    with ThreadPoolExecutor() as pool:
+        results = list(pool.map(lambda args: run(*args, *(["--initial-peers", NOBODY] if args[0] != "swarm" else [])),
+                                cases))
+    for case, result in zip(cases, results):
+        option = next(a for a in reversed(case) if a.startswith("--"))
+        assert_one_clear_line(result, option)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # not argparse's usage block
 
 
 def test_an_empty_prompt_is_named(tiny_checkpoints):
@@ -162,3 +174,21 @@ def test_every_option_has_help_and_shows_its_default():
     generate_help = " ".join(commands["generate"].format_help().split())
     assert "--max-new-tokens MAX_NEW_TOKENS tokens to generate (default: 32)" in generate_help  # added by the CLI
     assert "--temperature TEMPERATURE 0 = greedy (default: 0.0)" in generate_help
+
+
+def test_a_node_that_starts_a_new_swarm_prints_how_to_join_it(tiny_checkpoints):
+    proc = subprocess.Popen(potluck_command("node", str(tiny_checkpoints["llama"]), "--new-swarm", "--blocks", "0:8",
+                                            "--num-threads", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline().strip()  # once ONLINE
+        assert line.startswith("POTLUCK_INITIAL_PEERS=/ip4/127.0.0.1/tcp/"), line
+        connection = SwarmConnection(line.split("=", 1)[1].split(","))  # others can join at what it printed
+        try:
+            records = connection.call(read_block_records(connection.dht, tiny_checkpoints["llama"].name, 8))
+            assert {r.state for r in records.values()} == {NodeState.ONLINE}, records
+        finally:
+            connection.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0

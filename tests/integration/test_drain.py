@@ -1,6 +1,7 @@
 """A node that is asked to leave drains: running answers finish there, new sessions go elsewhere,
 and sessions still open when its drain timeout passes are told to move at once."""
 import logging
+import os
 import signal
 import threading
 import time
@@ -94,3 +95,13 @@ def test_sessions_open_at_the_drain_timeout_are_told_to_move(tiny_checkpoints, s
         assert "is leaving" in caplog.text  # the node said why, so the client did not wait for a timeout
     finally:
         connection.close()
+
+
+def test_a_node_whose_whole_process_group_gets_sigterm_still_leaves(tiny_checkpoints, swarm_factory):
+    # as a service manager stops it: its P2P daemon is gone before the node announces and shuts down
+    swarm = swarm_factory()
+    peer = swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"])[0]
+    node = swarm.nodes[peer]
+    os.killpg(node.pid, signal.SIGTERM)
+    assert node.wait(60) == 0  # without bounds on each step it waited on the daemon forever
+    assert swarm.wait_for_line(peer, "OFFLINE", 1)

@@ -34,6 +34,13 @@ def test_malformed_records_are_refused(change):
     assert unpack_node_record(msgpack.packb(fields)) is None
 
 
+def test_a_public_name_reaches_terminals_and_logs_escaped_and_short():
+    fields = msgpack.unpackb(pack(NodeRecord(model="m", start=0, end=1, state=NodeState.ONLINE)))
+    fields["public_name"] = "bob\nnode Qm... ONLINE\x1b[2J" + "x" * 100  # forged lines, a terminal escape
+    name = unpack_node_record(msgpack.packb(fields)).public_name
+    assert name.isprintable() and name.startswith("bob\\nnode Qm... ONLINE\\x1b[2J") and len(name) < 100
+
+
 @pytest.mark.parametrize("data", [b"", b"\xc1", msgpack.packb([1]), "text", None, b"\x00" * 20000])
 def test_garbage_is_not_a_record(data):
     assert unpack_node_record(data) is None
