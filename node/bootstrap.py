@@ -16,7 +16,8 @@ from typing import Sequence
 from hivemind.p2p import P2P
 
 from potluck.protocol.identity import identity_path
-from potluck.protocol.network import INITIAL_PEERS_ENV, dialable, join_swarm, leave_swarm, p2p_options
+from potluck.protocol.network import (INITIAL_PEERS_ENV, dialable, join_swarm, leave_swarm, p2p_options,
+                                     wait_for_stop)
 from potluck.protocol.reachability import serve_dialback
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ async def run_bootstrap(initial_peers: Sequence[str], host_maddrs: Sequence[str]
     try:
         await serve_dialback(p2p)  # nodes ask their bootstrap peers whether others can reach them
         await print_join_address(p2p, reachable, "bootstrap peer ready")
-        await stop.wait()
+        await wait_for_stop(p2p, stop)
     finally:
         await leave_swarm(p2p, dht)
 

@@ -7,8 +7,8 @@ import contextlib
 import logging
 
 from potluck.node.limits import Limits
-from potluck.protocol.errors import BadRequest
-from potluck.protocol.network import initial_peers_from_env, p2p_options
+from potluck.protocol.errors import BadRequest, NodeUnavailable
+from potluck.protocol.network import initial_peers_from_env, p2p_options, wait_for_stop
 from potluck.protocol.options import COUNT, PORT, POSITIVE, number
 from potluck.protocol.records import ANNOUNCE_PERIOD, MAX_NAME_CHARS
 
@@ -196,10 +196,14 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
         await print_join_address(node.p2p, p2p_options([], args.host_maddrs, public=args.public)["nat_port_map"],
                                  "a new swarm")
+    drain = True
     try:
-        await stop.wait()
+        await wait_for_stop(node.p2p, stop)
+    except NodeUnavailable:  # its P2P daemon is gone: no session can finish, leave at once
+        drain = False
+        raise
     finally:
-        await node.shutdown()
+        await node.shutdown(drain=drain)
     return 0
 
 

@@ -21,9 +21,12 @@ initial peer reserve slots on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import ipaddress
 import logging
 import os
+import socket
 from typing import Any, Awaitable, Sequence
 
 from hivemind.dht.node import DHTNode
@@ -183,6 +186,8 @@ async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | 
     that cannot be reached raises NodeUnavailable."""
     options, daemon = launch_options(initial_peers, host_maddrs, announce_maddrs, public, client_mode, relay_service,
                                      relay_public, behind_nat)
+    for maddr in options["host_maddrs"]:
+        _check_port_free(maddr)
     try:
         p2p = await _p2p_class(**daemon).create(identity_path=identity_path, check_if_identity_free=False,
                                                 **options)
@@ -215,6 +220,23 @@ async def join_swarm(initial_peers: Sequence[str], host_maddrs: Sequence[str] | 
     return p2p, dht
 
 
+def _check_port_free(maddr: str) -> None:
+    """BadRequest if ``maddr`` names a TCP port that something here already listens on: the daemon
+    binds with SO_REUSEPORT, so a second peer on a port would silently share its connections."""
+    parts = maddr.strip("/").split("/")
+    if len(parts) < 4 or parts[0] not in ("ip4", "ip6") or parts[2] != "tcp" or parts[3] == "0":
+        return
+    family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart's TIME_WAIT is no listener
+        try:
+            probe.bind((parts[1], int(parts[3])))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise BadRequest(f"port {parts[3]} of {maddr} is already in use (another peer?); pass another "
+                                 "--host-maddrs") from None
+
+
 async def leave_swarm(p2p: P2P, dht: DHTNode, timeout: float = LEAVE_TIMEOUT) -> None:
     """Stop the DHT node, then the P2P daemon, each waited for at most ``timeout`` seconds: a
     daemon that is already gone (a service manager's SIGTERM reaches the whole process group)
@@ -232,3 +254,21 @@ async def bounded(work: Awaitable, timeout: float, what: str) -> None:
         logger.warning("%s took over %.0f s (is the P2P daemon gone?); going on without it", what, timeout)
     except Exception as e:
         logger.warning("%s failed: %s", what, e)
+
+
+async def wait_for_stop(p2p: P2P, stop: asyncio.Event) -> None:
+    """Until ``stop`` is set; NodeUnavailable if this peer's P2P daemon exits first (killed, or it
+    crashed): without it the peer reaches no one and no one reaches it, whatever it announced."""
+    daemon = getattr(p2p, "_child", None)  # hivemind's handle on the daemon it started
+    waits = [asyncio.ensure_future(stop.wait())] + ([asyncio.ensure_future(daemon.wait())] if daemon else [])
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    if not stop.is_set():  # a signal to the whole process group reaches both: then it is a stop, not a loss
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    if not stop.is_set():
+        raise NodeUnavailable(f"this peer's P2P daemon stopped (exit code {daemon.returncode}), so no one can "
+                              "reach it any more; start it again")

@@ -192,3 +192,12 @@ def test_a_node_that_starts_a_new_swarm_prints_how_to_join_it(tiny_checkpoints):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+
+
+def test_a_port_something_listens_on_is_named(tiny_checkpoints):
+    with socket.socket() as listener:  # p2pd binds with SO_REUSEPORT: a second peer would share the port
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = f"/ip4/127.0.0.1/tcp/{listener.getsockname()[1]}"
+        assert_one_clear_line(run("dht", "--host-maddrs", taken, timeout=60), "already in use", "--host-maddrs")

@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 
+import psutil
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
@@ -105,3 +106,14 @@ def test_a_node_whose_whole_process_group_gets_sigterm_still_leaves(tiny_checkpo
     os.killpg(node.pid, signal.SIGTERM)
     assert node.wait(60) == 0  # without bounds on each step it waited on the daemon forever
     assert swarm.wait_for_line(peer, "OFFLINE", 1)
+
+
+def test_a_node_whose_p2p_daemon_dies_says_so_and_stops(tiny_checkpoints, swarm_factory):
+    swarm = swarm_factory()
+    peer = swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"])[0]
+    node = swarm.nodes[peer]
+    daemons = [c for c in psutil.Process(node.pid).children(recursive=True) if c.name() == "p2pd"]
+    assert len(daemons) == 1
+    daemons[0].kill()
+    assert node.wait(60) == 2  # not ONLINE in name only, with no one able to reach it
+    assert swarm.wait_for_line(peer, "P2P daemon stopped", 1)
