@@ -15,6 +15,7 @@ import logging
 import threading
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import DynamicCache, PretrainedConfig
 
@@ -136,8 +137,20 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
                 continue
             prefix = family.block_prefix.format(index)
             names = [n for n in files if n.startswith(prefix)]
-            weights = convert_block(checkpoint.config.model_type, load_tensors(checkpoint.path, names, dtype, device))
-            block = place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()})
+            if not names:
+                raise BadRequest(f"{checkpoint.path} holds no weights of block {index} (its config.json names "
+                                 f"{checkpoint.num_blocks} blocks): is the checkpoint complete?")
+            try:
+                weights = convert_block(checkpoint.config.model_type,
+                                        load_tensors(checkpoint.path, names, dtype, device))
+                block = place_block(checkpoint.config, index, {n[len(prefix):]: t for n, t in weights.items()})
+            except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as e:  # a truncated file, weights
+                # of another shape or a config.json that names more blocks than the files hold
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BadRequest(f"block {index}'s weights in {checkpoint.path} do not load: {first[:300]} (is the "
+                                 "checkpoint complete, and its config.json the one of these weights?)") from None
             del weights  # the full-precision tensors go as soon as the block holds its packed ones
             blocks.append(quantize_block(block, quant))
             logger.debug("loaded block %d (%d tensors)", index, len(names))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from .default_model import DEFAULT_MODEL, ensure_default_model
@@ -69,7 +69,11 @@ def resolve_checkpoint(model: str | None = None, name: str | None = None) -> Che
             raise BadRequest(f"{model} is not in the local Hugging Face cache: download it once with "
                              f"`hf download {model}` (or pass a checkpoint folder as MODEL)") from None
         default_name = model
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' words for a config.json that is not JSON, or not a model's
+        raise BadRequest(f"{path / 'config.json'} cannot be read as a model's config: "
+                         f"{str(e).strip().splitlines()[0]}") from None
     family_of(config)  # fail early on an unsupported family
     config._attn_implementation = attention_for(config)
     return Checkpoint(path, name or default_name, config)
@@ -86,8 +90,11 @@ def tensor_files(path: Path) -> dict[str, Path]:
         raise BadRequest(f"no *.safetensors files in {path}")
     names: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            names.update({name: file for name in f.keys()})
+        try:
+            with safe_open(file, framework="pt") as f:
+                names.update({name: file for name in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise BadRequest(f"{file} is not a readable safetensors file ({e}): is it complete?") from None
     return names
 
 

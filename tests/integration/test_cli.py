@@ -1,5 +1,8 @@
 """The command line as a new contributor meets it: safe network defaults, one-line errors that name
 the option to change, Ctrl-C at any moment, a peer id that survives restarts, one CLI."""
+import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,3 +204,23 @@ def test_a_port_something_listens_on_is_named(tiny_checkpoints):
         listener.listen()
         taken = f"/ip4/127.0.0.1/tcp/{listener.getsockname()[1]}"
         assert_one_clear_line(run("dht", "--host-maddrs", taken, timeout=60), "already in use", "--host-maddrs")
+
+
+def test_a_broken_checkpoint_is_named(tiny_checkpoints, tmp_path):
+    source = tiny_checkpoints["llama"]
+    broken = {name: tmp_path / name for name in ("truncated", "not_json", "more_layers")}
+    for folder in broken.values():
+        shutil.copytree(source, folder)
+    weights = broken["truncated"] / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    (broken["not_json"] / "config.json").write_text('{"model_type": "llama", ')
+    config = json.loads((broken["more_layers"] / "config.json").read_text())
+    (broken["more_layers"] / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 12}))
+    env = {**os.environ, "POTLUCK_CACHE": str(tmp_path / "cache")}
+    blocks = {"truncated": "0:8", "not_json": "0:8", "more_layers": "8:12"}
+    with ThreadPoolExecutor() as pool:
+        results = dict(zip(broken, pool.map(
+            lambda name: run("node", str(broken[name]), "--new-swarm", "--blocks", blocks[name], env=env), broken)))
+    assert_one_clear_line(results["truncated"], "model.safetensors", "is it complete")
+    assert_one_clear_line(results["not_json"], "config.json")
+    assert_one_clear_line(results["more_layers"], "no weights of block 8")
