@@ -59,7 +59,7 @@ class OpenAIRequest(BaseModel):
     presence_penalty: Any = None
     frequency_penalty: Any = None
 
-    default_tokens: ClassVar[int | None] = None  # max_tokens when the client gives none (None: up to the model's length)
+    default_tokens: ClassVar[int | None] = None  # max_tokens when the client gives none (None: as many as fit)
 
     @field_validator("logit_bias", "presence_penalty", "frequency_penalty", "top_logprobs", "tools", "tool_choice",
                      "functions", "function_call", "response_format", "modalities", "audio", "echo", "suffix",

@@ -80,7 +80,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="streams one peer may hold open here (default: %(default)d; a client needs one)")
     limits.add_argument("--peer-sessions", type=COUNT, default=Limits.sessions_per_peer, metavar="N",
                         help="sessions one peer may hold open here (a potluck serve holds up to 64)")
-    limits.add_argument("--peer-cache-share", type=number(above=0, at_most=1), default=Limits.cache_share_per_peer, metavar="FRACTION",
+    limits.add_argument("--peer-cache-share", type=number(above=0, at_most=1), default=Limits.cache_share_per_peer,
+                        metavar="FRACTION",
                         help="share of the cache tokens one peer may reserve")
     limits.add_argument("--peer-request-rate", type=POSITIVE, default=Limits.requests_per_peer_s, metavar="PER_SECOND",
                         help="messages one peer may send a second (default: %(default)g)")

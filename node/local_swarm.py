@@ -46,7 +46,7 @@ class Child:
 
     def __init__(self, name: str, args: Sequence[str], log: Path | None, echo: bool, prefix: Sequence[str] = (),
                  forks: ForkServer | None = None):
-        self.name = name
+        self.name, self.echo = name, echo
         self.proc = forks.start(args) if forks is not None and not prefix else None
         if self.proc is None:
             self.proc = subprocess.Popen(
@@ -88,8 +88,12 @@ class Child:
                     raise SwarmStartError(f"{self.name}: start aborted")
                 if not self._pump.is_alive() or time.monotonic() > deadline:
                     code = self.proc.poll()
+                    if code is None and not self._pump.is_alive():  # its output ended: its exit code is near
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            code = self.proc.wait(5)
                     why = f"exited with {code}" if code is not None else f"not up in {timeout:.0f} s"
-                    raise SwarmStartError(f"{self.name} {why}:\n{''.join(self.lines[-40:])}")
+                    shown = "" if self.echo else ":\n" + "".join(self.lines[-40:])  # echoed lines were seen
+                    raise SwarmStartError(f"{self.name} {why}{shown}")
                 self._changed.wait(0.2)
 
 

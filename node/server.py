@@ -325,8 +325,8 @@ class Node:
                 await self.servicer.evict(NodeDraining(
                     f"node {self.peer_id} is leaving (its drain timeout passed); continue on another node"))
         if self.config.start is not None:  # a node stopped before it chose its span announced nothing
-            await bounded(self.announcer.announce(NodeState.OFFLINE), LEAVE_TIMEOUT,  # the DHT keeps the later-
-                          "announcing OFFLINE")  # expiring value: not a shorter one
+            # the DHT keeps the later-expiring value: the OFFLINE record's is not shorter
+            await bounded(self.announcer.announce(NodeState.OFFLINE), LEAVE_TIMEOUT, "announcing OFFLINE")
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()

@@ -224,3 +224,10 @@ def test_a_broken_checkpoint_is_named(tiny_checkpoints, tmp_path):
     assert_one_clear_line(results["truncated"], "model.safetensors", "is it complete")
     assert_one_clear_line(results["not_json"], "config.json")
     assert_one_clear_line(results["more_layers"], "no weights of block 8")
+
+
+def test_a_swarm_whose_node_fails_at_once_says_it_exited(tiny_checkpoints):
+    result = run("swarm", str(tiny_checkpoints["llama"]), "--nodes", "1", "--node-arg=--device=bogus", timeout=120)
+    assert result.returncode != 0
+    assert "exited with 2" in result.stderr and "not up in" not in result.stderr, result.stderr
+    assert result.stderr.count("is not a torch device") == 1, result.stderr  # its own line, not echoed again
