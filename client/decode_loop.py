@@ -6,10 +6,11 @@ node, and the nodes batch them). When the round is back, the final norm and the 
 all of its requests as one batch, together with the requests whose prompt came back since (a
 prompt's step runs beside the rounds, so a long one holds up no one); each request's next token is
 picked with its own sampling parameters and random generator, the next round leaves, and only
-then are the tokens handed out: detokenizing and streaming them overlap the nodes' work. A
-request that ends (end of text, its token limit) or whose client leaves drops out and its session
-closes; one that meets a stop string is answered at once and leaves when its step in flight is
-back. New requests join at the next round. One thread runs the rounds, so per-token Python work
+once its steps are written to the nodes' streams are the tokens handed out: detokenizing and
+streaming them overlap the nodes' work instead of holding up the round's way out (the threads
+share one GIL). A request that ends (end of text, its token limit) or whose client leaves drops
+out and its session closes; one that meets a stop string is answered at once and leaves when its
+step in flight is back. New requests join at the next round. One thread runs the rounds, so per-token Python work
 is paid once per round, not per request.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from .session import InferenceSession
 
 logger = logging.getLogger(__name__)
+SEND_WAIT_S = 0.05  # the longest a round's tokens wait for its steps to be written (a busy swarm loop)
 LOGITS_CHUNK_BYTES = 1 << 18  # float32 logits of the vocabulary chunk the lm_head computes at once (``_choices``)
 
 
@@ -142,7 +144,8 @@ class DecodeLoop:
             chosen.append((request, token not in self.eos_ids and len(request.tokens) < request.max_tokens))
         going_on = [request for request, more in chosen if more]
         if going_on:
-            self._send(going_on, self._embed([r.tokens[-1:] for r in going_on]))
+            written = self._send(going_on, self._embed([r.tokens[-1:] for r in going_on]))
+            written.wait(SEND_WAIT_S)
         for request, more in chosen:
             stop = request.on_token(request.tokens[-1])
             if not more:
@@ -183,17 +186,20 @@ class DecodeLoop:
         with torch.no_grad():
             return self.model.model.embed_tokens(torch.tensor(ids, device=self.model.device)).cpu()
 
-    def _send(self, requests: list[Request], hidden: torch.Tensor) -> None:
+    def _send(self, requests: list[Request], hidden: torch.Tensor) -> threading.Event:
         """Start the next step of each of ``requests`` (its new tokens' embeddings, a row of ``hidden``)
-        on the swarm's loop; their steps leave together, so the nodes batch them."""
+        on the swarm's loop; their steps leave together, so the nodes batch them. The event is set
+        once they are written to their streams (``_together``)."""
         steps = []
         for row, (request, rows) in enumerate(zip(requests, hidden.split(1))):
             start = request.session.position
             steps.append(request.session.step_async(rows, torch.arange(start, start + rows.shape[1]).unsqueeze(0)))
             request.row = row
-        step = asyncio.run_coroutine_threadsafe(_together(steps), self.view.swarm.loop)
+        written = threading.Event()
+        step = asyncio.run_coroutine_threadsafe(_together(steps, written), self.view.swarm.loop)
         for request in requests:
             request.step = step
+        return written
 
     @staticmethod
     def _in_round(request: Request) -> bool:
@@ -245,6 +251,19 @@ def logits_chunk(rows: int, weight: torch.Tensor) -> int:
     return max(1, LOGITS_CHUNK_BYTES // (4 * rows))
 
 
-async def _together(steps: list) -> list:
-    """Await every step at once on the swarm's loop; a failed step is returned as its exception."""
-    return await asyncio.gather(*steps, return_exceptions=True)
+async def _together(steps: list, written: threading.Event) -> list:
+    """Await every step at once on the swarm's loop; a failed step is returned as its exception.
+    ``written`` is set once each step has run up to its first wait, which for a session with its
+    chain open is its answer (its frame was written to a stream in that turn of the loop), and the
+    streams have flushed those frames (``FrameBatcher`` does it in the next turn)."""
+    running = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.sleep(0)  # every step runs to its first wait
+        await asyncio.sleep(0)  # the flushes they queued run
+    except asyncio.CancelledError:  # gather would cancel them: it has not started
+        for task in running:
+            task.cancel()
+        raise
+    finally:
+        written.set()
+    return await asyncio.gather(*running, return_exceptions=True)
