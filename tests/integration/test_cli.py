@@ -107,6 +107,17 @@ def test_an_option_out_of_range_is_one_line_naming_it(tiny_checkpoints):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # not argparse's usage block
 
 
+def test_an_identity_path_that_is_not_a_key_is_one_line_naming_it(tiny_checkpoints, tmp_path):
+    broken = tmp_path / "broken.key"
+    broken.write_text("not a key")
+    with ThreadPoolExecutor() as pool:
+        results = list(pool.map(lambda args: run(*args, "--identity-path", str(broken), "--initial-peers", NOBODY),
+                                [("dht",), ("node", str(tiny_checkpoints["llama"]))]))
+    for result in results:
+        assert_one_clear_line(result, "--identity-path", "not a key")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_an_empty_prompt_is_named(tiny_checkpoints):
     assert_one_clear_line(run("generate", str(tiny_checkpoints["llama"]), "", "--initial-peers", NOBODY),
                           "prompt is empty")
