@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.options import COUNT, FRACTION, PORT, number
@@ -24,7 +23,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     chat = commands.add_parser("chat", help="chat with the model through the swarm")
     _add_model_args(chat)
     chat.add_argument("--max-new-tokens", type=COUNT, default=256, help="longest answer per turn")
-    chat.add_argument("--max-length", type=COUNT, default=4096, help="longest conversation, in tokens")
+    chat.add_argument("--max-length", type=COUNT, default=None,
+                      help="longest conversation, in tokens (default: the model's positions, at most 4096)")
     chat.add_argument("--temperature", type=number(at_least=0), default=0.0, help="0 = greedy")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_local_args(chat)
@@ -185,6 +185,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    from .chat import as_text
+
+    args.prompt = as_text(args.prompt)
     if not args.prompt:
         raise BadRequest("the prompt is empty: give the text to continue")
     if args.seed is not None:
@@ -200,25 +203,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
+    from .chat import chat_length, run_chat
 
     tokenizer, model = _load(args)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chatting through the swarm. Empty line or Ctrl-D ends.", file=sys.stderr)
-    with model.inference_session(max_length=args.max_length):
-        while True:
-            try:
-                text = input("you> ").strip()
-            except EOFError:
-                break
-            if not text:
-                break
-            messages.append({"role": "user", "content": text})
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)["input_ids"]
-            print("model> ", end="", flush=True)
-            out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
-            reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            messages.append({"role": "assistant", "content": reply})
+    run_chat(model, tokenizer, chat_length(args.max_length, model.config), args.max_new_tokens, args.system,
+             _sampling(args))
     return 0

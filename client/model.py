@@ -114,6 +114,11 @@ class DistributedModelMixin:
             finally:
                 self._local.session = None
 
+    def close(self) -> None:
+        """Leave the swarm: open sessions end on the nodes, and calls after this fail at once (a
+        program that never calls it leaves the swarm at exit)."""
+        self.swarm_view.swarm.close()
+
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         if (kwargs.get("num_beams") or self.generation_config.num_beams or 1) != 1:
             raise BadRequest("beam search is not supported through the swarm yet; use num_beams=1")

@@ -17,7 +17,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from potluck.protocol import messages as msg
-from potluck.protocol.errors import NodeUnavailable, NoRoute
+from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
 from potluck.protocol.network import INITIAL_PEERS_ENV, join_swarm, leave_swarm
 from potluck.protocol.records import NodeRecord
 from potluck.protocol.replies import Info, request_info
@@ -50,6 +50,7 @@ class SwarmConnection:
 
         self.initial_peers = list(initial_peers)
         self._tasks: set[asyncio.Task] = set()  # background tasks, cancelled on close
+        self.closed = False
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="potluck-client", daemon=True)
         self._thread.start()
@@ -71,13 +72,20 @@ class SwarmConnection:
         task.add_done_callback(self._tasks.discard)
 
     def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
-        """Run a coroutine on the client loop and wait for its result."""
+        """Run a coroutine on the client loop and wait for its result. Ctrl-C while waiting cancels it
+        (a step cut short leaves its session to send it again); on a closed connection it fails at once."""
+        if self.closed:
+            getattr(coro, "close", lambda: None)()  # never awaited: no warning about it
+            raise PotluckError("this connection to the swarm is closed; load the model again to use it")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise NodeUnavailable(f"the swarm did not answer within {timeout} s") from None
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
 
     async def open_stream(self, peer_id: str, handler: str, timeout: float, dial: msg.Dial = msg.DIRECTLY):
         """Open a stream to a node's handler; NodeUnavailable if it cannot be reached (``dial``: see
@@ -95,7 +103,7 @@ class SwarmConnection:
 
     def close(self) -> None:
         atexit.unregister(self.close)
-        if not self.loop.is_running():
+        if self.closed or not self.loop.is_running():
             return
         async def _shutdown() -> None:
             for task in list(self._tasks):
@@ -110,5 +118,6 @@ class SwarmConnection:
             self.call(_shutdown(), timeout=10)
         except Exception as e:  # closing is best effort: the daemon dies with the process anyway
             logger.debug("error while closing the swarm connection: %s", e)
+        self.closed = True
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)

@@ -6,6 +6,7 @@ fixture reaps anything left over, so a failing assert leaks nothing.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import psutil
@@ -18,6 +19,19 @@ from helpers import FAMILIES, LocalSwarm, make_tiny_checkpoint
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {family: make_tiny_checkpoint(family, root / f"tiny-{family}") for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory) -> Path:
+    """A tiny random Llama that speaks SmolLM2's tokenizer and chat template (fast nodes, real text)."""
+    from potluck.protocol.checkpoint import resolve_checkpoint
+
+    source = resolve_checkpoint(None).path
+    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("chat") / "tiny-chat", layers=4, vocab=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, path / name)
+    return path
 
 
 @pytest.fixture(scope="module")

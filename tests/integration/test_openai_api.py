@@ -1,6 +1,5 @@
 """`potluck serve` against a real local swarm, driven by the official `openai` package."""
 import asyncio
-import shutil
 import subprocess
 import threading
 
@@ -12,25 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potluck.client.transport import SwarmConnection
 from potluck.protocol import messages as msg
-from potluck.protocol.checkpoint import resolve_checkpoint
 
-from helpers import make_tiny_checkpoint, potluck_command
+from helpers import potluck_command
 
 KEY = "sk-test-potluck"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    """A tiny random Llama that speaks SmolLM2's tokenizer and chat template (fast nodes, real text)."""
-    source = resolve_checkpoint(None).path
-    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("chat") / "tiny-chat", layers=4, vocab=49152)
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, path / name)
-    return path
-
-
 def start_serve(path, initial_peers, logs, *extra):
     log = open(logs / "serve.log", "w")
     proc = subprocess.Popen(potluck_command("serve", str(path), "--port", "0", "--initial-peers", *initial_peers,
