@@ -27,7 +27,7 @@ import torch
 
 from potluck.protocol import messages as msg
 from potluck.protocol import replies
-from potluck.protocol.errors import PotluckError
+from potluck.protocol.errors import PeerLimitReached, PotluckError
 
 from . import failover, verification
 from .hops import HopSession, HopStreams, StepInputs
@@ -189,7 +189,13 @@ class InferenceSession:
                                            self.view.chain_dtype(self.hops))  # a replacement keeps the dtype
             return await self.streams.open(chain, self.max_length, self.batch_size or 1, previous)
 
-        return await self.view.retrying(opened_chain)
+        try:
+            return await self.view.retrying(opened_chain)
+        except PeerLimitReached as error:
+            if "'cache_share_per_peer'" not in str(error):  # the node's name of the limit it applied
+                raise
+            raise PeerLimitReached(f"{error}; a session reserves its prompt and max_new_tokens (or its max_length): "
+                                   f"ask for fewer tokens", error.peer_id) from None
 
     def close(self) -> None:
         if self.closed:

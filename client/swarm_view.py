@@ -20,7 +20,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.protocol.checkpoint import DTYPES
 from potluck.protocol.directory import read_block_records
-from potluck.protocol.errors import NodeUnavailable, NoRoute, PotluckError
+from potluck.protocol.errors import NodeUnavailable, NoRoute, PeerLimitReached, PotluckError
 from potluck.protocol.network import connect_through
 from potluck.protocol.records import NodeRecord, NodeState
 
@@ -190,16 +190,35 @@ class SwarmView:
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it works. A retriable failure bans the node that caused it and backs
         off (doubling) before the next try; a failure that is not retriable, names no node, or is
-        the last the policy allows is raised."""
-        for tries in range(self.policy.max_retries + 1):
-            try:
-                return await attempt()
-            except PotluckError as error:
-                if not error.retriable or error.peer_id is None or tries == self.policy.max_retries:
+        the last the policy allows is raised. A node that refuses this client past its share
+        (``PeerLimitReached``: a session larger than one peer may hold there, say) is well: it is
+        routed around only while this retries, and if no other node is left its refusal is raised,
+        not the NoRoute it leads to."""
+        refused, set_aside = None, []
+        try:
+            for tries in range(self.policy.max_retries + 1):
+                try:
+                    return await attempt()
+                except NoRoute:
+                    if refused is not None:
+                        raise refused from None
                     raise
-                self.ban(error.peer_id, str(error))
-                await asyncio.sleep(self.policy.backoff * 2**tries)
-        raise AssertionError("unreachable")
+                except PotluckError as error:
+                    if not error.retriable or error.peer_id is None or tries == self.policy.max_retries:
+                        raise
+                    if isinstance(error, PeerLimitReached):
+                        refused = error
+                        if error.peer_id not in self._active_bans():
+                            set_aside.append(error.peer_id)
+                            logger.info("node %s refused this client: %s", error.peer_id, error)
+                            self.banned[error.peer_id] = time.monotonic() + self.policy.ban_time
+                    else:
+                        self.ban(error.peer_id, str(error))
+                    await asyncio.sleep(self.policy.backoff * 2**tries)
+            raise AssertionError("unreachable")
+        finally:
+            for peer_id in set_aside:
+                self.banned.pop(peer_id, None)
 
 
 def wire_dtype(hop: Hop, given: torch.dtype) -> torch.dtype:

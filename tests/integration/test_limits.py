@@ -109,6 +109,15 @@ def test_a_peer_flooding_sessions_gets_its_share_and_frees_it_when_it_leaves(set
     assert hostile.call(hostile.info(peer, timeout=10))[0].open_sessions == 0
 
 
+def test_a_session_larger_than_a_peers_share_is_refused_by_name_and_bans_no_one(setup):
+    _, _, _, remote, local = setup
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(PeerLimitReached, match=r"reserve 2156 of the 2048 .* its prompt and max_new_tokens"):
+        remote.generate(ids, max_new_tokens=CACHE_TOKENS // 2 + 100, do_sample=False)  # the share: 2048
+    assert not remote.swarm_view.banned  # the node is well: the next call is served at once
+    assert served_exactly(remote, local, seed=3)
+
+
 def test_a_peer_past_its_request_rate_is_refused_and_others_are_served(tiny_checkpoints, swarm_factory):
     path = tiny_checkpoints["llama"]
     swarm = swarm_factory()
