@@ -167,7 +167,12 @@ def _load(args: argparse.Namespace):
 
     initial_peers = _checked(args)
     checkpoint = resolve_checkpoint(args.model, args.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    except (OSError, ValueError) as e:  # no tokenizer files, or only a slow tokenizer's that needs sentencepiece
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadRequest(f"no tokenizer this client can load in {checkpoint.path} ({first}); this command needs "
+                         f"the model's tokenizer files (tokenizer.json) beside its weights") from None
     model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), initial_peers,
                                                             model_name=checkpoint.name, device=args.device,
                                                             mix_dtypes=args.mix_dtypes, verify=args.verify,

@@ -19,10 +19,10 @@ import torch
 from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.protocol.checkpoint import DTYPES
-from potluck.protocol.directory import read_block_records
+from potluck.protocol.directory import parse_index, read_block_records
 from potluck.protocol.errors import NodeUnavailable, NoRoute, PeerLimitReached, PotluckError
 from potluck.protocol.network import connect_through
-from potluck.protocol.records import NodeRecord, NodeState
+from potluck.protocol.records import MODEL_INDEX_KEY, NodeRecord, NodeState
 
 from .routing import EXACT, Hop, RouteCosts, find_chain
 from .transport import SwarmConnection, how_to_dial
@@ -140,9 +140,26 @@ class SwarmView:
                                   mix_dtypes=self.mix_dtypes, quants=quants)
             except NoRoute:
                 if attempt == 1:
+                    if not self.records:
+                        raise NoRoute(await self._no_such_model()) from None
                     raise
                 await self.refresh()  # nodes may have joined since the last read
         raise AssertionError("unreachable")
+
+    async def _no_such_model(self) -> str:
+        """Why no node is known at all: the models this swarm does serve (its model index), if any."""
+        try:
+            entries = await asyncio.wait_for(self.swarm.dht.get_many([MODEL_INDEX_KEY], sufficient_expiration_time=
+                                                                     float("inf")), self.policy.request_timeout)
+            served = sorted(parse_index(entries.get(MODEL_INDEX_KEY)))
+        except (asyncio.TimeoutError, OSError, PotluckError):
+            served = None
+        named = f"no node of this swarm serves a model named {self.model!r}"
+        if served:
+            return f"{named}; it serves {', '.join(map(repr, served))} (the name is --model-name, or model_name=)"
+        if served == []:
+            return f"{named}, nor any other yet (check --initial-peers, or wait for nodes to come ONLINE)"
+        return f"{named} (check --model-name or model_name=, and --initial-peers)"
 
     def chain_dtype(self, hops: list[Hop]) -> str | None:
         """The dtype the rest of a chain must keep to (None where the client allows mixing)."""

@@ -44,7 +44,8 @@ async def _run_health(args: argparse.Namespace, stop: asyncio.Event) -> int:
         try:
             server = await HealthServer.create(lambda: crawler.state, args.host, args.port)
         except OSError as e:
-            raise BadRequest(f"cannot serve on {args.host}:{args.port} ({e.strerror}): pass another --port") from None
+            raise BadRequest(f"cannot serve on {args.host}:{args.port} ({e.strerror or e}): pass another --port "
+                             f"or --host") from None
         print(f"POTLUCK_HEALTH_URL={server.url}", flush=True)
         logger.info("dashboard at %s (JSON at /api/v1/state, Prometheus at /metrics); crawling every %.0f s",
                     server.url, settings.period)

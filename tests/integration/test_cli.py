@@ -118,6 +118,26 @@ def test_an_identity_path_that_is_not_a_key_is_one_line_naming_it(tiny_checkpoin
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_a_model_name_no_node_serves_is_named_with_what_the_swarm_serves(tiny_checkpoints, chat_model,
+                                                                        swarm_factory):
+    swarm = swarm_factory()
+    swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"])
+    with ThreadPoolExecutor() as pool:  # generate needs a tokenizer: the chat model's (its name is set)
+        results = list(pool.map(lambda args: run(*args, "--model-name", "nosuch", "--initial-peers",
+                                                 *swarm.initial_peers),
+                                [("route", str(tiny_checkpoints["llama"])), ("generate", str(chat_model), "hi")]))
+    for result in results:
+        assert_one_clear_line(result, "'nosuch'", f"'{tiny_checkpoints['llama'].name}'", "--model-name")
+    # and the dashboard on an address this machine does not have names --host
+    assert_one_clear_line(run("health", "--host", "10.255.255.1", "--initial-peers", *swarm.initial_peers), "--host")
+
+
+def test_a_checkpoint_without_a_tokenizer_is_one_line(tiny_checkpoints):
+    result = run("generate", str(tiny_checkpoints["llama"]), "hi", "--initial-peers", NOBODY)  # weights only
+    assert_one_clear_line(result, "no tokenizer", "tokenizer.json")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_an_empty_prompt_is_named(tiny_checkpoints):
     assert_one_clear_line(run("generate", str(tiny_checkpoints["llama"]), "", "--initial-peers", NOBODY),
                           "prompt is empty")
