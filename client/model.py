@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import operator
 import threading
 from typing import Iterator, Sequence
 
@@ -124,6 +125,15 @@ class DistributedModelMixin:
             raise BadRequest("beam search is not supported through the swarm yet; use num_beams=1")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         input_ids = None if input_ids is None else input_ids.to(self.device)  # the local part's device
+        if input_ids is not None and input_ids.shape[-1] == 0:
+            raise BadRequest("input_ids holds no tokens: give at least one (a BOS token, say)")
+        for name in ("max_new_tokens", "max_length"):
+            value = kwargs.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or _whole(value) is None or _whole(value) < 1:
+                raise BadRequest(f"{name}={value!r}: pass a whole number of tokens, at least 1")
+            kwargs[name] = _whole(value)  # numpy's or torch's whole numbers as the int every part expects
         for name in ("attention_mask", "inputs_embeds"):
             if isinstance(kwargs.get(name), torch.Tensor):
                 kwargs[name] = kwargs[name].to(self.device)
@@ -194,7 +204,11 @@ class AutoDistributedModelForCausalLM:
         ``allow_quantized``: route through nodes holding 8- or 4-bit weights too (``potluck node
         --quant``), whose results are close to the model's but not exact (off: never)."""
         checkpoint = resolve_checkpoint(model, model_name)
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise BadRequest(f"dtype {dtype!r} is not one the local part runs in; pick from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if not (isinstance(request_timeout, (int, float)) and 0 < request_timeout < float("inf")):
+            raise BadRequest(f"request_timeout={request_timeout!r}: pass the seconds a node may take to answer, above 0")
         if not 0.0 <= verify <= 1.0:
             raise BadRequest(f"verify={verify}: pass the share of steps to check, from 0 (none) to 1 (every step)")
         unknown = set(node_dtypes or ()) - set(DTYPES)
@@ -206,6 +220,14 @@ class AutoDistributedModelForCausalLM:
                           dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes,
                           verify=verify, allow_quantized=allow_quantized)
         return build_local_part(checkpoint, view, dtype, _local_device(device))
+
+
+def _whole(value) -> int | None:
+    """``value`` as an int where it is a whole number's type (an int, numpy's, a 0-d int tensor)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _local_device(name: str | torch.device) -> torch.device:

@@ -1,6 +1,6 @@
 """`potluck chat` through a real swarm: a conversation that outgrows --max-length, Ctrl-C during a
-reply, and input that is not UTF-8 leave the chat going; a model used after ``close()`` fails at
-once instead of waiting forever."""
+reply, and input that is not UTF-8 leave the chat going; the Python API's bad arguments are named,
+and a model used after ``close()`` fails at once instead of waiting forever."""
 import json
 import os
 import signal
@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from helpers import potluck_command
 from potluck import AutoDistributedModelForCausalLM
-from potluck.protocol.errors import PotluckError
+from potluck.protocol.errors import BadRequest, PotluckError
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,19 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(chat_model, peers):
 
 
 def test_a_model_used_after_close_fails_at_once(chat_model, peers):
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(chat_model), peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(chat_model), " ".join(peers))  # one string: split
     ids = torch.tensor([[1, 2, 3]])
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+    for bad, words in [(dict(max_new_tokens=2.5), "max_new_tokens=2.5"), (dict(max_new_tokens="4"), "max_new_tokens"),
+                       (dict(max_new_tokens=0), "at least 1")]:
+        with pytest.raises(BadRequest, match=words):
+            model.generate(ids, do_sample=False, **bad)
+    with pytest.raises(BadRequest, match="no tokens"):
+        model.generate(ids[:, :0], max_new_tokens=2)
+    assert model.generate(ids, max_new_tokens=torch.tensor(2), do_sample=False).shape == (1, 5)  # a whole number
+    for bad, words in [(dict(dtype="int3"), "dtype 'int3'"), (dict(request_timeout=-1), "request_timeout=-1")]:
+        with pytest.raises(BadRequest, match=words):
+            AutoDistributedModelForCausalLM.from_pretrained(str(chat_model), peers, **bad)
     model.close()
     began = time.monotonic()
     for call in (lambda: model.generate(ids, max_new_tokens=2, do_sample=False), lambda: model(ids)):
