@@ -208,7 +208,8 @@ class AutoDistributedModelForCausalLM:
             raise BadRequest(f"dtype {dtype!r} is not one the local part runs in; pick from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if not (isinstance(request_timeout, (int, float)) and 0 < request_timeout < float("inf")):
-            raise BadRequest(f"request_timeout={request_timeout!r}: pass the seconds a node may take to answer, above 0")
+            raise BadRequest(f"request_timeout={request_timeout!r}: pass the seconds a node may take to answer, "
+                             "above 0")
         if not 0.0 <= verify <= 1.0:
             raise BadRequest(f"verify={verify}: pass the share of steps to check, from 0 (none) to 1 (every step)")
         unknown = set(node_dtypes or ()) - set(DTYPES)
