@@ -168,6 +168,9 @@ class Crawler:
         known = dict(previous.models)
         keys = [MODEL_INDEX_KEY] + [key for info in known.values() for key in block_keys(info.name, info.num_blocks)]
         entries = await self.swarm.dht.get_many(keys, sufficient_expiration_time=float("inf"))
+        if not self.swarm.dht.protocol.routing_table.uid_to_peer_id:  # it asked no one: an answer of nothing
+            raise PotluckError("no DHT peer is left to ask: every peer this dashboard knew stopped answering "
+                               "(check that the swarm runs, and --initial-peers)")
         index = parse_index(entries.get(MODEL_INDEX_KEY))
         new = {m: info for m, info in index.items() if known.get(m) != info}
         if new:  # a model we had not seen: read its blocks too

@@ -167,3 +167,13 @@ def test_a_killed_node_turns_unreachable_then_stale(setup):
     assert nodes_of(state)[peers["first"]]["expires_in_s"] < 0
     assert nodes_of(state)[peers["whole"]]["status"] == "online"
     assert model_of(state)["usable"]  # the whole-model node still covers every block
+
+
+def test_a_swarm_gone_whole_is_a_failing_crawl_not_a_healthy_one(setup):  # last: it stops the swarm
+    swarm, _, url = setup
+    before = json.loads(get(url + "/api/v1/state"))["crawl"]
+    for process in [child.proc for child in swarm.children] + list(swarm.nodes.values()):
+        process.kill()  # the bootstrap peer and every node, without a word
+    state, took = wait_for(url, lambda s: s["crawl"]["failures"] > before["failures"], timeout=60)
+    print(f"\nthe dashboard's crawl failed {took:.1f} s after the swarm was killed")
+    assert "no DHT peer is left" in state["crawl"]["last_error"], state["crawl"]
