@@ -152,7 +152,7 @@ class SwarmView:
             entries = await asyncio.wait_for(self.swarm.dht.get_many([MODEL_INDEX_KEY], sufficient_expiration_time=
                                                                      float("inf")), self.policy.request_timeout)
             served = sorted(parse_index(entries.get(MODEL_INDEX_KEY)))
-        except (asyncio.TimeoutError, OSError, PotluckError):
+        except Exception:  # only what the message says depends on it
             served = None
         named = f"no node of this swarm serves a model named {self.model!r}"
         if served:
@@ -226,16 +226,18 @@ class SwarmView:
                     if isinstance(error, PeerLimitReached):
                         refused = error
                         if error.peer_id not in self._active_bans():
-                            set_aside.append(error.peer_id)
+                            until = time.monotonic() + self.policy.ban_time
+                            set_aside.append((error.peer_id, until))
                             logger.info("node %s refused this client: %s", error.peer_id, error)
-                            self.banned[error.peer_id] = time.monotonic() + self.policy.ban_time
+                            self.banned[error.peer_id] = until
                     else:
                         self.ban(error.peer_id, str(error))
                     await asyncio.sleep(self.policy.backoff * 2**tries)
             raise AssertionError("unreachable")
         finally:
-            for peer_id in set_aside:
-                self.banned.pop(peer_id, None)
+            for peer_id, until in set_aside:
+                if self.banned.get(peer_id) == until:  # not banned since for a failure
+                    del self.banned[peer_id]
 
 
 def wire_dtype(hop: Hop, given: torch.dtype) -> torch.dtype:
