@@ -112,7 +112,12 @@ class HealthServer:
                 return
             method, target, version = parts
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-            if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+            if method not in ("GET", "HEAD") and has_body:  # the method is what is wrong; its body stays unread
+                await self._send(writer, Response(405, "text/plain", b"only GET and HEAD\n",
+                                                  headers=[("Allow", "GET, HEAD")]), False, False)
+                return
+            if has_body:
                 await self._send(writer, Response(400, "text/plain", b"requests carry no body here\n"), False, False)
                 return
             connection = headers.get("connection", "").lower()

@@ -153,8 +153,10 @@ def test_server_refuses_what_it_does_not_serve():
         host, port = server.server.sockets[0].getsockname()[:2]
         answers = []
         try:
-            for request in (b"POST /api/v1/state HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"GET /nope HTTP/1.1\r\n\r\n",
-                            b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", b"nonsense\r\n\r\n"):
+            for request in (b"POST /api/v1/state HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                            b"POST /api/v1/state HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", b"GET /nope HTTP/1.1\r\n\r\n",
+                            b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", b"nonsense\r\n\r\n",
+                            b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"):
                 reader, writer = await asyncio.open_connection(host, port)
                 writer.write(request)
                 answers.append(await reader.readline())
@@ -164,7 +166,7 @@ def test_server_refuses_what_it_does_not_serve():
         return answers
 
     statuses = [line.split()[1] for line in asyncio.run(run())]
-    assert statuses == [b"405", b"404", b"431", b"400"]
+    assert statuses == [b"405", b"405", b"404", b"431", b"400", b"400"]  # a POST with a body is still the wrong method
 
 
 def test_state_is_encoded_once_per_state_with_an_etag_and_gzip():
