@@ -199,10 +199,15 @@ def test_state_is_encoded_once_per_state_with_an_etag_and_gzip():
 
 
 class FakeDHT:
-    """Answers get_many from a dict of key -> {subkey: (packed value, expiration)}; or hangs."""
+    """Answers get_many from a dict of key -> {subkey: (packed value, expiration)}; or hangs. Its
+    routing table holds one peer (``peers`` empty: every peer it knew is gone)."""
 
     def __init__(self, table: dict):
+        from types import SimpleNamespace
+
         self.table, self.hang, self.reads = table, False, []
+        self.peers = {"uid": "peer"}
+        self.protocol = SimpleNamespace(routing_table=SimpleNamespace(uid_to_peer_id=self.peers))
 
     async def get_many(self, keys, sufficient_expiration_time=None):
         from hivemind.dht.storage import DictionaryDHTValue
@@ -233,14 +238,18 @@ def test_crawler_reads_in_one_batch_and_keeps_the_last_good_view_when_the_dht_ha
     dht = FakeDHT(table)
     crawler = Crawler(SimpleNamespace(dht=dht, records_rejected=2), CrawlSettings(timeout=0.2))
 
-    async def run() -> tuple[SwarmState, SwarmState, SwarmState]:
+    async def run() -> tuple[SwarmState, SwarmState, SwarmState, SwarmState]:
         first = await crawler.crawl_once()  # learns the model: index, then its blocks
         second = await crawler.crawl_once()  # one batched read of the index and every block
         dht.hang = True
-        return first, second, await crawler.crawl_once()
+        slow = await crawler.crawl_once()
+        dht.hang = False
+        dht.peers.clear()  # every DHT peer gone: the read asks no one and finds nothing
+        return first, second, slow, await crawler.crawl_once()
 
-    first, second, slow = asyncio.run(run())
-    assert [len(keys) for keys in dht.reads] == [1, 8, 9, 9]
+    first, second, slow, alone = asyncio.run(run())
+    assert [len(keys) for keys in dht.reads] == [1, 8, 9, 9, 9]
+    assert alone.nodes == second.nodes and alone.failures == 2 and "no DHT peer is left" in alone.last_error
     assert first.nodes["m"][A].record.end == 8 and second.crawls == 2
     assert slow.nodes == second.nodes and slow.crawls == 2 and slow.failures == 1
     assert second.records_rejected == 2 and state_json(second)["crawl"]["records_rejected"] == 2
