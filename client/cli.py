@@ -208,9 +208,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
+    from potluck.protocol.checkpoint import resolve_checkpoint
+
     from .chat import chat_length, run_chat
 
+    _checked(args)
+    length = chat_length(args.max_length, resolve_checkpoint(args.model, args.model_name).config)  # before joining
     tokenizer, model = _load(args)
-    run_chat(model, tokenizer, chat_length(args.max_length, model.config), args.max_new_tokens, args.system,
-             _sampling(args))
+    run_chat(model, tokenizer, length, args.max_new_tokens, args.system, _sampling(args))
     return 0

@@ -46,24 +46,18 @@ def test_a_message_that_does_not_fit_is_refused_and_the_chat_goes_on(chat_model,
     assert "Traceback" not in result.stderr
 
 
-def test_a_max_length_beyond_the_models_positions_is_one_line(chat_model, peers):
+def test_a_max_length_beyond_the_models_positions_is_one_line(chat_model):
     positions = json.loads((chat_model / "config.json").read_text())["max_position_embeddings"]
-    result = subprocess.run(chat(chat_model, peers, "--max-length", str(positions + 1)), input="Hi\n\n",
+    nobody = "/ip4/127.0.0.1/tcp/1/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb"  # refused before joining
+    result = subprocess.run(chat(chat_model, [nobody], "--max-length", str(positions + 1)), input="Hi\n\n",
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "--max-length" in last and f"{positions} positions" in last, last
 
 
-def test_input_that_is_not_utf8_is_chatted_about(chat_model, peers):
-    result = subprocess.run(chat(chat_model, peers, "--max-new-tokens", "4"), input=b"hi \xff\xfe there\n\n",
-                            capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count(b"model> ") == 1 and b"Traceback" not in result.stderr
-
-
-def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(chat_model, peers):
-    process = subprocess.Popen(chat(chat_model, peers, "--max-new-tokens", "400"), stdin=subprocess.PIPE,
+def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on_even_with_input_not_utf8(chat_model, peers):
+    process = subprocess.Popen(chat(chat_model, peers, "--max-new-tokens", "150"), stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         process.stdin.write(b"Tell me a long story\n")
@@ -72,9 +66,9 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(chat_model, peers):
         while b"model> " not in seen and time.monotonic() < deadline:
             seen += os.read(process.stdout.fileno(), 4096)
         assert b"model> " in seen, seen
-        time.sleep(1.0)  # well inside a 400-token reply
+        time.sleep(0.5)  # well inside a 150-token reply
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(b"Hi\n\n", timeout=300)
+        out, err = process.communicate(b"hi \xff\xfe there\n\n", timeout=300)  # bytes that are not UTF-8
     finally:
         if process.poll() is None:
             process.kill()

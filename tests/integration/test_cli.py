@@ -72,15 +72,18 @@ def test_a_node_whose_initial_peer_is_unreachable_says_so(tiny_checkpoints):
     assert_one_clear_line(result, "cannot reach", "--initial-peers")
 
 
-def test_a_model_that_is_not_there(tmp_path):
-    with ThreadPoolExecutor() as pool:  # three commands at once: each spends seconds importing
-        missing, empty, not_downloaded = pool.map(lambda args: run(*args), [
+def test_a_model_that_is_not_there(tmp_path, tiny_checkpoints):
+    with ThreadPoolExecutor() as pool:  # four commands at once: each spends seconds importing
+        missing, empty, not_downloaded, no_tokenizer = pool.map(lambda args: run(*args), [
             ("node", str(tmp_path / "no-such-folder"), "--initial-peers", NOBODY),
             ("generate", str(tmp_path), "hi", "--initial-peers", NOBODY),
-            ("chat", "nobody-here/not-a-model", "--initial-peers", NOBODY)])
+            ("chat", "nobody-here/not-a-model", "--initial-peers", NOBODY),
+            ("generate", str(tiny_checkpoints["llama"]), "hi", "--initial-peers", NOBODY)])  # weights only
     assert_one_clear_line(missing, "no checkpoint folder", "MODEL")
     assert_one_clear_line(empty, "no config.json")
     assert_one_clear_line(not_downloaded, "hf download nobody-here/not-a-model")
+    assert_one_clear_line(no_tokenizer, "no tokenizer", "tokenizer.json")
+    assert len(no_tokenizer.stderr.strip().splitlines()) == 1, no_tokenizer.stderr
 
 
 def test_serve_on_a_busy_port_says_which_option_to_change(tiny_checkpoints):
@@ -123,19 +126,14 @@ def test_a_model_name_no_node_serves_is_named_with_what_the_swarm_serves(tiny_ch
     swarm = swarm_factory()
     swarm.start_nodes(tiny_checkpoints["llama"], ["0:8"])
     with ThreadPoolExecutor() as pool:  # generate needs a tokenizer: the chat model's (its name is set)
-        results = list(pool.map(lambda args: run(*args, "--model-name", "nosuch", "--initial-peers",
-                                                 *swarm.initial_peers),
-                                [("route", str(tiny_checkpoints["llama"])), ("generate", str(chat_model), "hi")]))
-    for result in results:
+        results = list(pool.map(lambda args: run(*args, "--initial-peers", *swarm.initial_peers), [
+            ("route", str(tiny_checkpoints["llama"]), "--model-name", "nosuch"),
+            ("generate", str(chat_model), "hi", "--model-name", "nosuch"),
+            ("health", "--host", "10.255.255.1")]))  # and the dashboard on an address this machine does not have
+    for result in results[:2]:
         assert_one_clear_line(result, "'nosuch'", f"'{tiny_checkpoints['llama'].name}'", "--model-name")
-    # and the dashboard on an address this machine does not have names --host
-    assert_one_clear_line(run("health", "--host", "10.255.255.1", "--initial-peers", *swarm.initial_peers), "--host")
+    assert_one_clear_line(results[2], "--host")
 
-
-def test_a_checkpoint_without_a_tokenizer_is_one_line(tiny_checkpoints):
-    result = run("generate", str(tiny_checkpoints["llama"]), "hi", "--initial-peers", NOBODY)  # weights only
-    assert_one_clear_line(result, "no tokenizer", "tokenizer.json")
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_an_empty_prompt_is_named(tiny_checkpoints):
