@@ -14,6 +14,9 @@ from potluck.protocol import messages as msg
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gpt_oss", "gemma3_text")
 
 
+NOBODY = "/ip4/127.0.0.1/tcp/1/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb"  # a valid address, no one there
+
+
 def potluck_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "potluck", *args]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import potluck_command
+from helpers import NOBODY, potluck_command
 from potluck import AutoDistributedModelForCausalLM
 from potluck.protocol.errors import BadRequest, PotluckError
 
@@ -48,8 +48,7 @@ def test_a_message_that_does_not_fit_is_refused_and_the_chat_goes_on(chat_model,
 
 def test_a_max_length_beyond_the_models_positions_is_one_line(chat_model):
     positions = json.loads((chat_model / "config.json").read_text())["max_position_embeddings"]
-    nobody = "/ip4/127.0.0.1/tcp/1/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb"  # refused before joining
-    result = subprocess.run(chat(chat_model, [nobody], "--max-length", str(positions + 1)), input="Hi\n\n",
+    result = subprocess.run(chat(chat_model, [NOBODY], "--max-length", str(positions + 1)), input="Hi\n\n",
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]

@@ -12,13 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from helpers import LocalSwarm, make_tiny_checkpoint, potluck_command
+from helpers import NOBODY, LocalSwarm, make_tiny_checkpoint, potluck_command
 from potluck.cli import build_parser
 from potluck.client.transport import SwarmConnection
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.records import NodeState
 
-NOBODY = "/ip4/127.0.0.1/tcp/1/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb"  # a valid address, no one there
 
 
 def run(*args: str, env=None, timeout: float = 120) -> subprocess.CompletedProcess:
