@@ -15,6 +15,7 @@ from fuzz_cases import wire_bytes
 from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 from potluck.protocol import messages as msg
+from potluck.protocol.errors import MessageTooLarge, PeerLimitReached
 
 HANDLERS = [msg.INFERENCE_HANDLER] * 7 + [msg.PUSH_HANDLER, msg.FORWARD_HANDLER, msg.INFO_HANDLER]
 BATCHES, CASES = 30, 100  # 3,000 cases
@@ -46,15 +47,18 @@ class Streams:
             reader, writer = self.open[handler] = await self.connection.open_stream(self.peer, handler, 10)
         writer.write(data)
         wait = 1.0 if handler == msg.PUSH_HANDLER else 10.0  # a push that is fine answers elsewhere
+        ends = False
         try:
-            await asyncio.wait_for(msg.read_frame(reader), wait)
+            answer = await asyncio.wait_for(msg.read_frame(reader), wait)
             sent["answers"] += 1
+            # the node ends a stream after these, once this side closes it (or after a second)
+            ends = isinstance(msg.error_of(answer), (MessageTooLarge, PeerLimitReached))
         except asyncio.TimeoutError:
             assert handler == msg.PUSH_HANDLER, f"no answer on {handler} to {data[:80]!r}"
             sent["silent pushes"] += 1
         except (asyncio.IncompleteReadError, ConnectionError):  # the node closed a broken stream
             sent["closed"] += 1
-        if handler in (msg.FORWARD_HANDLER, msg.INFO_HANDLER) or reader.at_eof():
+        if handler in (msg.FORWARD_HANDLER, msg.INFO_HANDLER) or ends or reader.at_eof():
             writer.close()  # one request per stream on those, and a closed stream is reopened
             del self.open[handler]
         sent["cases"] += 1
