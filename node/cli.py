@@ -8,7 +8,6 @@ import logging
 
 from potluck.node.limits import Limits
 from potluck.protocol.errors import BadRequest, NodeUnavailable
-from potluck.protocol.network import initial_peers_from_env, p2p_options, wait_for_stop
 from potluck.protocol.options import COUNT, PORT, POSITIVE, number
 from potluck.protocol.records import ANNOUNCE_PERIOD, MAX_NAME_CHARS
 
@@ -155,6 +154,8 @@ def _parse_blocks(text: str) -> tuple[int, int]:
 async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
     import torch
 
+    from potluck.protocol.network import initial_peers_from_env, p2p_options, wait_for_stop
+
     from .server import Node, NodeConfig
 
     initial_peers = initial_peers_from_env(args.initial_peers)
@@ -209,6 +210,8 @@ async def _run_node(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 async def _run_dht(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from potluck.protocol.network import initial_peers_from_env
+
     from .bootstrap import run_bootstrap
 
     await run_bootstrap(initial_peers_from_env(args.initial_peers), args.host_maddrs, args.announce_maddrs,
