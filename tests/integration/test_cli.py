@@ -59,11 +59,13 @@ def test_dht_and_node_on_loopback_listen_only_there_with_port_mapping_off(tiny_c
         swarm.stop()
 
 
-@pytest.mark.parametrize("command", [["node", "--blocks", "0:2"], ["dht"], ["generate", "hi"], ["route"],
-                                     ["health"], ["serve"]])
-def test_an_initial_peer_that_is_not_a_multiaddr_is_named_with_an_example(command, no_env_peers):
-    result = run(*command, "--initial-peers", "127.0.0.1:37677", timeout=60)
-    assert_one_clear_line(result, "--initial-peers", "'127.0.0.1:37677'", "/ip4/")
+def test_an_initial_peer_that_is_not_a_multiaddr_is_named_with_an_example(no_env_peers):
+    commands = [["node", "--blocks", "0:2"], ["dht"], ["generate", "hi"], ["route"], ["health"], ["serve"]]
+    with ThreadPoolExecutor() as pool:
+        results = list(pool.map(lambda command: run(*command, "--initial-peers", "127.0.0.1:37677", timeout=60),
+                                commands))
+    for result in results:
+        assert_one_clear_line(result, "--initial-peers", "'127.0.0.1:37677'", "/ip4/")
 
 
 def test_a_node_whose_initial_peer_is_unreachable_says_so(tiny_checkpoints):
