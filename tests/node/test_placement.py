@@ -100,3 +100,19 @@ def test_nodes_left_after_one_leaves_cover_the_model_again_moving_one_at_a_time(
                 records[peer], moves = node(*move.span, state=NodeState.JOINING), moves + 1
     assert min(block_throughputs(records, 9, 10.0)) > 0 and moves == 1
     assert (records["d"].start, records["d"].end) == (5, 9)  # it alone held block 8
+
+
+def test_nodes_whose_spans_just_tile_the_model_cover_it_whatever_the_ties():
+    for blocks, length, nodes in ((30, 10, 3), (30, 15, 2), (30, 12, 3), (31, 8, 4), (9, 3, 3)):
+        for seed in range(40):  # random tie-breaks: a node of 10 taking 2:12 of 30 left 0:2 bare for good
+            records, rng = {}, random.Random(seed)
+            for peer in range(nodes):
+                start, end = choose_span(block_throughputs(records, blocks, 1.0), length, 1.0, rng)
+                records[str(peer)] = node(start, end, speed=0.0, state=NodeState.JOINING)
+            spans = sorted((r.start, r.end) for r in records.values())
+            assert min(block_throughputs(records, blocks, 1.0)) > 0, (blocks, length, seed, spans)
+
+
+def test_a_second_layer_of_replicas_lines_up_with_the_first():
+    records = {"a": node(0, 10), "b": node(10, 20), "c": node(20, 30)}
+    assert choose_span(block_throughputs(records, 30, 10.0), 10, 10.0, random.Random(1))[0] in (0, 10, 20)
