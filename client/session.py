@@ -80,22 +80,34 @@ class InferenceSession:
 
     async def step_async(self, hidden: torch.Tensor, positions: torch.Tensor,
                          mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``step`` on the swarm's loop: many sessions' steps can be awaited together."""
+        """``step`` on the swarm's loop: many sessions' steps can be awaited together. A step longer
+        than some hop takes in one message (its announced ``max_batch_tokens``) goes in parts."""
         if self.closed:
             raise PotluckError("this inference session is closed")
         if self.batch_size is None:
             self.batch_size = hidden.shape[0]
         start_from = self.position if self._rewound else None
+        step_start, length, done, outputs = self.position, hidden.shape[1], 0, []
         try:
             if not self.hop_sessions:
                 self.hop_sessions = await self.open_chain(0, self.view.num_blocks)
             wire = wire_dtype(self.hops[0], hidden.dtype)
-            out = await self._step(StepInputs(_as(hidden, wire), positions, mask), start_from)
+            while done < length or not outputs:  # an empty step is sent as it is
+                end = min(length, done + self._tokens_per_message())
+                inputs = StepInputs(_as(hidden[:, done:end], wire), positions[:, done:end],
+                                    None if mask is None else mask[:, :step_start + end])
+                outputs.append(await self._step(inputs, start_from))
+                self.position, done, start_from = step_start + end, end, None
         except BaseException:
-            self._rewound = True  # some hops may hold this step's tokens: the next step re-sends from position
-            raise
-        self.position, self._rewound = self.position + hidden.shape[1], False
-        return _as(out, hidden.dtype)
+            self.position, self._rewound = step_start, True  # some hops may hold this step's tokens: the
+            raise  # next step re-sends from its start
+        self._rewound = False
+        return _as(outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1), hidden.dtype)
+
+    def _tokens_per_message(self) -> int:
+        """New tokens per row that every hop of the chain accepts in one message (at least 1)."""
+        limits = [h.hop.record.max_batch_tokens for h in self.hop_sessions if h.hop.record.max_batch_tokens]
+        return max(1, min(limits) // self.batch_size) if limits else 2**62
 
     async def _step(self, inputs: StepInputs, start_from: int | None) -> torch.Tensor:
         step_start = self.position  # where this step begins; ``start_from`` is None or the same number

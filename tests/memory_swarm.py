@@ -103,15 +103,17 @@ class MemorySwarm:
         self._tasks: set[asyncio.Task] = set()
         self.channels = Channels(self.open_stream)
 
-    def add_node(self, name: str, checkpoint_path, start: int, end: int, speed: float = 100.0) -> str:
+    def add_node(self, name: str, checkpoint_path, start: int, end: int, speed: float = 100.0,
+                 max_batch_tokens: int = 8192) -> str:
         span = load_span(resolve_checkpoint(str(checkpoint_path)), start, end, torch.float32)
         peer = peer_id(name)
         describe = lambda: {"peer_id": peer, "model": "m", "start": start, "end": end, "state": "online"}  # noqa: E731
-        self.servicers[peer] = BlockServicer(span, ComputeLane(), SessionTable(100_000), ServingLimits(),
+        self.servicers[peer] = BlockServicer(span, ComputeLane(), SessionTable(100_000),
+                                             ServingLimits(max_batch_tokens=max_batch_tokens),
                                              describe=describe, links=MemoryLinks(self, peer))
         self.records[peer] = NodeRecord(model="m", start=start, end=end, state=NodeState.ONLINE, public_name=name,
                                         inference_steps_per_s=speed, forward_tokens_per_s=speed * 100,
-                                        cache_tokens_left=100_000)
+                                        cache_tokens_left=100_000, max_batch_tokens=max_batch_tokens)
         return peer
 
     def view(self, num_blocks: int, policy: FailoverPolicy | None = None, handoff: bool = True) -> SwarmView:

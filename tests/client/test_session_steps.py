@@ -61,6 +61,32 @@ def test_a_failed_step_leaves_the_session_in_step(swarm, tiny_checkpoints, hando
 
 
 @pytest.mark.parametrize("handoff", [False, True])
+def test_a_step_longer_than_a_node_takes_in_one_message_goes_in_parts(tiny_checkpoints, handoff):
+    swarm = MemorySwarm()
+    swarm.add_node("a", tiny_checkpoints["llama"], 0, 4)
+    small = swarm.servicers[swarm.add_node("b", tiny_checkpoints["llama"], 4, 8, max_batch_tokens=3)]
+    served, step = [], small._step
+
+    def recording(session, request, frame):
+        served.append((frame.tensors[0].shape[1], request.start_from))
+        return step(session, request, frame)
+
+    small._step = recording
+    hidden = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(2))
+    steps = [(hidden[:, :8], torch.arange(8).unsqueeze(0)), (hidden[:, 8:9], torch.tensor([[8]]))]
+    expected = local_steps(tiny_checkpoints["llama"], steps)
+    try:
+        with InferenceSession(swarm.view(8, handoff=handoff), max_length=16) as session:
+            got = [session.step(*steps[0]), session.step(*steps[1])]
+            assert session.position == 9
+    finally:
+        swarm.close()
+    assert [tokens for tokens, _ in served] == [3, 3, 2, 1], served
+    assert [start for _, start in served] == ([0, 3, 6, 8] if handoff else [None] * 4), served  # pushes say where
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("handoff", [False, True])
 def test_a_dead_node_is_replaced_and_its_cache_replayed(swarm, tiny_checkpoints, handoff):
     replica = swarm.add_node("c", tiny_checkpoints["llama"], 4, 8, speed=1.0)  # slower: routed only as a spare
     hidden = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(1))
