@@ -18,11 +18,12 @@ import random
 from dataclasses import dataclass, field
 
 from potluck.protocol.errors import NoRoute
-from potluck.protocol.records import NodeRecord, NodeState
+from potluck.protocol.records import NodeRecord, NodeState, shown_name
 
 UNKNOWN_PING = 0.05  # seconds of round trip assumed for a peer nobody measured
 UNKNOWN_BLOCK_TIME = 0.05  # seconds per block assumed for a node that announced no speed
 EXACT = frozenset({"none"})  # nodes whose weights are the model's own, not quantised
+MAX_REASONS = 4  # nodes named in a NoRoute, with why each cannot be used
 
 
 @dataclass(frozen=True)
@@ -71,20 +72,19 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
     so (default: exact weights only; None: any, 8 and 4 bits included)."""
     costs = costs or RouteCosts()
     rng = rng or random.Random()
-    usable = {p: r for p, r in records.items()
-              if r.state == NodeState.ONLINE and p not in banned and r.cache_tokens_left >= cache_tokens
-              and (dtypes is None or r.dtype in dtypes) and (quants is None or r.quant in quants)}
+    why_not = {p: _why_not(p, r, banned, cache_tokens, dtypes, quants) for p, r in records.items()}
+    usable = {p: r for p, r in records.items() if why_not[p] is None}
     if mix_dtypes or len({r.dtype for r in usable.values()}) <= 1:
-        return _search(usable, records, start, end, costs, rng)[1]
+        return _search(usable, records, start, end, costs, rng, why_not)[1]
     found = []
     for dtype in sorted({r.dtype for r in usable.values()}):
         try:
             same_dtype = {p: r for p, r in usable.items() if r.dtype == dtype}
-            found.append(_search(same_dtype, records, start, end, costs, rng))
+            found.append(_search(same_dtype, records, start, end, costs, rng, why_not))
         except NoRoute:
             continue
     if not found:
-        _search(usable, records, start, end, costs, rng)  # raises, naming the gap, if mixing would not help
+        _search(usable, records, start, end, costs, rng, why_not)  # raises, naming the gap, if mixing would not help
         raise NoRoute(f"no chain of nodes in a single dtype covers blocks {start}:{end} "
                       f"(dtypes seen: {', '.join(sorted({r.dtype for r in usable.values()}))}); allow mixed dtypes "
                       "to route through them")
@@ -92,7 +92,7 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
 
 
 def _search(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], start: int, end: int, costs: RouteCosts,
-            rng: random.Random) -> tuple[float, list[Hop]]:
+            rng: random.Random, why_not: dict[str, str | None]) -> tuple[float, list[Hop]]:
     """Dijkstra over (block, previous node): the least expected time and its chain."""
     noise = {p: 1 + costs.jitter * (2 * rng.random() - 1) for p in usable}
     boundaries = sorted({r.start for r in usable.values()} | {r.end for r in usable.values()} | {end})
@@ -120,7 +120,7 @@ def _search(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], start
                     best[state] = total
                     came_from[state] = ((block, prev), Hop(peer, block, exit_block, record))
                     heapq.heappush(queue, (total, exit_block, peer))
-    raise NoRoute(_describe_gap(usable, records, start, end))
+    raise NoRoute(_describe_gap(usable, records, start, end, why_not))
 
 
 def _unwind(came_from, state) -> list[Hop]:
@@ -131,7 +131,26 @@ def _unwind(came_from, state) -> list[Hop]:
     return chain[::-1]
 
 
-def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], start: int, end: int) -> str:
+def _why_not(peer: str, record: NodeRecord, banned: frozenset[str], cache_tokens: int,
+             dtypes: frozenset[str] | None, quants: frozenset[str] | None) -> str | None:
+    """Why a chain may not go through ``peer`` (None: it may)."""
+    if record.state != NodeState.ONLINE:
+        return record.state.value
+    if peer in banned:
+        return "set aside for now after it failed"
+    if record.cache_tokens_left < cache_tokens:
+        return (f"{record.cache_tokens_left} tokens of cache free, {cache_tokens} asked for: a shorter max_length "
+                "(--max-length) may fit")
+    if dtypes is not None and record.dtype not in dtypes:
+        return f"computes in {record.dtype}"
+    if quants is not None and record.quant not in quants:
+        return (f"weights in {record.quant}, which a client uses only if it allows them: allow_quantized=True, "
+                "--allow-quantized")
+    return None
+
+
+def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord], start: int, end: int,
+                  why_not: dict[str, str | None]) -> str:
     covered = {b for r in usable.values() for b in range(r.start, r.end)}
     missing = [b for b in range(start, end) if b not in covered]
     if not missing:
@@ -140,10 +159,13 @@ def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord],
     last = first
     while last + 1 in missing:
         last += 1
-    return (f"no ONLINE node with room serves blocks {first}:{last + 1} (of {start}:{end}; "
-            f"{len(records)} nodes known, {len(records) - len(usable)} not usable: banned, busy, joining, "
-            "leaving, in another dtype or with quantised weights, which a client uses only if it allows them: "
-            "allow_quantized=True, --allow-quantized)")
+    holders = [p for p, r in records.items() if r.start <= first < r.end]
+    reasons = "; ".join(f"{shown_name(records[p].public_name or 'unnamed')} ({p[-6:]}): {why_not[p]}"
+                        for p in sorted(holders)[:MAX_REASONS])
+    more = f"; {len(holders) - MAX_REASONS} more" if len(holders) > MAX_REASONS else ""
+    return (f"no ONLINE node with room serves blocks {first}:{last + 1} (of {start}:{end}; {len(records)} nodes "
+            f"known; " + (f"those holding block {first}: {reasons}{more})" if holders else
+                          f"none holds block {first})"))
 
 
 def explain(chain: list[Hop], records: dict[str, NodeRecord], costs: RouteCosts) -> list[str]:

@@ -104,3 +104,16 @@ def test_quantised_nodes_are_used_only_when_allowed():
     assert "int8" not in {peer for peer, _, _ in route(records, quants=frozenset({"none", "nf4"}))}
     with pytest.raises(NoRoute, match="allow_quantized=True, --allow-quantized"):
         route({"int8": node(0, 8, quant="int8")})
+
+
+def test_no_route_says_why_each_node_holding_the_first_missing_block_cannot_be_used():
+    records = {"small": node(0, 8, cache=3495), "loading": node(0, 4, state=NodeState.JOINING),
+               "packed": node(0, 4, quant="int8", cache=9999), "failed": node(0, 4)}
+    with pytest.raises(NoRoute) as raised:
+        route(records, cache_tokens=4096, banned=frozenset({"failed"}))
+    message = str(raised.value)
+    for reason in ("3495 tokens of cache free, 4096 asked for", "--max-length", "joining", "weights in int8",
+                   "set aside for now after it failed"):
+        assert reason in message, message
+    with pytest.raises(NoRoute, match="none holds block 4"):
+        route({"head": node(0, 4)})
