@@ -91,6 +91,16 @@ def default_cache_gib(device: torch.device) -> float:
     return CPU_CACHE_GIB if free is None else GPU_CACHE_SHARE * free / 2**30
 
 
+def total_memory(device: torch.device) -> int | None:
+    """The most a cache on ``device`` could ever take: a GPU's memory, or the RAM and swap; None
+    where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        return psutil.virtual_memory().total + psutil.swap_memory().total
+    return None
+
+
 def free_device_bytes(device: torch.device) -> int | None:
     """Memory this process can still take on a GPU: what the device has free, and what its own
     allocator holds unused; None off GPUs (a CPU cache pool takes its pages only as tokens are

@@ -5,12 +5,17 @@ serves, its speed, its sessions and cache, what it has done since it started.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from potluck.protocol.errors import BadRequest
 
 if TYPE_CHECKING:
     from .server import Node
@@ -72,13 +77,37 @@ class NodeCollector(Collector):
         yield refusals
 
 
+def check_metrics_address(port: int, host: str) -> None:
+    """Before a node loads anything: BadRequest naming --metrics-port or --metrics-host where the
+    metrics could not be served (the address is in use, or is not one of this machine's)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as e:
+        raise _unservable(e, port, host) from None
+
+
 def serve_metrics(node: "Node", port: int, host: str = "127.0.0.1"):
     """Serve ``/metrics`` on ``host:port`` (0: any free port); returns the server (``server_port``)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(NodeCollector(node))
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    logger.info("metrics at http://%s:%d/metrics", host, server.server_port)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:  # taken since ``check_metrics_address``
+        raise _unservable(e, port, host) from None
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("metrics at http://%s:%d/metrics", shown, server.server_port)
     return server
+
+
+def _unservable(error: OSError, port: int, host: str) -> BadRequest:
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        reason = error.strerror if isinstance(error, socket.gaierror) else os.strerror(error.errno)
+        return BadRequest(f"--metrics-host {host}: not an address of this machine ({reason})")
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return BadRequest(f"--metrics-port {port}: the metrics cannot be served on {host}:{port} ({reason}); pick "
+                      "another port (0: any free one)")
 
 
 def status_line(node: "Node") -> str:

@@ -35,7 +35,7 @@ from .compute import ComputeLane
 from .handlers import BlockServicer, ServingLimits
 from .limits import Limits
 from .links import PushLinks
-from .metrics import serve_metrics, status_line
+from .metrics import check_metrics_address, serve_metrics, status_line
 from .moving import Rebalancer
 from .pings import measure_pings
 from .sessions import SessionTable
@@ -43,6 +43,7 @@ from .span import block_bytes, load_span
 from .throughput import Speed, cached_speed, measure, remember_speed, speed_key
 
 logger = logging.getLogger(__name__)
+FEW_TOKENS = 256  # a node whose cache share per client is smaller says so: most sessions would be refused
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,27 @@ def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtyp
     return bytes_per_token(checkpoint.config, blocks, dtype)
 
 
+def check_cache_budget(config: NodeConfig, checkpoint: Checkpoint, device: torch.device) -> None:
+    """A cache budget given that no session could ever have (more than all the memory the device
+    has) is refused before anything loads, naming its option. In tokens it is checked once the
+    span is known."""
+    total = hardware.total_memory(device)
+    if total is None:
+        return
+    if config.cache_tokens is not None and config.start is not None:
+        wanted = config.cache_tokens * cache_bytes_per_token(checkpoint, config.end - config.start,
+                                                             DTYPES[config.dtype])
+        option = f"--cache-tokens {config.cache_tokens}"
+    elif config.cache_tokens is None and config.cache_gib is not None:
+        wanted, option = int(config.cache_gib * 2**30), f"--cache-gib {config.cache_gib:g}"
+    else:
+        return
+    if wanted > total:
+        has = "of RAM and swap" if device.type == "cpu" else f"on {device}"
+        raise BadRequest(f"{option}: the cache would take {wanted / 2**30:.1f} GiB, more than the "
+                         f"{total / 2**30:.1f} GiB {has}; give less")
+
+
 def cache_tokens_for(checkpoint: Checkpoint, blocks: int, dtype: torch.dtype, gib: float) -> int:
     return int(gib * 2**30 // cache_bytes_per_token(checkpoint, blocks, dtype))
 
@@ -125,9 +147,12 @@ class Node:
         if config.cuda_graphs and device.type != "cuda":
             logger.warning("--cuda-graphs: %s is not a CUDA device; decoding passes run at fixed shapes "
                            "without graphs (slower: leave --cuda-graphs out)", device)
+        if config.metrics_port is not None:
+            check_metrics_address(config.metrics_port, config.metrics_host)
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
+        check_cache_budget(config, checkpoint, device)
         key = identity_path(config.identity_path, config.public_name or "node")
         p2p, dht, joined, relays = await reachable.join(
             config.initial_peers, config.host_maddrs, config.announce_maddrs, key, config.public, config.relay_service,
@@ -148,6 +173,7 @@ class Node:
             await self._choose_span()
         else:
             await self.announcer.announce(NodeState.JOINING)
+        check_cache_budget(self.config, self.checkpoint, self.device)
         config, dtype = self.config, DTYPES[self.config.dtype]
         logger.info("loading %s blocks %d:%d (%s%s on %s) from %s", self.checkpoint.name, config.start, config.end,
                     config.dtype, "" if config.quant == "none" else f", weights in {config.quant}", self.device,
@@ -159,6 +185,10 @@ class Node:
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
         default_budget = config.cache_tokens is None and config.cache_gib is None  # shrinks if the GPU fills
         self.sessions = SessionTable(tokens, on_change=self.announcer.nudge, fit_to_device=default_budget)
+        share = int(config.peer_limits.cache_share_per_peer * tokens)
+        if share < FEW_TOKENS:
+            logger.warning("the cache holds %d tokens, %d for any one client (--peer-cache-share): a longer session "
+                           "is refused here; give more with --cache-tokens or --cache-gib", tokens, share)
         limits = ServingLimits(max_batch_tokens=config.max_batch_tokens, peers=config.peer_limits)
         self.links = PushLinks(self.p2p)
         self.servicer = BlockServicer(span, self.compute, self.sessions, limits, self.describe, self.links,

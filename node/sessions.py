@@ -139,8 +139,11 @@ class SessionTable:
     def _new_pool(self, span: BlockSpan) -> CachePool:
         try:
             return CachePool(span, self.cache_tokens)
-        except torch.OutOfMemoryError:  # another process took the memory meanwhile
-            hardware.release_memory(span.device)
+        except RuntimeError as e:  # out of memory: another process took it meanwhile (or, on a CPU, the
+            hardware.release_memory(span.device)  # budget is more than the system lets one process map)
+            logger.warning("a session was refused: the cache pool (%d tokens) cannot be allocated on %s (%s); "
+                           "restart the node with a lower --cache-gib or --cache-tokens", self.cache_tokens,
+                           span.device, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
             raise CacheFull(f"the cache pool ({self.cache_tokens} tokens) does not fit in {span.device}'s free "
                             f"memory now; try another node") from None
 

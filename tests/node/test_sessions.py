@@ -1,6 +1,9 @@
 import pytest
+import torch
 
 from potluck.node.sessions import SessionTable
+from potluck.node.span import load_span
+from potluck.protocol.checkpoint import resolve_checkpoint
 from potluck.protocol.errors import BadRequest, CacheFull, MaxLengthExceeded, UnknownSession
 from potluck.protocol.messages import OpenSession
 
@@ -37,3 +40,11 @@ def test_steps_may_not_pass_max_length_or_rewind_forward():
     assert session.step_start(4, 6) == 4
     with pytest.raises(MaxLengthExceeded, match="rewind"):
         session.step_start(9, 1)
+
+
+def test_a_pool_the_machine_cannot_allocate_refuses_the_session_as_cache_full(tiny_checkpoints):
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 2, torch.float32)
+    table = SessionTable(cache_tokens=10**13)  # petabytes: the CPU allocator refuses (a RuntimeError)
+    with pytest.raises(CacheFull, match="try another node"):
+        table.open(open_request(), span)
+    assert not table.sessions
