@@ -49,13 +49,18 @@ class Announcer:
 
     async def run(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
         """Re-announce every period (sooner when nudged) until cancelled; ``before`` runs ahead of
-        each periodic announcement (e.g. measuring pings)."""
+        the first announcement of each period (e.g. measuring pings, the status line), nudged or not:
+        on a node whose sessions come and go every few seconds, every announcement is a nudge's."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
             try:
-                await asyncio.wait_for(self._nudged.wait(), self.period)
+                await asyncio.wait_for(self._nudged.wait(), max(0.0, last + self.period - loop.time()))
                 await asyncio.sleep(self.min_gap)  # gather the changes of a burst into one store
             except asyncio.TimeoutError:
-                if before is not None:
-                    await before()
+                pass
+            if before is not None and loop.time() - last >= self.period:
+                last = loop.time()
+                await before()
             self._nudged.clear()
             await self.announce()

@@ -307,3 +307,25 @@ def test_a_hand_off_waits_for_a_next_node_that_falls_behind_and_reports_one_that
     assert isinstance(reply, HandoffFailed) and reply.peer_id == near and (reply.length, reply.seq) == (6, 2)
     assert out.shape == (1, 1, HIDDEN)  # the client carries on from the next node itself
     assert servicer.counters["handoff_failures"] == 1 and servicer.counters["pushes_sent"] == 1
+
+
+def test_a_node_nudged_more_often_than_its_period_still_runs_each_period_s_work():
+    dht, periods = MemoryDHT(), []
+
+    async def before():
+        periods.append(asyncio.get_running_loop().time())
+
+    async def churn():  # a session opens or closes every 0.2 s; the period is 1 s
+        announcer = Announcer(dht, peer_id("me"), ModelInfo("m", 8, "llama", 64),
+                              lambda state: NodeRecord(model="m", start=0, end=2, state=state), period=1.0)
+        announcer.min_gap = 0.1
+        running = asyncio.ensure_future(announcer.run(before))
+        for _ in range(20):
+            announcer.nudge()
+            await asyncio.sleep(0.2)
+        running.cancel()
+
+    asyncio.run(churn())
+    assert len(periods) >= 2, periods  # about one per period of the 4 s or more, not none
+    assert all(b - a >= 1.0 for a, b in zip(periods, periods[1:])), periods  # and never more often
+    assert len(dht.stores) > len(periods)  # and the nudges' announcements besides
