@@ -148,8 +148,10 @@ class BlockServicer:
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away
+        except asyncio.CancelledError:  # the node stops: close at once, and end quietly (a connection's task
+            linger = 0.0  # that ends cancelled is logged as an error, with its traceback, by asyncio's streams)
         except BaseException:
-            linger = 0.0  # cancelled (the node stops): close at once
+            linger = 0.0
             raise
         finally:
             try:

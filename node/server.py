@@ -340,20 +340,41 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     async def shutdown(self, drain: bool = True) -> None:
-        """Announce DRAINING, let open sessions finish (up to drain_timeout), announce OFFLINE, stop."""
+        """Announce DRAINING, let open sessions finish (up to drain_timeout), announce OFFLINE, stop.
+        Cancelled while draining (a second Ctrl-C): the sessions are told to go elsewhere at once and
+        the node still leaves in order; the cancellation is raised at the end."""
         for task in list(self._tasks):
             task.cancel()
+        hurried = False
         if self.servicer is not None and drain:
             self.servicer.draining = True
-            await bounded(self.announcer.announce(NodeState.DRAINING), LEAVE_TIMEOUT, "announcing DRAINING")
-            deadline = time.monotonic() + self.config.drain_timeout
-            while self.sessions.sessions and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+            try:
+                await self._drain()
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()
+                hurried = True
+                logger.info("stopping now: %d sessions told to go elsewhere", len(self.sessions.sessions))
             if self.sessions.sessions:
-                logger.warning("telling %d sessions still open after %.0f s to go elsewhere",
-                               len(self.sessions.sessions), self.config.drain_timeout)
-                await self.servicer.evict(NodeDraining(
-                    f"node {self.peer_id} is leaving (its drain timeout passed); continue on another node"))
+                await bounded(self.servicer.evict(NodeDraining(
+                    f"node {self.peer_id} is leaving; continue on another node")),
+                    LEAVE_TIMEOUT, "telling the open sessions to go elsewhere")
+        await self._leave()
+        if hurried:
+            raise asyncio.CancelledError
+
+    async def _drain(self) -> None:
+        if self.sessions.sessions:
+            logger.info("draining: %d sessions open may finish within %.0f s (--drain-timeout); Ctrl-C again "
+                        "to stop now", len(self.sessions.sessions), self.config.drain_timeout)
+        await bounded(self.announcer.announce(NodeState.DRAINING), LEAVE_TIMEOUT, "announcing DRAINING")
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.sessions.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.sessions.sessions:
+            logger.warning("telling %d sessions still open after %.0f s to go elsewhere",
+                           len(self.sessions.sessions), self.config.drain_timeout)
+
+    async def _leave(self) -> None:
         if self.config.start is not None:  # a node stopped before it chose its span announced nothing
             # the DHT keeps the later-expiring value: the OFFLINE record's is not shorter
             await bounded(self.announcer.announce(NodeState.OFFLINE), LEAVE_TIMEOUT, "announcing OFFLINE")

@@ -7,6 +7,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
@@ -79,9 +80,12 @@ def test_a_draining_node_finishes_its_answer_and_new_sessions_go_elsewhere(tiny_
         connection.close()
 
 
-def test_sessions_open_at_the_drain_timeout_are_told_to_move(tiny_checkpoints, swarm_factory, caplog):
-    swarm, victim, connection, remote, local = swarm_and_model(tiny_checkpoints, swarm_factory,
-                                                               "--drain-timeout", "1")
+@pytest.mark.parametrize("second_ctrl_c", [False, True])
+def test_sessions_open_at_the_drain_timeout_are_told_to_move(tiny_checkpoints, swarm_factory, caplog, second_ctrl_c):
+    """Sessions still open when the drain timeout passes, or at a second Ctrl-C, are told to move;
+    either way the node leaves in order (OFFLINE), without a traceback."""
+    swarm, victim, connection, remote, local = swarm_and_model(
+        tiny_checkpoints, swarm_factory, "--drain-timeout", "300" if second_ctrl_c else "1")
     try:
         with caplog.at_level(logging.WARNING, logger="potluck.client.swarm_view"):
             with remote.inference_session(max_length=64) as session:
@@ -89,11 +93,17 @@ def test_sessions_open_at_the_drain_timeout_are_told_to_move(tiny_checkpoints, s
                 assert [hop.peer_id for hop in session.hops] == [victim]
                 remote.swarm_view.banned.clear()
                 swarm.nodes[victim].send_signal(signal.SIGINT)
-                assert swarm.nodes[victim].wait(30) == 0  # the session stayed open: it waited 1 s, then left
+                if second_ctrl_c:
+                    swarm.wait_for_line(victim, "draining: 1 sessions", 30)
+                    swarm.nodes[victim].send_signal(signal.SIGINT)
+                # the session stayed open: the node waited out its drain timeout (or not), then left
+                assert swarm.nodes[victim].wait(60) == (130 if second_ctrl_c else 0)
                 more = remote.generate(first, max_new_tokens=8, do_sample=False)
                 assert session.failovers == 1 and victim not in [hop.peer_id for hop in session.hops]
         assert torch.equal(more, local.generate(first, max_new_tokens=8, do_sample=False))
         assert "is leaving" in caplog.text  # the node said why, so the client did not wait for a timeout
+        assert swarm.wait_for_line(victim, "OFFLINE", 1)
+        assert not any("Traceback" in line for line in swarm.node_children[victim].lines)
     finally:
         connection.close()
 
