@@ -51,7 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     for command in commands.choices.values():
         command.formatter_class = HelpFormatter
         _add_log_level(command, argparse.SUPPRESS)  # also after the command; the later one counts
+    parser.commands = commands.choices  # name -> the command's own parser, for its errors
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The command line, positionals after options included: argparse reads `generate MODEL
+    --max-new-tokens 5 PROMPT` as PROMPT=MODEL and an unknown PROMPT. Other leftovers are one
+    line from the command's own parser."""
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    if args.command == "generate" and args.model is None and len(extras) == 1 and not extras[0].startswith("-"):
+        args.model, args.prompt = args.prompt, extras[0]
+        return args
+    parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
@@ -60,7 +74,7 @@ def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     try:

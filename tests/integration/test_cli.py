@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from helpers import NOBODY, LocalSwarm, make_tiny_checkpoint, potluck_command
-from potluck.cli import build_parser
+from potluck.cli import build_parser, parse
 from potluck.client.transport import SwarmConnection
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.records import NodeState
@@ -195,6 +195,13 @@ def test_version_and_options_after_the_command():
     assert parser.parse_args(["--log-level", "WARNING", "dht"]).log_level == "WARNING"
     assert parser.parse_args(["generate", "./ckpt", "hi"]).model == "./ckpt"
     assert parser.parse_args(["generate", "hi"]).prompt == "hi"
+    for argv in (["generate", "./ckpt", "--max-new-tokens", "5", "hi"],  # was 'unrecognized arguments: hi'
+                 ["generate", "--max-new-tokens", "5", "./ckpt", "hi"],
+                 ["generate", "./ckpt", "hi", "--max-new-tokens", "5"]):
+        args = parse(parser, argv)
+        assert (args.model, args.prompt, args.max_new_tokens) == ("./ckpt", "hi", 5), argv
+    extra = run("route", "./ckpt", "more")
+    assert_one_clear_line(extra, "potluck route: unrecognized arguments: more")
 
 
 def test_every_option_has_help_and_shows_its_default():
