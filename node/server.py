@@ -357,7 +357,7 @@ class Node:
             if self.sessions.sessions:
                 await bounded(self.servicer.evict(NodeDraining(
                     f"node {self.peer_id} is leaving; continue on another node")),
-                    LEAVE_TIMEOUT, "telling the open sessions to go elsewhere")
+                    LEAVE_TIMEOUT, "telling the open sessions to go elsewhere", self.p2p)
         await self._leave()
         if hurried:
             raise asyncio.CancelledError
@@ -366,7 +366,7 @@ class Node:
         if self.sessions.sessions:
             logger.info("draining: %d sessions open may finish within %.0f s (--drain-timeout); Ctrl-C again "
                         "to stop now", len(self.sessions.sessions), self.config.drain_timeout)
-        await bounded(self.announcer.announce(NodeState.DRAINING), LEAVE_TIMEOUT, "announcing DRAINING")
+        await bounded(self.announcer.announce(NodeState.DRAINING), LEAVE_TIMEOUT, "announcing DRAINING", self.p2p)
         deadline = time.monotonic() + self.config.drain_timeout
         while self.sessions.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -377,7 +377,7 @@ class Node:
     async def _leave(self) -> None:
         if self.config.start is not None:  # a node stopped before it chose its span announced nothing
             # the DHT keeps the later-expiring value: the OFFLINE record's is not shorter
-            await bounded(self.announcer.announce(NodeState.OFFLINE), LEAVE_TIMEOUT, "announcing OFFLINE")
+            await bounded(self.announcer.announce(NodeState.OFFLINE), LEAVE_TIMEOUT, "announcing OFFLINE", self.p2p)
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()

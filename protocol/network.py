@@ -243,19 +243,30 @@ async def leave_swarm(p2p: P2P, dht: DHTNode, timeout: float = LEAVE_TIMEOUT) ->
     """Stop the DHT node, then the P2P daemon, each waited for at most ``timeout`` seconds: a
     daemon that is already gone (a service manager's SIGTERM reaches the whole process group)
     would otherwise leave the DHT's shutdown waiting forever."""
-    await bounded(dht.shutdown(), timeout, "stopping the DHT node")
+    await bounded(dht.shutdown(), timeout, "stopping the DHT node", p2p)
     await bounded(p2p.shutdown(), timeout, "stopping the P2P daemon")
 
 
-async def bounded(work: Awaitable, timeout: float, what: str) -> None:
+async def bounded(work: Awaitable, timeout: float, what: str, p2p: P2P | None = None) -> None:
     """Await ``work`` for at most ``timeout`` seconds (a P2P daemon that died answers nothing, ever);
-    past it, or if it fails, say so and go on: for steps of a shutdown."""
+    past it, or if it fails, say so and go on: for steps of a shutdown. With ``p2p``, work that
+    goes through it is given up as soon as its daemon has exited."""
+    daemon = getattr(p2p, "_child", None)  # hivemind's handle on the daemon it started
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(daemon.wait()) if daemon is not None else None
     try:
-        await asyncio.wait_for(work, timeout)
-    except TimeoutError:
-        logger.warning("%s took over %.0f s (is the P2P daemon gone?); going on without it", what, timeout)
-    except Exception as e:
-        logger.warning("%s failed: %s", what, e)
+        await asyncio.wait({task} | ({gone} if gone else set()), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in (task, gone):
+            if future is not None and not future.done():
+                future.cancel()
+    if not task.done() or task.cancelled():
+        if gone is not None and gone.done():
+            logger.debug("%s skipped: the P2P daemon has exited", what)
+        else:
+            logger.warning("%s took over %.0f s (is the P2P daemon gone?); going on without it", what, timeout)
+    elif task.exception() is not None:
+        logger.warning("%s failed: %s", what, task.exception())
 
 
 async def wait_for_stop(p2p: P2P, stop: asyncio.Event) -> None:
