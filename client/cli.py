@@ -158,7 +158,8 @@ def _add_local_args(parser: argparse.ArgumentParser) -> None:
                              "caught computing wrong, e.g. 0.05 (default: 0; suspicious outputs are always checked)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, chat: bool = False):
+    """The tokenizer, then the swarm model; ``chat``: the tokenizer must have a chat template."""
     from transformers import AutoTokenizer
 
     from potluck.protocol.checkpoint import resolve_checkpoint
@@ -173,6 +174,9 @@ def _load(args: argparse.Namespace):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadRequest(f"no tokenizer this client can load in {checkpoint.path} ({first}); this command needs "
                          f"the model's tokenizer files (tokenizer.json) beside its weights") from None
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise BadRequest(f"{checkpoint.name}'s tokenizer has no chat template (chat_template.jinja), so a conversation "
+                         "cannot be put into tokens: use `potluck generate`, or an instruct model")
     model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), initial_peers,
                                                             model_name=checkpoint.name, device=args.device,
                                                             mix_dtypes=args.mix_dtypes, verify=args.verify,
@@ -202,6 +206,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     try:
         model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
+    except BaseException:
+        print(flush=True)  # the error's line below the text streamed so far, not after it
+        raise
     finally:
         model.swarm_view.swarm.close()
     return 0
@@ -214,6 +221,6 @@ def _run_chat(args: argparse.Namespace) -> int:
 
     _checked(args)
     length = chat_length(args.max_length, resolve_checkpoint(args.model, args.model_name).config)  # before joining
-    tokenizer, model = _load(args)
+    tokenizer, model = _load(args, chat=True)
     run_chat(model, tokenizer, length, args.max_new_tokens, args.system, _sampling(args))
     return 0

@@ -115,7 +115,10 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
     async def chat(body: ChatRequest):
         check_model(body.model)
         # tokenizing runs beside the event loop: a huge prompt does not hold up the answers streaming
-        ids = await run_in_threadpool(generator.chat_ids, [m.model_dump() for m in body.messages])
+        try:
+            ids = await run_in_threadpool(generator.chat_ids, [m.model_dump() for m in body.messages])
+        except PromptError as error:
+            raise _prompt_error(error, chat=True) from None
         return await respond(body, ids, chat=True)
 
     @app.post("/v1/completions")

@@ -118,6 +118,9 @@ class TextGenerator:
         self.loop = DecodeLoop(model, self.eos_ids, max_active)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise PromptError(f"{self.name}'s tokenizer has no chat template, so messages cannot be put into tokens: "
+                              "use /v1/completions with a prompt", "messages")
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(encoded["input_ids"])
 

@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from potluck.client.serving import _DeltaStreamer, _held
+from potluck.client.serving import PromptError, TextGenerator, _DeltaStreamer, _held
 from potluck.protocol.checkpoint import resolve_checkpoint
 
 TEXT = ("Once upon a time, a fox named Zoë met a crow. \"Hello!\" said the fox; the crow said nothing . "
@@ -91,3 +91,11 @@ def test_what_is_held_back_is_the_longest_end_of_the_text_that_starts_a_stop_str
         stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
         longest = max((k for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
         assert _held(text, stop) == longest, (text, stop)
+
+
+def test_messages_for_a_tokenizer_without_a_chat_template_are_a_prompt_error_naming_messages():
+    generator = TextGenerator.__new__(TextGenerator)  # only its tokenizer and name take part
+    generator.tokenizer, generator.name = sentencepiece_like(), "plain"
+    with pytest.raises(PromptError, match="no chat template.*/v1/completions") as raised:
+        generator.chat_ids([{"role": "user", "content": "hi"}])
+    assert raised.value.param == "messages"

@@ -73,18 +73,22 @@ def test_a_node_whose_initial_peer_is_unreachable_says_so(tiny_checkpoints):
     assert_one_clear_line(result, "cannot reach", "--initial-peers")
 
 
-def test_a_model_that_is_not_there(tmp_path, tiny_checkpoints):
-    with ThreadPoolExecutor() as pool:  # four commands at once: each spends seconds importing
-        missing, empty, not_downloaded, no_tokenizer = pool.map(lambda args: run(*args), [
+def test_a_model_that_is_not_there(tmp_path, tiny_checkpoints, chat_model):
+    no_template = shutil.copytree(chat_model, tmp_path / "no-template")
+    (no_template / "chat_template.jinja").unlink()
+    with ThreadPoolExecutor() as pool:  # five commands at once: each spends seconds importing
+        missing, empty, not_downloaded, no_tokenizer, not_for_chat = pool.map(lambda args: run(*args), [
             ("node", str(tmp_path / "no-such-folder"), "--initial-peers", NOBODY),
             ("generate", str(tmp_path), "hi", "--initial-peers", NOBODY),
             ("chat", "nobody-here/not-a-model", "--initial-peers", NOBODY),
-            ("generate", str(tiny_checkpoints["llama"]), "hi", "--initial-peers", NOBODY)])  # weights only
+            ("generate", str(tiny_checkpoints["llama"]), "hi", "--initial-peers", NOBODY),  # weights only
+            ("chat", str(no_template), "--initial-peers", NOBODY)])
     assert_one_clear_line(missing, "no checkpoint folder", "MODEL")
     assert_one_clear_line(empty, "no config.json")
     assert_one_clear_line(not_downloaded, "hf download nobody-here/not-a-model")
     assert_one_clear_line(no_tokenizer, "no tokenizer", "tokenizer.json")
     assert len(no_tokenizer.stderr.strip().splitlines()) == 1, no_tokenizer.stderr
+    assert_one_clear_line(not_for_chat, "no chat template", "potluck generate")  # before joining: not a ValueError
 
 
 def test_serve_on_a_busy_port_says_which_option_to_change(tiny_checkpoints):
