@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_tensors, resolve_checkpoint
+from potluck.protocol.devices import resolve_device
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.families import CACHE_ARG
 from potluck.protocol.network import initial_peers_from_env
@@ -215,12 +216,13 @@ class AutoDistributedModelForCausalLM:
         unknown = set(node_dtypes or ()) - set(DTYPES)
         if unknown:
             raise BadRequest(f"node_dtypes {sorted(unknown)} are not dtypes nodes use; pick from {', '.join(DTYPES)}")
+        local_device = resolve_device(device, option="device")  # before joining: a device not here is one line
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
         policy = policy or FailoverPolicy(request_timeout=request_timeout)
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
                           dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes,
                           verify=verify, allow_quantized=allow_quantized)
-        return build_local_part(checkpoint, view, dtype, _local_device(device))
+        return build_local_part(checkpoint, view, dtype, local_device)
 
 
 def _whole(value) -> int | None:
@@ -229,16 +231,6 @@ def _whole(value) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
-
-
-def _local_device(name: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadRequest(f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadRequest(f"device {name!r}: this torch has no usable CUDA GPU; use device 'cpu'")
-    return device
 
 
 def build_local_part(checkpoint: Checkpoint, view: SwarmView, dtype: torch.dtype,

@@ -14,42 +14,12 @@ import logging
 import psutil
 import torch
 
-from potluck.protocol.errors import BadRequest
 
 logger = logging.getLogger(__name__)
 CPU_CACHE_GIB = 1.0  # cache budget on the CPU unless --cache-gib says otherwise
 GPU_CACHE_SHARE = 0.5  # of the GPU memory free after loading; the rest is left for activations
 MEMORY_SHARE = 0.8  # of the free memory a node fills by default
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def resolve_device(name: str | None = None) -> torch.device:
-    """The device a node (or a client's local part) computes on; ``None`` picks the best there is.
-    CUDA devices get an explicit index, so every tensor compares equal to the weights' device."""
-    if name is None:
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif _mps_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadRequest(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadRequest("--device cuda: this torch has no usable CUDA GPU (install a CUDA build of torch, "
-                             "or pass --device cpu)")
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise BadRequest(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return torch.device("cuda", index)
-    if device.type == "mps" and not _mps_available():
-        raise BadRequest("--device mps: Apple's Metal backend is not available here; pass --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise BadRequest(f"--device {name!r}: Potluck runs on cpu, cuda or mps")
-    return device
 
 
 def default_dtype(device: torch.device) -> str:
@@ -146,7 +116,3 @@ def _load_libc():
 
 
 _libc = _load_libc()
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

@@ -23,6 +23,7 @@ import potluck
 from potluck.protocol import reachability
 from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
 from potluck.protocol.errors import BadRequest, NodeDraining
+from potluck.protocol.devices import resolve_device
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.identity import identity_path
 from potluck.protocol.network import LEAVE_TIMEOUT, bounded, leave_swarm
@@ -138,7 +139,7 @@ class Node:
 
     @classmethod
     async def create(cls, config: NodeConfig) -> "Node":
-        device = hardware.resolve_device(config.device)
+        device = resolve_device(config.device)
         config = replace(config, device=str(device), dtype=config.dtype or hardware.default_dtype(device))
         if config.dtype not in DTYPES:
             raise BadRequest(f"--dtype must be one of {', '.join(DTYPES)}")

@@ -19,6 +19,7 @@ from potluck.node.throughput import measure
 from potluck.protocol import messages as msg
 from potluck.node.span import load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
+from potluck.protocol.devices import mps_available, resolve_device
 from potluck.protocol.errors import BadRequest, NodeOutOfMemory
 
 NEXT_PEER = "12D3KooWDfTd9ci767jyAkmad5szzT29RZdRsVJbgmqAhNnUAK2G"
@@ -131,14 +132,21 @@ def test_out_of_memory_fails_the_request_not_the_node(tiny_checkpoints):
 
 
 def test_hardware_defaults_on_a_cpu_only_machine(monkeypatch):
-    assert hardware.resolve_device(None) == torch.device("cpu") or torch.cuda.is_available()
+    assert resolve_device(None) == torch.device("cpu") or torch.cuda.is_available()
     assert hardware.default_dtype(torch.device("cpu")) == "float32"
     assert hardware.default_cache_gib(torch.device("cpu")) == hardware.CPU_CACHE_GIB
     with pytest.raises(BadRequest, match="--device"):
-        hardware.resolve_device("tpu")
+        resolve_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BadRequest, match="pass --device cpu"):
-        hardware.resolve_device("cuda")
+        resolve_device("cuda")
+    with pytest.raises(BadRequest, match="device cuda:1: this torch has no usable CUDA GPU"):  # as the client names it
+        resolve_device("cuda:1", option="device")
+    if not mps_available():
+        with pytest.raises(BadRequest, match="--device mps: Apple's Metal backend is not available"):
+            resolve_device("mps")  # was a RuntimeError from torch on the client's side
+    with pytest.raises(BadRequest, match="one cpu device"):
+        resolve_device("cpu:3")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert hardware.default_dtype(torch.device("cuda", 0)) == "float16"  # e.g. a T4 or a V100
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
