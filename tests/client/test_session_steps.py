@@ -1,4 +1,6 @@
 """InferenceSession step by step against a local span, over in-memory streams (tests/memory_swarm.py)."""
+import logging
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -118,3 +120,18 @@ def test_after_the_first_node_is_replaced_the_next_takes_its_replacement_s_pushe
         got.append(session.step(*steps[3]))  # handed off again: the second node takes the spare's push
         assert session.handoff_fallbacks == 1
     assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
+
+
+def test_a_first_token_far_above_the_rest_is_not_the_usual_scale(swarm, caplog):
+    """The session's first token is an attention sink in real models (SmolLM2's output RMS 226, the
+    others 22 to 70): taken as the usual scale, it made the next step look suspicious."""
+    hidden = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(3))
+    sink = hidden[:, :1] * 100  # its output keeps the scale of its residual stream
+    with caplog.at_level(logging.INFO, logger="potluck.client.session"):
+        with InferenceSession(swarm.view(8), max_length=16) as session:
+            first = session.step(sink, torch.tensor([[0]]))
+            assert session.usual_scale is None  # the first token alone notes nothing
+            second = session.step(hidden[:, 1:2], torch.tensor([[1]]))
+            assert first.norm() > 20 * second.norm()
+            session.step(hidden[:, 2:3], torch.tensor([[2]]))
+    assert "suspicious" not in caplog.text
