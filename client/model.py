@@ -109,6 +109,10 @@ class DistributedModelMixin:
         ``max_length`` tokens."""
         if self._active_session is not None:
             raise BadRequest("an inference session is already active on this model in this thread")
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if positions and max_length > positions:
+            raise BadRequest(f"{max_length} tokens in all (the prompt and max_new_tokens) are more than this model's "
+                             f"{positions} positions: ask for fewer new tokens")
         with InferenceSession(self.swarm_view, max_length) as session:
             self._local.session = session
             try:

@@ -81,7 +81,8 @@ def test_a_model_used_after_close_fails_at_once(chat_model, peers):
     ids = torch.tensor([[1, 2, 3]])
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
     for bad, words in [(dict(max_new_tokens=2.5), "max_new_tokens=2.5"), (dict(max_new_tokens="4"), "max_new_tokens"),
-                       (dict(max_new_tokens=0), "at least 1")]:
+                       (dict(max_new_tokens=0), "at least 1"),
+                       (dict(max_new_tokens=99999), "more than this model's 512 positions")]:  # was a NoRoute
         with pytest.raises(BadRequest, match=words):
             model.generate(ids, do_sample=False, **bad)
     with pytest.raises(BadRequest, match="no tokens"):
