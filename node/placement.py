@@ -107,14 +107,18 @@ def size_span(num_blocks: int, block_bytes: int, memory_bytes: int, cache_bytes:
     room = memory_bytes - cache_bytes
     fit = max(0, room // block_bytes)
     blocks = max(1, min(num_blocks, fit))
-    gib = 2**30
-    reason = (f"{room / gib:.1f} GiB for weights ({memory_bytes / gib:.1f} GiB memory - {cache_bytes / gib:.1f} GiB "
-              f"cache) / {block_bytes / gib:.2f} GiB per block = {fit}")
+    reason = (f"{_size(room)} for weights ({_size(memory_bytes)} memory - {_size(cache_bytes)} cache) / "
+              f"{_size(block_bytes)} per block = {fit}")
     if fit > num_blocks:
         reason += f", capped at the model's {num_blocks}"
     elif fit < 1:
         reason += "; taking 1 block anyway (pass --max-memory or --num-blocks to choose)"
     return Sizing(blocks, reason)
+
+
+def _size(count: int) -> str:
+    """Bytes in GiB, or in MiB below one GiB (a tiny model's block is 0.00 GiB)."""
+    return f"{count / 2**30:.1f} GiB" if abs(count) >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _after(throughputs: list[float], start: int, length: int, own_speed: float) -> list[float]:

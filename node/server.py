@@ -153,6 +153,11 @@ class Node:
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
+        if config.num_blocks is not None and config.num_blocks > checkpoint.num_blocks:
+            raise BadRequest(f"--num-blocks {config.num_blocks}: the model has {checkpoint.num_blocks} blocks")
+        if config.start is not None and (config.num_blocks is not None or config.max_memory_gib is not None):
+            logger.warning("--blocks %d:%d is served as given; --num-blocks and --max-memory only size a node that "
+                           "places itself", config.start, config.end)
         check_cache_budget(config, checkpoint, device)
         key = identity_path(config.identity_path, config.public_name or "node")
         p2p, dht, joined, relays = await reachable.join(

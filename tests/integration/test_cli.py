@@ -106,7 +106,8 @@ def test_an_option_out_of_range_is_one_line_naming_it(tiny_checkpoints):
              ("node", model, "--public-name", "two\nlines"), ("swarm", model, "--nodes", "0"),
              ("swarm", model, "--nodes", "9"), ("health", "--refresh", "0"), ("serve", model, "--port", "70000"),
              ("generate", model, "hi", "--max-new-tokens", "0"),
-             ("node", model, "--blocks", "0:8", "--cache-gib", "100000")]  # before it joins: more than the RAM
+             ("node", model, "--blocks", "0:8", "--cache-gib", "100000"),  # before it joins: more than the RAM
+             ("node", model, "--num-blocks", "9")]  # more than the model's 8
     with ThreadPoolExecutor() as pool:
         results = list(pool.map(lambda args: run(*args, *(["--initial-peers", NOBODY] if args[0] != "swarm" else [])),
                                 cases))
