@@ -96,11 +96,15 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         return _internal(error).response()
 
+    async def routed() -> None:
+        """Returns if the swarm has a live chain for the model now; the routing error otherwise."""
+        view = generator.model.swarm_view
+        await run_in_threadpool(view.swarm.call, view.route())
+
     @app.get("/v1/models")
     async def models() -> dict:
         try:
-            view = generator.model.swarm_view
-            await run_in_threadpool(view.swarm.call, view.route())
+            await routed()
             served = [{"id": generator.name, "object": "model", "created": 0, "owned_by": "potluck"}]
         except PotluckError:
             served = []  # not every block has a live node right now
@@ -109,6 +113,10 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict:
         check_model(name)
+        try:  # as the list says: a model no live chain serves now is not there (503 says why)
+            await routed()
+        except PotluckError as error:
+            raise _swarm_error(error) from None
         return {"id": generator.name, "object": "model", "created": 0, "owned_by": "potluck"}
 
     @app.post("/v1/chat/completions")

@@ -286,6 +286,8 @@ def test_missing_blocks_are_a_503_naming_them(chat_model, swarm_factory, tmp_pat
         assert response.status_code == 503
         assert "blocks 2:4" in response.json()["error"]["message"]
         assert httpx.get(f"{base_url}/models").json()["data"] == []
+        retrieved = httpx.get(f"{base_url}/models/tiny-chat", timeout=60)  # was a 200
+        assert retrieved.status_code == 503 and "blocks 2:4" in retrieved.json()["error"]["message"]
     finally:
         stop(proc)
 
