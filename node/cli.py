@@ -25,7 +25,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     model.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
                        help="store the weights in 8 or 4 bits, to hold about 4x or 8x the blocks of float32 "
                             "(2x or 4x of 16-bit); results come close to the model's, not exact, and clients use "
-                            "such nodes only if they allow it; needs pip install 'potluck[quant]' (default: none)")
+                            "such nodes only if they allow it; needs torchao: pip install torchao==0.18.0 "
+                            "(default: none)")
     model.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:N or mps (default: cuda if there is a GPU, else mps, else cpu)")
     model.add_argument("--num-threads", type=COUNT, default=None, help="torch CPU threads (default: torch's choice)")

@@ -35,7 +35,8 @@ def check(quant: str) -> str:
         try:
             _import_torchao()
         except ImportError:
-            raise BadRequest(f"--quant {quant} needs torchao: pip install 'potluck[quant]'") from None
+            raise BadRequest(f"--quant {quant} needs torchao: pip install torchao==0.18.0 (or pip install -e "
+                             "'.[quant]' in a clone)") from None
     return quant
 
 

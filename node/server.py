@@ -150,6 +150,8 @@ class Node:
                            "without graphs (slower: leave --cuda-graphs out)", device)
         if config.metrics_port is not None:
             check_metrics_address(config.metrics_port, config.metrics_host)
+        elif config.metrics_host != NodeConfig.metrics_host:
+            logger.warning("--metrics-host %s: no metrics are served without --metrics-port", config.metrics_host)
         checkpoint = resolve_checkpoint(config.model, config.model_name)
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
