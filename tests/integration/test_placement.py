@@ -125,7 +125,7 @@ def test_a_node_takes_as_many_blocks_as_its_memory_holds_and_says_why(nine_block
     swarm.start_nodes(nine_blocks, [None], "--max-memory", f"{memory_gib:.9f}", "--cache-gib", str(cache_gib),
                       "--placement-delay", "0")
     log = "".join(swarm.children[-1].lines)
-    assert re.search(r"taking 3 blocks: .* GiB for weights", log), log[-2000:]
+    assert re.search(r"taking 3 blocks: .* [GM]iB for weights", log), log[-2000:]
     assert re.search(r"chose blocks (\d+):(\d+) of 9", log)
     start, end = map(int, re.search(r"chose blocks (\d+):(\d+) of 9", log).groups())
     assert end - start == 3
