@@ -97,7 +97,7 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
         return _internal(error).response()
 
     async def routed() -> None:
-        """Returns if the swarm has a live chain for the model now; the routing error otherwise."""
+        """Raises the routing error (a PotluckError) unless a live chain serves the model now."""
         view = generator.model.swarm_view
         await run_in_threadpool(view.swarm.call, view.route())
 
