@@ -57,6 +57,8 @@ class ComputeLane:
         decoding = new_tokens == 1 and batch == 1 and mask is None
         if alone and decoding and self._idle():
             answer = asyncio.get_running_loop().create_future()
+            self.counters["decode_batches"] += 1  # a batch of one, run right here
+            self.counters["decode_rows"] += 1
             try:
                 self._timed(self._decode, [work])
                 answer.set_result(work.result())

@@ -137,7 +137,8 @@ def test_the_compute_lane_runs_fixed_passes_when_asked(tiny_checkpoints, small_b
     assert torch.allclose(lone, span(hiddens[0], torch.tensor([[4]]), None, alone[0], 0, 4), atol=1e-5, rtol=0)
     assert torch.allclose(both[1], span(hiddens[1], torch.tensor([[9]]), None, alone[1], 0, 4), atol=1e-5, rtol=0)
     assert set(sessions[0].pool.fixed.buckets) == {(0, 4, 1, 8), (0, 4, 2, 16)}
-    assert lane.counters["decode_rows"] == 2
+    # the lone step counts as a batch of one (operators read rows / batches as the mean batch size)
+    assert (lane.counters["decode_batches"], lane.counters["decode_rows"]) == (2, 3)
 
 
 def test_a_mixture_of_experts_is_not_captured(tiny_checkpoints, monkeypatch, caplog):
