@@ -214,10 +214,13 @@ class Node:
         if config.metrics_port is not None:
             self._metrics_server = serve_metrics(self, config.metrics_port, config.metrics_host)
         name = f" ({config.public_name})" if config.public_name else ""
-        logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %.0f tokens/s forward; "
-                    "cache %d tokens", self.checkpoint.name, config.start, config.end, self.device,
+        forward = self.speed.forward_tokens_per_s
+        logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %s; cache %d tokens",
+                    self.checkpoint.name, config.start, config.end, self.device,
                     config.dtype if config.quant == "none" else f"{config.dtype} (weights in {config.quant})",
-                    self.peer_id, name, self.speed.steps_per_s, self.speed.forward_tokens_per_s, tokens)
+                    self.peer_id, name, self.speed.steps_per_s,
+                    f"{forward:.0f} tokens/s forward" if forward else "forward speed not measured (--throughput)",
+                    tokens)
 
     async def _initial_speed(self, span) -> Speed:
         """--throughput if given, else the speed measured before on this model, dtype, device and
