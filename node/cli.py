@@ -117,7 +117,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     swarm.add_argument("--model-name", default=None, help="the model's name in the swarm")
     swarm.add_argument("--announce-period", type=POSITIVE, default=ANNOUNCE_PERIOD,
                        help="seconds between the nodes' announcements")
-    swarm.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
+    swarm.add_argument("--node-arg", action="append", default=[], help="extra argument for every node, written with = "
+                       "(--node-arg=--num-threads=2; repeatable)")
     swarm.set_defaults(run=_run_swarm)
 
 
