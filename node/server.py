@@ -21,7 +21,7 @@ from hivemind.p2p import P2P
 
 import potluck
 from potluck.protocol import reachability
-from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint
+from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint_soon
 from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.devices import resolve_device
 from potluck.protocol.directory import read_block_records
@@ -152,7 +152,7 @@ class Node:
             check_metrics_address(config.metrics_port, config.metrics_host)
         elif config.metrics_host != NodeConfig.metrics_host:
             logger.warning("--metrics-host %s: no metrics are served without --metrics-port", config.metrics_host)
-        checkpoint = resolve_checkpoint(config.model, config.model_name)
+        checkpoint = await resolve_checkpoint_soon(config.model, config.model_name)
         if config.start is not None and not 0 <= config.start < config.end <= checkpoint.num_blocks:
             raise BadRequest(f"--blocks {config.start}:{config.end} is outside the model's 0:{checkpoint.num_blocks}")
         if config.num_blocks is not None and config.num_blocks > checkpoint.num_blocks:

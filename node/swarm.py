@@ -12,7 +12,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from potluck.protocol.checkpoint import resolve_checkpoint
+from potluck.protocol.checkpoint import resolve_checkpoint_soon
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.network import INITIAL_PEERS_ENV
 
@@ -47,7 +47,14 @@ def split_evenly(num_blocks: int, parts: int) -> list[tuple[int, int]]:
 
 
 async def run_swarm(config: SwarmConfig, stop: asyncio.Event) -> int:
-    checkpoint = await asyncio.to_thread(resolve_checkpoint, config.model, config.model_name)
+    resolving, stopping = asyncio.ensure_future(resolve_checkpoint_soon(config.model, config.model_name)), \
+        asyncio.ensure_future(stop.wait())
+    await asyncio.wait([resolving, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not resolving.done():  # Ctrl-C while the default model is converted: no wait for the conversion
+        resolving.cancel()
+        return 0
+    stopping.cancel()
+    checkpoint = resolving.result()
     if config.nodes > checkpoint.num_blocks:
         raise BadRequest(f"--nodes {config.nodes} is more than {checkpoint.name}'s {checkpoint.num_blocks} blocks: "
                          f"give at most {checkpoint.num_blocks}")

@@ -7,9 +7,11 @@ in the local HF cache.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,31 @@ def resolve_checkpoint(model: str | None = None, name: str | None = None) -> Che
     family_of(config)  # fail early on an unsupported family
     config._attn_implementation = attention_for(config)
     return Checkpoint(path, name or default_name, config)
+
+
+async def resolve_checkpoint_soon(model: str | None = None, name: str | None = None) -> Checkpoint:
+    """``resolve_checkpoint`` on a daemon thread, for an event loop: the default model's first
+    conversion takes ~25 s, and a Ctrl-C cancels the wait at once (a thread of asyncio's executor
+    would hold the process until it finished). The conversion then ends with the process; the
+    next one removes what it left."""
+    loop, done = asyncio.get_running_loop(), asyncio.Event()
+    outcome: list = []
+
+    def resolve() -> None:
+        try:
+            outcome.append(resolve_checkpoint(model, name))
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome.append(e)
+        try:
+            loop.call_soon_threadsafe(done.set)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
+
+    threading.Thread(target=resolve, name="potluck-checkpoint", daemon=True).start()
+    await done.wait()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def tensor_files(path: Path) -> dict[str, Path]:

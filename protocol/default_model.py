@@ -57,38 +57,63 @@ def _fetch_gguf(workdir: Path) -> Path:
 
 
 def _convert(target: Path) -> None:
-    """Build the checkpoint in a sibling temp folder, verify it, then rename it into place."""
-    import torch  # heavy imports stay lazy so the cached fast path never pays for them
+    """Build the checkpoint in sibling temp folders, verify it, then rename it into place. A
+    process stopped while converting (a node's Ctrl-C does not wait for it) leaves them behind:
+    the next conversion, holding the lock, removes them first."""
+    from transformers.utils import logging as transformers_logging  # heavy imports stay lazy: the cached
+    # fast path never pays for them
+
+    remove_leftovers(target)
+    bars = transformers_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # progress bars are for a terminal, not a log file
+        transformers_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.download-{os.getpid()}-", dir=target.parent) as tmp:
+            _convert_in(Path(tmp), target)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    logger.info("Saved %s checkpoint to %s", DEFAULT_MODEL, target)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove the temp folders of conversions into ``target`` that were stopped (call it holding
+    the lock: no conversion is running then)."""
+    for leftover in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.download-*")]:
+        logger.info("removing %s, left by a conversion that was stopped", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _convert_in(tmp: Path, target: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="potluck-gguf-") as tmp:
-        gguf = _fetch_gguf(Path(tmp))
-        logger.info("Dequantising %s to float32 (takes ~20 s, done once)...", gguf.name)
-        start = time.monotonic()
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-        logger.info("Dequantised %s in %.1f s", gguf.name, time.monotonic() - start)
+    gguf = _fetch_gguf(tmp)
+    logger.info("Dequantising %s to float32 (takes ~20 s, done once)...", gguf.name)
+    start = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+    logger.info("Dequantised %s in %.1f s", gguf.name, time.monotonic() - start)
 
-        # save_pretrained refuses GGUF-loaded models while quantizer metadata is attached.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    # save_pretrained refuses GGUF-loaded models while quantizer metadata is attached.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
-        # Sibling of target (same filesystem, so the rename is atomic); plain mkdir honours umask.
-        staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    # Sibling of target (same filesystem, so the rename is atomic); plain mkdir honours umask.
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        # transformers writes the weights 0600; give them the same umask-derived mode as config.json.
+        (staging / "model.safetensors").chmod((staging / "config.json").stat().st_mode & 0o777)
+        _verify(staging, model, tokenizer)
+        os.replace(staging, target)  # atomic: readers never see a half-written folder
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-            # transformers writes the weights 0600; give them the same umask-derived mode as config.json.
-            (staging / "model.safetensors").chmod((staging / "config.json").stat().st_mode & 0o777)
-            _verify(staging, model, tokenizer)
-            os.replace(staging, target)  # atomic: readers never see a half-written folder
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    logger.info("Saved %s checkpoint to %s", DEFAULT_MODEL, target)
+        raise
 
 
 def _verify(folder: Path, reference, tokenizer) -> None:  # noqa: ANN001 - transformers types imported lazily

@@ -68,3 +68,24 @@ def test_ctrl_c_stops_every_process(default_swarm):
     assert proc.wait(60) == 0
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.mark.parametrize("command", [["node", "--new-swarm"], ["swarm"]])
+def test_ctrl_c_while_the_default_model_is_first_converted_stops_at_once(command, tmp_path):
+    """The first conversion takes ~25 s; a Ctrl-C does not wait for it (nor leave its files)."""
+    proc = subprocess.Popen(potluck_command(*command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "POTLUCK_CACHE": str(tmp_path)}, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # the download (from pip's cache after the first) takes a few seconds
+            lines.append(line)
+            if "Dequantising" in line:
+                break
+        assert "Dequantising" in lines[-1], "".join(lines)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+        assert proc.wait(5) == (130 if command[0] == "node" else 0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()

@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from potluck.protocol import checkpoint as ckpt
+from potluck.protocol.default_model import remove_leftovers
 from potluck.protocol.errors import BadRequest
 
 
@@ -31,3 +32,17 @@ def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BadRequest, match="hf download nobody/nothing-here"):
         ckpt.resolve_checkpoint("nobody/nothing-here")
+
+
+def test_a_conversion_removes_what_stopped_conversions_left(tmp_path):
+    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    kept = [target, tmp_path / "models" / ".SmolLM2-135M-Instruct.lock", tmp_path / "models" / "Other.tmp-12"]
+    left = [tmp_path / "models" / ".SmolLM2-135M-Instruct.tmp-4242",
+            tmp_path / "models" / ".SmolLM2-135M-Instruct.download-4242-x1"]
+    for folder in [target, *left]:
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "weights").write_bytes(b"0" * 100)
+    for file in kept[1:]:
+        file.write_text("")
+    remove_leftovers(target)
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in left)
