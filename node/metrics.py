@@ -51,7 +51,8 @@ class NodeCollector(Collector):
         info = InfoMetricFamily("potluck_node", "What this node serves")
         info.add_metric([], {"model": record.model, "blocks": f"{record.start}:{record.end}",
                              "state": record.state.value, "dtype": record.dtype, "device": record.device,
-                             "version": record.version, "peer_id": node.peer_id, "name": record.public_name})
+                             "quant": record.quant, "version": record.version, "peer_id": node.peer_id,
+                             "name": record.public_name})
         yield info
         gauges = [("potluck_node_open_sessions", "Inference sessions open now", record.active_sessions),
                   ("potluck_node_cache_tokens_left", "Attention-cache tokens not reserved by sessions",
