@@ -15,7 +15,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--temperature", type=number(at_least=0), default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=number(above=0, at_most=1), default=1.0,
                           help="nucleus sampling: the smallest set of tokens "
-                          "whose probability reaches P (with --temperature above 0)")
+                          "whose probability reaches P (with --temperature above 0; default: 1, every token)")
     generate.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
     _add_local_args(generate)
     generate.set_defaults(run=_run_generate)
@@ -26,7 +26,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--max-length", type=COUNT, default=None,
                       help="longest conversation, in tokens (default: the model's positions, at most 4096)")
     chat.add_argument("--temperature", type=number(at_least=0), default=0.0, help="0 = greedy")
-    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--system", default=None, help="system prompt (default: none, or the chat template's own)")
     _add_local_args(chat)
     chat.set_defaults(run=_run_chat)
 
@@ -36,7 +36,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=PORT, default=8000, help="0 picks a free port")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (default: none; it listens on loopback only "
+                            "unless --host says otherwise)")
     _add_local_args(serve)
     serve.set_defaults(run=_run_serve)
 

@@ -57,7 +57,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     memory.add_argument("--max-memory", type=POSITIVE, default=None, metavar="GIB",
                         help="without --blocks/--num-blocks: memory for weights and cache, in GiB "
                              "(default: 80%% of the free GPU memory, or of the available RAM)")
-    memory.add_argument("--cache-tokens", type=COUNT, default=None, help="attention-cache budget in tokens")
+    memory.add_argument("--cache-tokens", type=COUNT, default=None, help="attention-cache budget in tokens (default: what --cache-gib holds)")
     memory.add_argument("--cache-gib", type=POSITIVE, default=None,
                         help="cache budget in GiB when --cache-tokens is unset (default: half the GPU memory free "
                              "after loading, or 1 GiB on CPUs)")
@@ -95,7 +95,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     operator = node.add_argument_group("operator")
     operator.add_argument("--public-name", default="", type=public_name,
-                          help=f"a name shown to users and on the health page (at most {MAX_NAME_CHARS} characters)")
+                          help=f"a name shown to users and on the health page (at most {MAX_NAME_CHARS} characters; "
+                               "default: none, the peer id only)")
     operator.add_argument("--drain-timeout", type=number(at_least=0), default=10.0,
                           help="seconds Ctrl-C waits for open sessions before going OFFLINE (default: 10)")
     operator.add_argument("--metrics-port", type=PORT, default=None, metavar="PORT",
@@ -114,11 +115,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     swarm.add_argument("--nodes", type=COUNT, default=3, help="how many nodes split the blocks evenly")
     swarm.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="the nodes' dtype (default: each node's own, as for potluck node)")
-    swarm.add_argument("--model-name", default=None, help="the model's name in the swarm")
+    swarm.add_argument("--model-name", default=None, help="the model's name in the swarm (default: from MODEL)")
     swarm.add_argument("--announce-period", type=POSITIVE, default=ANNOUNCE_PERIOD,
                        help="seconds between the nodes' announcements")
     swarm.add_argument("--node-arg", action="append", default=[], help="extra argument for every node, written with = "
-                       "(--node-arg=--num-threads=2; repeatable)")
+                       "(--node-arg=--num-threads=2; repeatable; default: none)")
     swarm.set_defaults(run=_run_swarm)
 
 
@@ -129,7 +130,8 @@ def _add_network_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
                         help="addresses to listen on, e.g. /ip4/0.0.0.0/tcp/31337 for a fixed port to forward "
                              "(default: 127.0.0.1, or 0.0.0.0 with --public or initial peers beyond loopback)")
     parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
-                        help="addresses other peers should dial (behind port forwarding)")
+                        help="addresses other peers should dial (behind port forwarding; default: the ones it listens on, "
+                             "and those UPnP maps)")
     parser.add_argument("--public", action="store_true",
                         help="listen on every interface with UPnP port mapping, so other machines can connect "
                              "(default: loopback only, unless --initial-peers or --host-maddrs are beyond loopback)")
