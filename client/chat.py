@@ -9,6 +9,8 @@ not UTF-8 has its bad bytes replaced, as in the reply's text.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 
 from potluck.protocol.errors import BadRequest
@@ -33,10 +35,53 @@ def as_text(raw: str) -> str:
     return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def run_chat(model, tokenizer, length: int, max_new_tokens: int, system: str | None, sampling: dict) -> None:
+def line_streamer(tokenizer, **options):
+    """A transformers ``TextStreamer`` that is also a logging filter: a log line (a failover, a
+    redone step) printed while text streams to the terminal starts on a line of its own instead of
+    in the middle of the text. ``midline``: whether the text printed last ended its line."""
     from transformers import TextStreamer
 
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    class LineStreamer(TextStreamer, logging.Filter):
+        midline = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            super().on_finalized_text(text, stream_end)
+            if text or stream_end:
+                self.midline = not stream_end and not text.endswith("\n")
+
+        def filter(self, record: logging.LogRecord | None) -> bool:
+            if self.midline:
+                print(flush=True)
+                self.midline = False
+            return True
+
+    return LineStreamer(tokenizer, **options)
+
+
+@contextlib.contextmanager
+def streaming_apart_from_logs(streamer):
+    """A context in which ``streamer`` (``line_streamer``) filters every root log handler; an
+    error leaving it starts a new line too (the CLI prints it after)."""
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(streamer)
+    try:
+        yield streamer
+    except BaseException:
+        streamer.filter(None)
+        raise
+    finally:
+        for handler in handlers:
+            handler.removeFilter(streamer)
+
+
+def run_chat(model, tokenizer, length: int, max_new_tokens: int, system: str | None, sampling: dict) -> None:
+    streamer = line_streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with streaming_apart_from_logs(streamer):
+        _chat(model, tokenizer, length, max_new_tokens, system, sampling, streamer)
+
+
+def _chat(model, tokenizer, length: int, max_new_tokens: int, system: str | None, sampling: dict, streamer) -> None:
     messages = [{"role": "system", "content": system}] if system else []
     print("Chatting through the swarm. Empty line or Ctrl-D ends; Ctrl-C stops a reply.", file=sys.stderr)
     with model.inference_session(max_length=length) as session:
@@ -62,6 +107,7 @@ def run_chat(model, tokenizer, length: int, max_new_tokens: int, system: str | N
                       file=sys.stderr)
                 continue
             print("model> ", end="", flush=True)
+            streamer.midline = True
             new = min(max_new_tokens, room)
             try:
                 out = model.generate(ids, max_new_tokens=new, streamer=streamer, **sampling)

@@ -194,9 +194,8 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import TextStreamer
 
-    from .chat import as_text
+    from .chat import as_text, line_streamer, streaming_apart_from_logs
 
     args.prompt = as_text(args.prompt)
     if not args.prompt:
@@ -205,12 +204,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     tokenizer, model = _load(args)
     inputs = tokenizer(args.prompt, return_tensors="pt")
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    streamer = line_streamer(tokenizer, skip_special_tokens=True)
     try:
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
-    except BaseException:
-        print(flush=True)  # the error's line below the text streamed so far, not after it
-        raise
+        with streaming_apart_from_logs(streamer):  # an error's line, too, below the text streamed so far
+            model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
     finally:
         model.swarm_view.swarm.close()
     return 0
