@@ -48,6 +48,9 @@ def _add_route_command(commands: argparse._SubParsersAction) -> None:
     _add_model_args(route)
     route.add_argument("--max-length", type=COUNT, default=2048, help="cache tokens the session would reserve")
     route.add_argument("--allow-quantized", action="store_true", help="a chain may use nodes with 8- or 4-bit weights")
+    route.add_argument("--mix-dtypes", action="store_true",
+                       help="a chain may combine nodes of different dtypes (as generate, chat and serve allow with "
+                            "the same option)")
     route.set_defaults(run=_run_route)
 
 
@@ -62,7 +65,8 @@ def _run_route(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.model, args.model_name)
     swarm = SwarmConnection(initial_peers)
     try:
-        view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, allow_quantized=args.allow_quantized)
+        view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, allow_quantized=args.allow_quantized,
+                         mix_dtypes=args.mix_dtypes)
         swarm.call(view.refresh())
         swarm.call(view.measure_pings())
         print(f"{checkpoint.name}: {checkpoint.num_blocks} blocks, {len(view.records)} nodes known")

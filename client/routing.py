@@ -87,7 +87,7 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
         _search(usable, records, start, end, costs, rng, why_not)  # raises, naming the gap, if mixing would not help
         raise NoRoute(f"no chain of nodes in a single dtype covers blocks {start}:{end} "
                       f"(dtypes seen: {', '.join(sorted({r.dtype for r in usable.values()}))}); allow mixed dtypes "
-                      "to route through them")
+                      "to route through them: mix_dtypes=True, --mix-dtypes")
     return min(found, key=lambda cost_chain: cost_chain[0])[1]
 
 

@@ -2,12 +2,16 @@
 
 On the CPU here; tests/integration/test_cuda.py repeats it on a GPU where there is one.
 """
+import subprocess
+
 import torch
 from transformers import AutoModelForCausalLM
 
 from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 from potluck.protocol import messages as msg
+
+from helpers import potluck_command
 
 
 def test_bfloat16_nodes_match_local_bfloat16(tiny_checkpoints, swarm_factory):
@@ -71,3 +75,18 @@ def test_a_float32_client_sends_bfloat16_nodes_16_bit_activations(tiny_checkpoin
     finally:
         connection.close()
         swarm.stop()
+
+
+def test_route_shows_a_chain_of_mixed_dtypes_only_when_asked(tiny_checkpoints, swarm_factory):
+    """`potluck route` routes as generate does: one dtype per chain unless --mix-dtypes."""
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    swarm.start_nodes(path, ["0:4"], "--dtype", "float32", name="f32")
+    swarm.start_nodes(path, ["4:8"], "--dtype", "bfloat16", name="b16")
+    command = potluck_command("route", str(path), "--initial-peers", *swarm.initial_peers)
+    one = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert one.returncode != 0 and "--mix-dtypes" in one.stderr, one.stderr[-2000:]
+    assert "Traceback" not in one.stderr and len(one.stderr.strip().splitlines()) <= 2, one.stderr
+    mixed = subprocess.run([*command, "--mix-dtypes"], capture_output=True, text=True, timeout=120)
+    assert mixed.returncode == 0, mixed.stderr[-2000:]
+    assert [line.split()[1] for line in mixed.stdout.splitlines() if "compute" in line] == ["0:4", "4:8"]
