@@ -186,8 +186,10 @@ class Node:
         logger.info("loading %s blocks %d:%d (%s%s on %s) from %s", self.checkpoint.name, config.start, config.end,
                     config.dtype, "" if config.quant == "none" else f", weights in {config.quant}", self.device,
                     self.checkpoint.path)
+        began = time.monotonic()
         span = await asyncio.to_thread(load_span, self.checkpoint, config.start, config.end, dtype, self.device,
                                        sys.stderr.isatty(), None, self.stopping, config.quant)
+        logger.info("loaded %d blocks in %.1f s", config.end - config.start, time.monotonic() - began)
         self.speed = await self._initial_speed(span)
         gib = config.cache_gib if config.cache_gib is not None else hardware.default_cache_gib(self.device)
         tokens = config.cache_tokens or cache_tokens_for(self.checkpoint, config.end - config.start, dtype, gib)
@@ -233,6 +235,8 @@ class Node:
             logger.info("speed from an earlier run: %.0f steps/s, %.0f tokens/s forward (refined when idle)",
                         cached.steps_per_s, cached.forward_tokens_per_s)
             return cached
+        logger.info("measuring this node's speed (once for this model, dtype, device and span size; kept in the "
+                    "cache folder for the next start)")
         speed = await asyncio.to_thread(measure, span, stopping=self.stopping, graphs=self.config.cuda_graphs)
         remember_speed(self._speed_key(), speed)
         return speed

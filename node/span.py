@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import logging
 import threading
+import time
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +29,7 @@ from . import hardware, quantize
 from .quantize import quantize_block
 
 logger = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0  # without a progress bar (a log file), loading says how far it got this often
 
 
 class Interrupted(Exception):
@@ -126,7 +128,7 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
         raise BadRequest(f"blocks {start}:{end} are outside the model's 0:{checkpoint.num_blocks}")
     family = family_of(checkpoint.config)
     files = tensor_files(checkpoint.path)
-    blocks = []
+    blocks, said = [], time.monotonic()
     with hardware.packing(torch.device(device)) if quant != "none" else contextlib.nullcontext():
         for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block",
                           disable=not progress):
@@ -154,6 +156,9 @@ def load_span(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype,
             del weights  # the full-precision tensors go as soon as the block holds its packed ones
             blocks.append(quantize_block(block, quant))
             logger.debug("loaded block %d (%d tensors)", index, len(names))
+            if not progress and time.monotonic() - said > PROGRESS_EVERY_S and index + 1 < end:  # no bar: a line
+                logger.info("loaded %d of %d blocks", index + 1 - start, end - start)
+                said = time.monotonic()
     return BlockSpan(checkpoint.config, family, start, blocks).eval()
 
 

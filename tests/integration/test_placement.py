@@ -135,12 +135,15 @@ def test_a_restarted_node_announces_its_earlier_speed_at_once(nine_blocks, swarm
     monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path))  # inherited by the nodes
     swarm = swarm_factory()
     first = swarm.start_nodes(nine_blocks, ["0:9"])[0]
+    log = "".join(swarm.children[-1].lines)
+    assert "loaded 9 blocks in" in log and "measuring this node's speed" in log  # a log file sees each phase
     swarm.nodes[first].send_signal(signal.SIGINT)
     assert swarm.nodes[first].wait(30) == 0
     measured = json.loads((tmp_path / "throughput.json").read_text())
     assert len(measured) == 1 and next(iter(measured.values()))["steps_per_s"] > 0
     swarm.start_nodes(nine_blocks, ["0:9"])
     assert "speed from an earlier run" in "".join(swarm.children[-1].lines)
+    assert "measuring this node's speed" not in "".join(swarm.children[-1].lines)
     fixed = swarm.start_nodes(nine_blocks, ["0:9"], "--throughput", "123")[0]
     connection = SwarmConnection(swarm.initial_peers)
     try:

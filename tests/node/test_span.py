@@ -76,3 +76,18 @@ def test_span_loads_only_its_blocks(tiny_checkpoints, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(checkpoint.path)
     expected = model.model.layers[3].state_dict()
     assert all(torch.equal(t, expected[n]) for n, t in span.blocks[1].state_dict().items())
+
+
+def test_loading_without_a_progress_bar_says_how_far_it_got(tiny_checkpoints, monkeypatch, caplog):
+    """A node logging to a file shows no bar; a slow load (a big model, or packing it in 4 bits)
+    says every PROGRESS_EVERY_S how many blocks are loaded, so it does not look hung."""
+    checkpoint = resolve_checkpoint(str(tiny_checkpoints["llama"]))
+    monkeypatch.setattr(span_module, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="potluck.node.span"):
+        load_span(checkpoint, 2, 6, torch.float32)
+    assert [r.getMessage() for r in caplog.records] == [f"loaded {n} of 4 blocks" for n in (1, 2, 3)]
+    caplog.clear()
+    monkeypatch.setattr(span_module, "PROGRESS_EVERY_S", 3600.0)
+    with caplog.at_level("INFO", logger="potluck.node.span"):
+        load_span(checkpoint, 2, 6, torch.float32)
+    assert not caplog.records
