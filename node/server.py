@@ -402,4 +402,7 @@ class Node:
             self.links.close()
         self.compute.shutdown()
         await leave_swarm(self.p2p, self.dht)
-        logger.info("OFFLINE")
+        if self.servicer is not None:  # it served: say so (a node that failed to load says why instead)
+            logger.info("OFFLINE")
+        else:
+            logger.debug("left the swarm before serving")

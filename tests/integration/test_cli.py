@@ -270,6 +270,7 @@ def test_a_broken_checkpoint_is_named(tiny_checkpoints, tmp_path):
     assert_one_clear_line(results["truncated"], "model.safetensors", "is it complete")
     assert_one_clear_line(results["not_json"], "config.json")
     assert_one_clear_line(results["more_layers"], "no weights of block 8")
+    assert not any("OFFLINE" in result.stderr for result in results.values())  # it never was ONLINE
 
 
 def test_a_swarm_whose_node_fails_at_once_says_it_exited(tiny_checkpoints):
