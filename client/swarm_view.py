@@ -166,10 +166,13 @@ class SwarmView:
         return None if self.mix_dtypes or not hops else hops[0].record.dtype
 
     def timeout_for(self, hops: list[Hop], tokens: int) -> float:
-        """How long ``hops`` may take for ``tokens`` new tokens before the step counts as hung."""
+        """How long ``hops`` may take for ``tokens`` new tokens before the step counts as hung. A node
+        that announces no forward speed (``--throughput``) is taken to compute a long prompt's tokens
+        at least as fast as one-token steps."""
         expected = 0.0
         for hop in hops:
-            speed = hop.record.forward_tokens_per_s * (hop.record.end - hop.record.start) / (hop.end - hop.start)
+            per_span = hop.record.forward_tokens_per_s or hop.record.inference_steps_per_s
+            speed = per_span * (hop.record.end - hop.record.start) / (hop.end - hop.start)
             expected += tokens / speed if speed > 0 else 0.0
         return self.policy.request_timeout + self.policy.slack * expected
 

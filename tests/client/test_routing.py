@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from potluck.client.routing import RouteCosts, find_chain
+from potluck.client.routing import Hop, RouteCosts, find_chain
+from potluck.client.swarm_view import SwarmView
 from potluck.protocol.errors import NoRoute
 from potluck.protocol.records import NodeRecord, NodeState
 
@@ -117,3 +118,13 @@ def test_no_route_says_why_each_node_holding_the_first_missing_block_cannot_be_u
         assert reason in message, message
     with pytest.raises(NoRoute, match="none holds block 4"):
         route({"head": node(0, 4)})
+
+
+def test_a_long_prompt_gets_time_for_its_tokens_even_from_a_node_that_announced_no_forward_speed():
+    view = SwarmView(swarm=None, model="m", num_blocks=8)
+    measured = NodeRecord(model="m", start=0, end=8, state=NodeState.ONLINE, inference_steps_per_s=10.0,
+                          forward_tokens_per_s=1000.0)
+    fixed = NodeRecord(model="m", start=0, end=8, state=NodeState.ONLINE, inference_steps_per_s=10.0)  # --throughput
+    slack, base = view.policy.slack, view.policy.request_timeout
+    assert view.timeout_for([Hop("a", 0, 4, measured)], 1000) == pytest.approx(base + slack * 0.5)
+    assert view.timeout_for([Hop("b", 0, 4, fixed)], 1000) == pytest.approx(base + slack * 50)  # 1000 / 20 a s
