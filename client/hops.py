@@ -188,6 +188,34 @@ class HopStreams:
         self.inbox.put_nowait((hop_session, item))
 
 
+async def forward_hop(view: SwarmView, hop: Hop, hidden: torch.Tensor, positions: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """A cache-less forward through one hop, in messages the node takes (its announced
+    ``max_batch_tokens``): rows apart while one row fits in a message; a longer row through a
+    session on the node, fed a part at a time (a forward's result, computed on a cache that the
+    node frees after)."""
+    batch, length = hidden.shape[:2]
+    limit = hop.record.max_batch_tokens or batch * length  # 0: the node announced no limit
+    if batch * length <= limit:
+        return await view.forward_request(hop, hidden, positions, mask)
+    if length <= limit:
+        rows = limit // length
+        return torch.cat([await view.forward_request(hop, hidden[r:r + rows], positions[r:r + rows],
+                                                     None if mask is None else mask[r:r + rows])
+                          for r in range(0, batch, rows)])
+    streams = HopStreams(view)
+    hop_session = (await streams.open([hop], length, batch))[0]
+    try:
+        part, outputs = max(1, limit // batch), []
+        for begin in range(0, length, part):
+            inputs = StepInputs(hidden[:, begin:begin + part], positions[:, begin:begin + part],
+                                None if mask is None else mask[:, :begin + part])
+            outputs.append(await streams.step(hop_session, inputs, None))
+        return torch.cat(outputs, 1)
+    finally:
+        streams.close(hop_session)
+
+
 def joined(history: list[StepInputs]) -> StepInputs:
     """A history of steps as one step over all its tokens."""
     return StepInputs(torch.cat([s.hidden for s in history], 1), torch.cat([s.positions for s in history], 1),

@@ -187,25 +187,31 @@ class SwarmView:
                             quant: str | None = None) -> torch.Tensor:
         """Blocks start:end without a cache, not through the nodes in ``avoid`` (and only nodes
         storing weights as ``quant`` if given); the hops that computed it are appended to ``used``."""
-        extra = [positions] + ([] if mask is None else [mask])
+        from .hops import forward_hop  # hops builds on this module
+
         block = start
 
         async def rest_of_the_chain() -> torch.Tensor:  # from the first block not yet computed
             nonlocal hidden, block, dtype
             for hop in await self.route(block, end, dtype=dtype, avoid=avoid, quant=quant):
                 dtype = self.chain_dtype([hop])
-                wire = hidden.to(wire_dtype(hop, hidden.dtype))
-                frame = await self.swarm.request(
-                    hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
-                    [wire, *extra], self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]),
-                    how_to_dial(hop.record))
-                hidden, block = expect_hidden(frame, hop, hidden.shape), hop.end
+                hidden, block = await forward_hop(self, hop, hidden.to(wire_dtype(hop, hidden.dtype)), positions,
+                                                  mask), hop.end
                 if used is not None:
                     used.append(hop)
             return hidden
 
         given = hidden.dtype
         return (await self.retrying(rest_of_the_chain)).to(given)
+
+    async def forward_request(self, hop: Hop, hidden: torch.Tensor, positions: torch.Tensor,
+                              mask: torch.Tensor | None) -> torch.Tensor:
+        """One cache-less forward message through ``hop``: its output hidden states."""
+        frame = await self.swarm.request(
+            hop.peer_id, msg.FORWARD_HANDLER, msg.Forward(hop.start, hop.end).to_meta(),
+            [hidden, positions, *([] if mask is None else [mask])],
+            self.timeout_for([hop], hidden.shape[0] * hidden.shape[1]), how_to_dial(hop.record))
+        return expect_hidden(frame, hop, hidden.shape)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it works. A retriable failure bans the node that caused it and backs

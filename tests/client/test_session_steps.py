@@ -135,3 +135,38 @@ def test_a_first_token_far_above_the_rest_is_not_the_usual_scale(swarm, caplog):
             assert first.norm() > 20 * second.norm()
             session.step(hidden[:, 2:3], torch.tensor([[2]]))
     assert "suspicious" not in caplog.text
+
+
+def test_a_forward_longer_than_a_node_takes_in_one_message_goes_in_parts(tiny_checkpoints):
+    """A cache-less forward (``model(ids)``) past a node's --max-batch-tokens: rows in messages of
+    their own while a row fits; a longer row through a short-lived session, a part at a time."""
+    swarm = MemorySwarm()
+    swarm.add_node("a", tiny_checkpoints["llama"], 0, 4)
+    small = swarm.servicers[swarm.add_node("b", tiny_checkpoints["llama"], 4, 8, max_batch_tokens=8)]
+    seen = []
+    for name in ("_single_request", "_step"):
+        original = getattr(small, name)
+
+        def recording(*args, _original=original, _name=name):
+            seen.append(_name)
+            return _original(*args)
+        setattr(small, name, recording)
+    span = load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 8, torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(3, 5, 64, generator=generator)  # 15 tokens: one row (5) a message
+    long = torch.randn(2, 10, 64, generator=generator)  # a row of 10: parts of 4 tokens of both rows
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # the second row left-padded
+    view = swarm.view(8)
+    try:
+        got_rows = view.forward(rows, torch.arange(5).expand(3, 5), None)
+        forwards = seen.count("_single_request")
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        got_long = view.forward(long, positions, mask)
+    finally:
+        swarm.close()
+    assert forwards == 3 and seen.count("_step") == 3  # 3 parts of 4, 4 and 2 tokens
+    assert torch.allclose(got_rows, span(rows, torch.arange(5).expand(3, 5)), atol=1e-5)
+    expected = span(long, positions, mask)
+    assert torch.allclose(got_long[0], expected[0], atol=1e-5)
+    assert torch.allclose(got_long[1, 3:], expected[1, 3:], atol=1e-5)  # the padding's outputs mean nothing
