@@ -39,6 +39,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' (default: none; it listens on loopback only "
                             "unless --host says otherwise)")
+    serve.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
+                       help="web pages from these origins may call the API from a browser (CORS), e.g. "
+                            "https://chat.example.org, or * for any (default: none)")
     _add_local_args(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -101,7 +104,7 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
         listening.close()
         raise
     generator = TextGenerator(model, tokenizer, model.swarm_view.model)
-    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins), log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve(sockets=[listening]))
     try:
         while not server.started:

@@ -13,10 +13,11 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -57,7 +58,7 @@ def _swarm_error(error: PotluckError) -> ApiError:
     return ApiError(502, f"the swarm refused the request: {error}", "api_error", code=type(error).__name__)
 
 
-def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
+def create_app(generator: TextGenerator, api_key: str | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
     async def check_key(request: Request) -> None:
         # a dependency of every route, not an HTTP middleware: those relay each streamed chunk through a task
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -65,6 +66,9 @@ def create_app(generator: TextGenerator, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="Potluck", description="OpenAI-compatible API over a Potluck swarm",
                   dependencies=[Depends(check_key)])
+    if allowed_origins:  # an ASGI middleware: it answers preflights itself and adds headers, per response
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -15,6 +15,7 @@ from potluck.protocol import messages as msg
 from helpers import potluck_command
 
 KEY = "sk-test-potluck"
+ORIGIN = "https://chat.example.org"  # a web page allowed to call the API from a browser
 def start_serve(path, initial_peers, logs, *extra):
     log = open(logs / "serve.log", "w")
     proc = subprocess.Popen(potluck_command("serve", str(path), "--port", "0", "--initial-peers", *initial_peers,
@@ -38,7 +39,8 @@ def stop(proc):
 def api(chat_model, swarm_factory, tmp_path_factory):
     swarm = swarm_factory()
     peers = swarm.start_nodes(chat_model, ["0:2", "2:4"])
-    proc, base_url = start_serve(chat_model, swarm.initial_peers, tmp_path_factory.mktemp("serve"), "--api-key", KEY)
+    proc, base_url = start_serve(chat_model, swarm.initial_peers, tmp_path_factory.mktemp("serve"), "--api-key", KEY,
+                                 "--allowed-origins", ORIGIN)
     client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=120)
     connection = SwarmConnection(swarm.initial_peers)
     yield client, base_url, peers, connection
@@ -272,6 +274,20 @@ def test_wrong_api_key(api):
         openai.OpenAI(base_url=api[1], api_key="wrong", max_retries=0).models.list()
 
 
+def test_a_browser_page_from_an_allowed_origin_may_call_the_api_and_no_other(api):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(f"{api[1]}/chat/completions", headers={"Origin": ORIGIN, **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    other = httpx.options(f"{api[1]}/chat/completions", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    answer = httpx.post(f"{api[1]}/chat/completions", json={"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2},
+                        headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ORIGIN
+    refused = httpx.get(f"{api[1]}/models", headers={"Origin": ORIGIN})  # the key is still asked for
+    assert refused.status_code == 401
+
+
 def test_models_lists_the_served_model(api):
     assert [m.id for m in api[0].models.list().data] == ["tiny-chat"]
 
@@ -285,7 +301,8 @@ def test_missing_blocks_are_a_503_naming_them(chat_model, swarm_factory, tmp_pat
                               timeout=60)
         assert response.status_code == 503
         assert "blocks 2:4" in response.json()["error"]["message"]
-        assert httpx.get(f"{base_url}/models").json()["data"] == []
+        listed = httpx.get(f"{base_url}/models", headers={"Origin": ORIGIN})
+        assert listed.json()["data"] == [] and "access-control-allow-origin" not in listed.headers  # no CORS unless asked
         retrieved = httpx.get(f"{base_url}/models/tiny-chat", timeout=60)  # was a 200
         assert retrieved.status_code == 503 and "blocks 2:4" in retrieved.json()["error"]["message"]
     finally:
