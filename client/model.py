@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
+import inspect
 import logging
 import operator
 import threading
@@ -71,6 +74,9 @@ class RemoteDecoder(torch.nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise BadRequest("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
+        if hidden.dim() != 3 or hidden.shape[1] == 0:
+            raise BadRequest(f"the input must be [batch, tokens] ids (or [batch, tokens, hidden] embeddings) with at "
+                             f"least one token, got {tuple(hidden.shape[:-1])}")
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         prefix = session.position if session is not None else 0
         if position_ids is None:  # positions only travel to the nodes: built on the CPU, the wire's side
@@ -109,10 +115,14 @@ class DistributedModelMixin:
         ``max_length`` tokens."""
         if self._active_session is not None:
             raise BadRequest("an inference session is already active on this model in this thread")
+        if isinstance(max_length, bool) or _whole(max_length) is None or _whole(max_length) < 1:
+            raise BadRequest(f"max_length={max_length!r}: pass the whole number of tokens the session holds, at "
+                             "least 1")
+        max_length = _whole(max_length)
         positions = getattr(self.config, "max_position_embeddings", None)
         if positions and max_length > positions:
-            raise BadRequest(f"{max_length} tokens in all (the prompt and max_new_tokens) are more than this model's "
-                             f"{positions} positions: ask for fewer new tokens")
+            raise BadRequest(f"{max_length} tokens in all (a session's max_length, or a generate call's prompt and "
+                             f"new tokens) are more than this model's {positions} positions: ask for fewer")
         with InferenceSession(self.swarm_view, max_length) as session:
             self._local.session = session
             try:
@@ -125,9 +135,26 @@ class DistributedModelMixin:
         program that never calls it leaves the swarm at exit)."""
         self.swarm_view.swarm.close()
 
+    def _forward_continuing(self, base_forward, args: tuple, kwargs: dict):
+        """The checkpoint class's ``forward`` (``base_forward``); inside ``inference_session`` a call
+        continues the session (its tokens join the conversation on the nodes), as ``generate``
+        calls do."""
+        bound = inspect.signature(base_forward).bind(self, *args, **kwargs)
+        given = bound.arguments
+        extra = given.get("kwargs", {})  # a forward's **kwargs, where it has them
+        for name in ("output_hidden_states", "output_attentions"):
+            if given.get(name) or extra.get(name):
+                raise BadRequest(f"{name}=True: the decoder layers run on the nodes, which send back only the last "
+                                 "one's output; leave it out")
+        session = self._active_session
+        if given.get(CACHE_ARG) is None and session is not None:
+            given[CACHE_ARG] = RemoteCache(session)
+        elif given.get(CACHE_ARG) is None and given.get("use_cache"):
+            raise BadRequest("use_cache=True: the attention cache stays on the nodes; to go on from earlier calls, "
+                             "call the model inside `with model.inference_session(max_length=N):`")
+        return base_forward(*bound.args, **bound.kwargs)
+
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        if (kwargs.get("num_beams") or self.generation_config.num_beams or 1) != 1:
-            raise BadRequest("beam search is not supported through the swarm yet; use num_beams=1")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         input_ids = None if input_ids is None else input_ids.to(self.device)  # the local part's device
         if input_ids is not None and input_ids.shape[-1] == 0:
@@ -142,27 +169,73 @@ class DistributedModelMixin:
         for name in ("attention_mask", "inputs_embeds"):
             if isinstance(kwargs.get(name), torch.Tensor):
                 kwargs[name] = kwargs[name].to(self.device)
+        lengths = self._generation_settings(kwargs)
         session = self._active_session
+        mask = kwargs.get("attention_mask")
+        fresh = session is None or session.token_ids is None or session.position == 0
+        if fresh and input_ids is not None and isinstance(mask, torch.Tensor) and mask.shape != input_ids.shape:
+            raise BadRequest(f"attention_mask of shape {tuple(mask.shape)} does not match input_ids' "
+                             f"{tuple(input_ids.shape)}")
         if session is None:
-            with self.inference_session(self._session_length(input_ids, kwargs)) as session:
-                return self._generate_in(session, input_ids, args, kwargs)
-        return self._generate_in(session, input_ids, args, kwargs)
+            prompt = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+            with self.inference_session(lengths.total(prompt)) as session:
+                return self._generate_in(session, input_ids, lengths, args, kwargs)
+        return self._generate_in(session, input_ids, lengths, args, kwargs)
 
-    def _generate_in(self, session: InferenceSession, input_ids, args, kwargs):
+    def _generation_settings(self, kwargs: dict) -> "Lengths":
+        """Reads the settings ``generate`` will use (``generation_config=``, then keyword arguments,
+        over the model's own and transformers' defaults): refuses what the swarm cannot do, and
+        returns the lengths they ask for."""
+        given = kwargs.get("generation_config")
+        settings, _ = self._prepare_generation_config(given, **{k: v for k, v in kwargs.items()
+                                                                if k != "generation_config"})
+        if (settings.num_beams or 1) != 1:
+            raise BadRequest("beam search is not supported through the swarm yet; use num_beams=1")
+        if settings.use_cache is False:
+            raise BadRequest("use_cache=False: the swarm always keeps the attention cache on the nodes; leave it out")
+        for name in ("output_hidden_states", "output_attentions"):
+            if getattr(settings, name, False):
+                raise BadRequest(f"{name}=True: the decoder layers run on the nodes, which send back only the last "
+                                 "one's output; leave it out")
+        unset = kwargs.get("max_length") is None and getattr(given, "max_length", None) is None \
+            and self.generation_config.max_length is None  # as transformers' generate tells a default length
+        return Lengths(settings.max_new_tokens, settings.max_length, unset,
+                       getattr(self.config, "max_position_embeddings", None))
+
+    def _generate_in(self, session: InferenceSession, input_ids, lengths: Lengths, args, kwargs):
+        given_mask = kwargs.get("attention_mask")
         if input_ids is not None and session.token_ids is not None and session.position > 0:
-            input_ids = self._continue_conversation(session, input_ids)
-            kwargs.pop("attention_mask", None)  # the conversation so far has no padding
+            input_ids, mask = self._continue_conversation(session, input_ids, given_mask)
+            if mask is None:
+                kwargs.pop("attention_mask", None)
+            else:
+                kwargs["attention_mask"] = mask
+        if input_ids is not None:
+            needed = lengths.total(input_ids.shape[1])
+            if needed > session.max_length:
+                raise BadRequest(f"{input_ids.shape[1]} tokens so far and the new ones make {needed}, more than this "
+                                 f"session's max_length={session.max_length}: ask for fewer new tokens, or open the "
+                                 "session with a larger max_length")
         kwargs[CACHE_ARG] = RemoteCache(session)
         output = super().generate(input_ids, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         session.token_ids = sequences  # the last token is not in the nodes' caches yet
+        mask = kwargs.get("attention_mask")
+        if mask is not None and input_ids is not None and not bool(mask.all()):  # padding the next call keeps
+            new = sequences.shape[1] - mask.shape[1]
+            session.attention_mask = torch.cat([mask.to(torch.int64), mask.new_ones(mask.shape[0], new).to(torch.int64)],
+                                               1)
+        else:
+            session.attention_mask = None
         return output
 
     @staticmethod
-    def _continue_conversation(session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full ids for this call: the conversation so far plus ``input_ids`` if they are only new
-        tokens, else ``input_ids`` themselves, with the nodes' caches rewound to the longest prefix
-        they share with them."""
+    def _continue_conversation(session: InferenceSession, input_ids: torch.Tensor,
+                               given_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Full ids for this call and their attention mask (None: no padding): the conversation so
+        far plus ``input_ids`` if they are only new tokens, else ``input_ids`` themselves, with the
+        nodes' caches rewound to the longest prefix they share with them. The conversation's
+        padding (a left-padded batch) stays masked; a mask given for the full ids is taken as it is."""
         held = session.token_ids
         if input_ids.shape[0] != held.shape[0]:
             raise BadRequest(f"batch of {input_ids.shape[0]} does not match the session's {held.shape[0]}")
@@ -170,22 +243,38 @@ class DistributedModelMixin:
         same = (held[:, :n] == input_ids[:, :n]).all(dim=0)
         common = int(same.long().cumprod(0).sum())
         if common == 0:  # only new tokens: append them to the conversation
-            return torch.cat([held, input_ids], dim=1)
-        common = min(common, input_ids.shape[1] - 1)  # generate must feed at least one token
-        if common < session.position:
-            session.rewind(common)
-        return input_ids
+            full = torch.cat([held, input_ids], dim=1)
+        else:
+            common = min(common, input_ids.shape[1] - 1)  # generate must feed at least one token
+            if common < session.position:
+                session.rewind(common)
+            full = input_ids
+        if given_mask is not None and given_mask.shape[1] == full.shape[1]:
+            mask = given_mask
+        elif session.attention_mask is not None:
+            kept = session.attention_mask[:, :min(held.shape[1], full.shape[1])]
+            mask = torch.cat([kept, kept.new_ones(kept.shape[0], full.shape[1] - kept.shape[1])], 1)
+        else:
+            mask = None
+        return full, None if mask is None or bool(mask.all()) else mask.to(full.device)
 
-    def _session_length(self, input_ids: torch.Tensor | None, kwargs: dict) -> int:
-        prompt = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
-        config = self.generation_config
-        if kwargs.get("max_new_tokens") is not None:
-            return prompt + kwargs["max_new_tokens"]
-        if kwargs.get("max_length") is not None:
-            return kwargs["max_length"]
-        if config.max_new_tokens is not None:
-            return prompt + config.max_new_tokens
-        return max(config.max_length or 0, prompt + 1)
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    """How long a generate call may make the conversation, as transformers counts it."""
+
+    new_tokens: int | None  # max_new_tokens, where set
+    max_length: int  # max_length: set, or transformers' default
+    default: bool  # nobody set a length: transformers generates ``max_length`` new tokens (within the positions)
+    positions: int | None  # the model's max_position_embeddings
+
+    def total(self, prompt: int) -> int:
+        """Tokens a call after ``prompt`` tokens may reach: what a session must hold for it."""
+        if self.new_tokens is not None:
+            return prompt + self.new_tokens
+        if self.default:
+            return min(prompt + self.max_length, self.positions or prompt + self.max_length)
+        return max(self.max_length, prompt + 1)
 
 
 class AutoDistributedModelForCausalLM:
@@ -215,8 +304,11 @@ class AutoDistributedModelForCausalLM:
         if not (isinstance(request_timeout, (int, float)) and 0 < request_timeout < float("inf")):
             raise BadRequest(f"request_timeout={request_timeout!r}: pass the seconds a node may take to answer, "
                              "above 0")
-        if not 0.0 <= verify <= 1.0:
-            raise BadRequest(f"verify={verify}: pass the share of steps to check, from 0 (none) to 1 (every step)")
+        if isinstance(verify, bool) or not isinstance(verify, (int, float)) or not 0.0 <= verify <= 1.0:
+            raise BadRequest(f"verify={verify!r}: pass the share of steps to check, a number from 0 (none) to 1 "
+                             "(every step)")
+        if isinstance(node_dtypes, str):  # one dtype, not its letters
+            node_dtypes = [node_dtypes]
         unknown = set(node_dtypes or ()) - set(DTYPES)
         if unknown:
             raise BadRequest(f"node_dtypes {sorted(unknown)} are not dtypes nodes use; pick from {', '.join(DTYPES)}")
@@ -243,7 +335,12 @@ def build_local_part(checkpoint: Checkpoint, view: SwarmView, dtype: torch.dtype
     ``RemoteDecoder`` over ``view`` in place of its decoder layers."""
     config = checkpoint.config
     base_cls = AutoModelForCausalLM._model_mapping[type(config)]
-    dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedModelMixin, base_cls), {})
+
+    @functools.wraps(base_cls.forward)  # generate reads which arguments forward takes from its signature
+    def forward(self, *args, **kwargs):
+        return self._forward_continuing(base_cls.forward, args, kwargs)
+
+    dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedModelMixin, base_cls), {"forward": forward})
     shell_config = copy.deepcopy(config)  # built without decoder layers: they are remote
     shell_config.num_hidden_layers = 0
     if getattr(shell_config, "layer_types", None) is not None:

@@ -32,7 +32,7 @@ from potluck.protocol.errors import PeerLimitReached, PotluckError
 from . import failover, verification
 from .hops import HopSession, HopStreams, StepInputs
 from .routing import Hop
-from .swarm_view import SwarmView, expect_hidden, wire_dtype
+from .swarm_view import SwarmView, check_hidden, expect_hidden, wire_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class InferenceSession:
         self.view, self.max_length = view, max_length
         self.position = 0  # tokens the nodes hold
         self.token_ids: torch.Tensor | None = None  # [B, >= position] ids so far; the first `position` are cached
+        self.attention_mask: torch.Tensor | None = None  # over ``token_ids`` where they hold padding, else None
         self.batch_size: int | None = None
         self.hop_sessions: list[HopSession] = []  # the chain, in order
         self.streams = HopStreams(view)  # the hops' streams, requests and answers
@@ -73,6 +74,8 @@ class InferenceSession:
         self.position, self._rewound = position, True
         if self.token_ids is not None:
             self.token_ids = self.token_ids[:, :position]
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[:, :position]
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, H] of the new tokens → output hidden [B, T, H] of the last block."""
@@ -84,6 +87,7 @@ class InferenceSession:
         than some hop takes in one message (its announced ``max_batch_tokens``) goes in parts."""
         if self.closed:
             raise PotluckError("this inference session is closed")
+        check_hidden(hidden, positions)
         if self.batch_size is None:
             self.batch_size = hidden.shape[0]
         start_from = self.position if self._rewound else None

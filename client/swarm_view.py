@@ -20,7 +20,7 @@ from potluck.protocol import messages as msg
 from potluck.protocol import replies
 from potluck.protocol.checkpoint import DTYPES
 from potluck.protocol.directory import parse_index, read_block_records
-from potluck.protocol.errors import NodeUnavailable, NoRoute, PeerLimitReached, PotluckError
+from potluck.protocol.errors import BadRequest, NodeUnavailable, NoRoute, PeerLimitReached, PotluckError
 from potluck.protocol.network import connect_through
 from potluck.protocol.records import MODEL_INDEX_KEY, NodeRecord, NodeState
 
@@ -180,6 +180,7 @@ class SwarmView:
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Whole sequences through every block, no cache kept on the nodes; failed hops are replaced."""
+        check_hidden(hidden, positions)
         return self.swarm.call(self.forward_async(hidden, positions, mask, 0, self.num_blocks))
 
     async def forward_async(self, hidden, positions, mask, start: int, end: int, dtype: str | None = None,
@@ -247,6 +248,24 @@ class SwarmView:
             for peer_id, until in set_aside:
                 if self.banned.get(peer_id) == until:  # not banned since for a failure
                     del self.banned[peer_id]
+
+
+def check_hidden(hidden: torch.Tensor, positions: torch.Tensor) -> None:
+    """Refuse hidden states no node takes before anything is sent (the wire would fail on them, and
+    the node would be blamed): a float dtype the nodes compute in, values on a real device, and
+    positions [batch, length] to go with them."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise BadRequest(f"hidden states must be a tensor [batch, length, hidden], got {getattr(hidden, 'shape', hidden)}")
+    if hidden.dtype not in DTYPES.values():
+        raise BadRequest(f"hidden states in {hidden.dtype}: nodes take {', '.join(DTYPES)} (a model made .double() "
+                         "sends float64: load it with dtype= one of those instead)")
+    if hidden.device.type == "meta":
+        raise BadRequest("hidden states on the meta device hold no values")
+    if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != tuple(hidden.shape[:2]) \
+            or positions.dtype != torch.int64:
+        raise BadRequest(f"positions must be int64 [{hidden.shape[0]}, {hidden.shape[1]}] to go with the hidden "
+                         f"states, got {getattr(positions, 'dtype', type(positions).__name__)} "
+                         f"{tuple(getattr(positions, 'shape', ()))}")
 
 
 def wire_dtype(hop: Hop, given: torch.dtype) -> torch.dtype:

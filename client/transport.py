@@ -50,7 +50,7 @@ class SwarmConnection:
 
         self.initial_peers = list(initial_peers)
         self._tasks: set[asyncio.Task] = set()  # background tasks, cancelled on close
-        self.closed = False
+        self.closed = self.closing = False
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="potluck-client", daemon=True)
         self._thread.start()
@@ -86,6 +86,10 @@ class SwarmConnection:
         except KeyboardInterrupt:
             future.cancel()
             raise
+        except concurrent.futures.CancelledError:
+            if self.closing:  # closed by another thread (model.close()) while this call waited
+                raise PotluckError("this connection to the swarm was closed while the call waited") from None
+            raise
 
     async def open_stream(self, peer_id: str, handler: str, timeout: float, dial: msg.Dial = msg.DIRECTLY):
         """Open a stream to a node's handler; NodeUnavailable if it cannot be reached (``dial``: see
@@ -105,6 +109,7 @@ class SwarmConnection:
         atexit.unregister(self.close)
         if self.closed or not self.loop.is_running():
             return
+        self.closing = True
         async def _shutdown() -> None:
             for task in list(self._tasks):
                 task.cancel()

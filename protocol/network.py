@@ -50,7 +50,7 @@ LEAVE_TIMEOUT = 5.0  # seconds each step of leaving the swarm may take
 def initial_peers_from_env(initial_peers: Sequence[str] | None) -> list[str]:
     """Explicit initial peers, else those in $POTLUCK_INITIAL_PEERS (space or comma separated),
     each checked to be a peer's multiaddr (BadRequest naming the option otherwise)."""
-    source = "--initial-peers" if initial_peers else f"${INITIAL_PEERS_ENV}"
+    source = "--initial-peers (initial_peers= in Python)" if initial_peers else f"${INITIAL_PEERS_ENV}"
     if isinstance(initial_peers, str):  # one string, as in the environment variable, not a list of them
         initial_peers = initial_peers.replace(",", " ").split()
     peers = list(initial_peers) if initial_peers else os.environ.get(INITIAL_PEERS_ENV, "").replace(",", " ").split()
