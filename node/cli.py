@@ -57,7 +57,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     memory.add_argument("--max-memory", type=POSITIVE, default=None, metavar="GIB",
                         help="without --blocks/--num-blocks: memory for weights and cache, in GiB "
                              "(default: 80%% of the free GPU memory, or of the available RAM)")
-    memory.add_argument("--cache-tokens", type=COUNT, default=None, help="attention-cache budget in tokens (default: what --cache-gib holds)")
+    memory.add_argument("--cache-tokens", type=COUNT, default=None,
+                        help="attention-cache budget in tokens (default: what --cache-gib holds)")
     memory.add_argument("--cache-gib", type=POSITIVE, default=None,
                         help="cache budget in GiB when --cache-tokens is unset (default: half the GPU memory free "
                              "after loading, or 1 GiB on CPUs)")
@@ -130,8 +131,8 @@ def _add_network_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
                         help="addresses to listen on, e.g. /ip4/0.0.0.0/tcp/31337 for a fixed port to forward "
                              "(default: 127.0.0.1, or 0.0.0.0 with --public or initial peers beyond loopback)")
     parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
-                        help="addresses other peers should dial (behind port forwarding; default: the ones it listens on, "
-                             "and those UPnP maps)")
+                        help="addresses other peers should dial (behind port forwarding; default: the ones it "
+                             "listens on, and those UPnP maps)")
     parser.add_argument("--public", action="store_true",
                         help="listen on every interface with UPnP port mapping, so other machines can connect "
                              "(default: loopback only, unless --initial-peers or --host-maddrs are beyond loopback)")
