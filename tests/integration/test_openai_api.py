@@ -275,13 +275,15 @@ def test_wrong_api_key(api):
 
 
 def test_a_browser_page_from_an_allowed_origin_may_call_the_api_and_no_other(api):
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
     allowed = httpx.options(f"{api[1]}/chat/completions", headers={"Origin": ORIGIN, **preflight})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ORIGIN
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
     other = httpx.options(f"{api[1]}/chat/completions", headers={"Origin": "https://evil.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
-    answer = httpx.post(f"{api[1]}/chat/completions", json={"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2},
+    answer = httpx.post(f"{api[1]}/chat/completions",
+                        json={"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2},
                         headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"}, timeout=60)
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ORIGIN
     refused = httpx.get(f"{api[1]}/models", headers={"Origin": ORIGIN})  # the key is still asked for
@@ -302,7 +304,8 @@ def test_missing_blocks_are_a_503_naming_them(chat_model, swarm_factory, tmp_pat
         assert response.status_code == 503
         assert "blocks 2:4" in response.json()["error"]["message"]
         listed = httpx.get(f"{base_url}/models", headers={"Origin": ORIGIN})
-        assert listed.json()["data"] == [] and "access-control-allow-origin" not in listed.headers  # no CORS unless asked
+        assert listed.json()["data"] == []
+        assert "access-control-allow-origin" not in listed.headers  # no CORS unless asked
         retrieved = httpx.get(f"{base_url}/models/tiny-chat", timeout=60)  # was a 200
         assert retrieved.status_code == 503 and "blocks 2:4" in retrieved.json()["error"]["message"]
     finally:
