@@ -58,7 +58,7 @@ def _add_route_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_route(args: argparse.Namespace) -> int:
-    from potluck.protocol.checkpoint import resolve_checkpoint
+    from potluck.protocol.checkpoint import config_id, resolve_checkpoint
 
     from .swarm_view import SwarmView
     from .routing import explain
@@ -69,7 +69,7 @@ def _run_route(args: argparse.Namespace) -> int:
     swarm = SwarmConnection(initial_peers)
     try:
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, allow_quantized=args.allow_quantized,
-                         mix_dtypes=args.mix_dtypes)
+                         mix_dtypes=args.mix_dtypes, config_id=config_id(checkpoint.config))
         swarm.call(view.refresh())
         swarm.call(view.measure_pings())
         print(f"{checkpoint.name}: {checkpoint.num_blocks} blocks, {len(view.records)} nodes known")
@@ -104,7 +104,8 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
         listening.close()
         raise
     generator = TextGenerator(model, tokenizer, model.swarm_view.model)
-    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins),
+                                           log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve(sockets=[listening]))
     try:
         while not server.started:

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
-from potluck.protocol.checkpoint import DTYPES, Checkpoint, load_tensors, resolve_checkpoint
+from potluck.protocol.checkpoint import DTYPES, Checkpoint, config_id, load_tensors, resolve_checkpoint
 from potluck.protocol.devices import resolve_device
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.families import CACHE_ARG
@@ -223,8 +223,8 @@ class DistributedModelMixin:
         mask = kwargs.get("attention_mask")
         if mask is not None and input_ids is not None and not bool(mask.all()):  # padding the next call keeps
             new = sequences.shape[1] - mask.shape[1]
-            session.attention_mask = torch.cat([mask.to(torch.int64), mask.new_ones(mask.shape[0], new).to(torch.int64)],
-                                               1)
+            mask = mask.to(torch.int64)
+            session.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], new)], 1)
         else:
             session.attention_mask = None
         return output
@@ -317,7 +317,7 @@ class AutoDistributedModelForCausalLM:
         policy = policy or FailoverPolicy(request_timeout=request_timeout)
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
                           dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes,
-                          verify=verify, allow_quantized=allow_quantized)
+                          verify=verify, allow_quantized=allow_quantized, config_id=config_id(checkpoint.config))
         return build_local_part(checkpoint, view, dtype, local_device)
 
 

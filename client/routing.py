@@ -64,15 +64,17 @@ class RouteCosts:
 def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: frozenset[str] = frozenset(),
                cache_tokens: int = 0, costs: RouteCosts | None = None, rng: random.Random | None = None,
                dtypes: frozenset[str] | None = None, mix_dtypes: bool = True,
-               quants: frozenset[str] | None = EXACT) -> list[Hop]:
+               quants: frozenset[str] | None = EXACT, config_id: str = "") -> list[Hop]:
     """The fastest chain of hops covering blocks start:end; NoRoute naming uncovered blocks.
 
     ``dtypes``: only nodes computing in one of these (None: any). ``mix_dtypes=False``: every hop
     in one dtype, the one whose chain is fastest. ``quants``: only nodes whose weights are stored
-    so (default: exact weights only; None: any, 8 and 4 bits included)."""
+    so (default: exact weights only; None: any, 8 and 4 bits included). ``config_id``: only nodes
+    whose checkpoint has this shape (``checkpoint.config_id``; "": any, and nodes that announce
+    none are taken)."""
     costs = costs or RouteCosts()
     rng = rng or random.Random()
-    why_not = {p: _why_not(p, r, banned, cache_tokens, dtypes, quants) for p, r in records.items()}
+    why_not = {p: _why_not(p, r, banned, cache_tokens, dtypes, quants, config_id) for p, r in records.items()}
     usable = {p: r for p, r in records.items() if why_not[p] is None}
     if mix_dtypes or len({r.dtype for r in usable.values()}) <= 1:
         return _search(usable, records, start, end, costs, rng, why_not)[1]
@@ -132,8 +134,11 @@ def _unwind(came_from, state) -> list[Hop]:
 
 
 def _why_not(peer: str, record: NodeRecord, banned: frozenset[str], cache_tokens: int,
-             dtypes: frozenset[str] | None, quants: frozenset[str] | None) -> str | None:
+             dtypes: frozenset[str] | None, quants: frozenset[str] | None, config_id: str = "") -> str | None:
     """Why a chain may not go through ``peer`` (None: it may)."""
+    if config_id and record.config_id and record.config_id != config_id:
+        return ("serves another model under this name: its checkpoint's shape (type, sizes, blocks) differs from "
+                "yours")
     if record.state != NodeState.ONLINE:
         return record.state.value
     if peer in banned:

@@ -53,6 +53,7 @@ class SwarmView:
     dtypes: frozenset[str] | None = None  # route only through nodes computing in these (None: any)
     mix_dtypes: bool = False  # one chain may hold nodes of different dtypes
     allow_quantized: bool = False  # route through nodes with 8- or 4-bit weights too (close, not exact)
+    config_id: str = ""  # route only through nodes whose checkpoint has this shape ("": any)
     refresh_period: float = 5.0  # seconds between background reads of the records
     verify: float = 0.0  # share of steps checked against other replicas (``verification``)
     verify_counts: Counter = field(default_factory=Counter)  # steps verified, mismatches, nodes banned...
@@ -137,7 +138,7 @@ class SwarmView:
             try:
                 return find_chain(self.records, start, end, banned=self._active_bans() | avoid,
                                   cache_tokens=cache_tokens, costs=self.costs, dtypes=dtypes,
-                                  mix_dtypes=self.mix_dtypes, quants=quants)
+                                  mix_dtypes=self.mix_dtypes, quants=quants, config_id=self.config_id)
             except NoRoute:
                 if attempt == 1:
                     if not self.records:
@@ -255,7 +256,8 @@ def check_hidden(hidden: torch.Tensor, positions: torch.Tensor) -> None:
     the node would be blamed): a float dtype the nodes compute in, values on a real device, and
     positions [batch, length] to go with them."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise BadRequest(f"hidden states must be a tensor [batch, length, hidden], got {getattr(hidden, 'shape', hidden)}")
+        raise BadRequest("hidden states must be a tensor [batch, length, hidden], got "
+                         f"{getattr(hidden, 'shape', type(hidden).__name__)}")
     if hidden.dtype not in DTYPES.values():
         raise BadRequest(f"hidden states in {hidden.dtype}: nodes take {', '.join(DTYPES)} (a model made .double() "
                          "sends float64: load it with dtype= one of those instead)")

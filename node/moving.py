@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from potluck.protocol.checkpoint import DTYPES
+from potluck.protocol.checkpoint import DTYPES, config_id
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.errors import NodeDraining
 from potluck.protocol.records import NodeState
@@ -61,7 +61,8 @@ class Rebalancer:
         node = self.node
         if node.servicer.draining or node.servicer.span is None:
             return None
-        records = await read_block_records(node.dht, node.checkpoint.name, node.checkpoint.num_blocks)
+        records = await read_block_records(node.dht, node.checkpoint.name, node.checkpoint.num_blocks,
+                                           config_id(node.checkpoint.config))
         return placement.should_move(records, node.peer_id, self._span(), node.checkpoint.num_blocks,
                                      node.speed.steps_per_s or 1.0, self.quality)
 

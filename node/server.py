@@ -21,7 +21,7 @@ from hivemind.p2p import P2P
 
 import potluck
 from potluck.protocol import reachability
-from potluck.protocol.checkpoint import DTYPES, Checkpoint, resolve_checkpoint_soon
+from potluck.protocol.checkpoint import DTYPES, Checkpoint, config_id, resolve_checkpoint_soon
 from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.devices import resolve_device
 from potluck.protocol.directory import read_block_records
@@ -117,6 +117,7 @@ class Node:
     def __init__(self, config: NodeConfig, checkpoint: Checkpoint, p2p: P2P, dht: DHTNode, device: torch.device):
         self.config, self.checkpoint, self.p2p, self.dht, self.device = config, checkpoint, p2p, dht, device
         self.peer_id = p2p.peer_id.to_base58()
+        self.config_id = config_id(checkpoint.config)  # its checkpoint's shape, in its records
         info = ModelInfo(checkpoint.name, checkpoint.num_blocks, checkpoint.config.model_type,
                          checkpoint.config.hidden_size)
         self.announcer = Announcer(dht, self.peer_id, info, self.record, config.announce_period)
@@ -255,13 +256,13 @@ class Node:
         length = self.config.num_blocks or self._size_span(dtype)
         await asyncio.sleep(random.uniform(0, self.config.placement_delay))  # not all at once
         own = self.speed.steps_per_s or 1.0  # not measured yet: only the order of the blocks matters then
-        records = await read_block_records(self.dht, checkpoint.name, checkpoint.num_blocks)
+        records = await read_block_records(self.dht, checkpoint.name, checkpoint.num_blocks, self.config_id)
         span = placement.choose_span(placement.block_throughputs(records, checkpoint.num_blocks, own,
                                                                  exclude=self.peer_id), length, own)
         for _ in range(3):
             self.config = replace(self.config, start=span[0], end=span[1])
             await self.announcer.announce(NodeState.JOINING)
-            records = await read_block_records(self.dht, checkpoint.name, checkpoint.num_blocks)
+            records = await read_block_records(self.dht, checkpoint.name, checkpoint.num_blocks, self.config_id)
             moved = placement.better_span(records, self.peer_id, span, checkpoint.num_blocks, own)
             if moved is None:
                 break
@@ -339,7 +340,7 @@ class Node:
             cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             active_sessions=len(self.sessions.sessions) if self.sessions else 0,
             max_batch_tokens=c.max_batch_tokens, pings=self.pings, protocol=PROTOCOL_VERSION,
-            reachability=self.reachability, relays=tuple(self.relays),
+            reachability=self.reachability, relays=tuple(self.relays), config_id=self.config_id,
         )
 
     def describe(self) -> dict:

@@ -8,6 +8,7 @@ in the local HF cache.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -37,6 +38,19 @@ class Checkpoint:
     @property
     def num_blocks(self) -> int:
         return self.config.num_hidden_layers
+
+
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "vocab_size", "num_local_experts", "num_experts")
+
+
+def config_id(config) -> str:
+    """A short digest of a model's shape (its type and sizes): nodes announce it and clients route
+    only through nodes whose checkpoint has their own shape, so two models published under one
+    name (a folder called "model", say) do not mix. Weights of the same shape are not told apart
+    (``verify=`` catches replicas that disagree)."""
+    shape = {key: getattr(config, key, None) for key in SHAPE_KEYS}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def attention_for(config) -> str:

@@ -23,11 +23,14 @@ _skipped: set[str] = set()  # peers already reported as speaking another protoco
 Found = dict[str, dict[str, tuple[NodeRecord, float]]]  # model -> peer id -> (record, its expiration time)
 
 
-async def read_block_records(dht: DHTNode, model: str, num_blocks: int) -> dict[str, NodeRecord]:
-    """The latest record of every node serving some block of ``model``, by peer id (base58)."""
+async def read_block_records(dht: DHTNode, model: str, num_blocks: int, config_id: str = "") -> dict[str, NodeRecord]:
+    """The latest record of every node serving some block of ``model``, by peer id (base58);
+    with ``config_id``, not those of nodes whose checkpoint has another shape (another model
+    under the same name)."""
     entries = await dht.get_many(block_keys(model, num_blocks), sufficient_expiration_time=float("inf"))
     found = parse_entries(entries, {model: num_blocks}).get(model, {})
-    return {peer_id: record for peer_id, (record, _) in found.items()}
+    return {peer_id: record for peer_id, (record, _) in found.items()
+            if not (config_id and record.config_id and record.config_id != config_id)}
 
 
 def block_keys(model: str, num_blocks: int) -> list[str]:

@@ -68,6 +68,7 @@ class NodeRecord:
     protocol: int = 1  # the node's PROTOCOL_VERSION (records from before it existed say nothing: 1)
     reachability: str = ""  # "direct", "relayed" (not reachable directly) or "unknown"; "" in loopback swarms
     relays: tuple[str, ...] = ()  # circuit multiaddrs a node others cannot dial is reached at
+    config_id: str = ""  # its checkpoint's shape (``checkpoint.config_id``): two models under one name differ here
 
     @property
     def span(self) -> tuple[int, int]:
@@ -96,6 +97,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "protocol": (int,),
     "reachability": (str,),
     "relays": (list, tuple),
+    "config_id": (str,),
 }
 
 

@@ -1,5 +1,6 @@
 """The router's graph search: fastest chains, overlapping spans, latency, load and gaps."""
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -128,3 +129,14 @@ def test_a_long_prompt_gets_time_for_its_tokens_even_from_a_node_that_announced_
     slack, base = view.policy.slack, view.policy.request_timeout
     assert view.timeout_for([Hop("a", 0, 4, measured)], 1000) == pytest.approx(base + slack * 0.5)
     assert view.timeout_for([Hop("b", 0, 4, fixed)], 1000) == pytest.approx(base + slack * 50)  # 1000 / 20 a s
+
+
+def test_nodes_of_another_model_under_the_same_name_are_not_routed_through():
+    mine, theirs = "a" * 16, "b" * 16
+    records = {"ours-a": replace(node(0, 4), config_id=mine), "ours-b": replace(node(4, 8), config_id=mine),
+               "theirs": replace(node(0, 8, speed=1000.0), config_id=theirs),  # far faster, another shape
+               "old": node(0, 8, speed=1.0)}  # announces no shape (an older node): taken
+    assert route(records, config_id=mine) == [("ours-a", 0, 4), ("ours-b", 4, 8)]
+    assert route(records) == [("theirs", 0, 8)]  # a client that does not say its shape takes any
+    with pytest.raises(NoRoute, match="another model under this name"):
+        route({"theirs": records["theirs"]}, config_id=mine)

@@ -142,3 +142,24 @@ def test_closing_the_model_while_another_thread_generates_is_a_potluck_error(set
     own.close()
     thread.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], PotluckError), outcome  # was a bare CancelledError
+
+
+def test_two_models_published_under_one_name_do_not_mix(tiny_checkpoints, swarm_factory):
+    """Names come from folder names, so strangers' models may share one: each client routes only
+    through nodes whose checkpoint has its own shape (it mixed them, or failed on the sizes)."""
+    swarm = swarm_factory()
+    paths = {family: tiny_checkpoints[family] for family in ("llama", "qwen3")}
+    for path in paths.values():
+        swarm.start_nodes(path, ["0:8"], "--model-name", "model")
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        for family, path in paths.items():
+            remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, model_name="model")
+            local = AutoModelForCausalLM.from_pretrained(path).eval()
+            ids = prompt(seed=4)
+            for _ in range(3):  # whichever node routing would have preferred
+                remote.swarm_view.costs.local_sessions.clear()
+                assert torch.equal(remote.generate(ids, max_new_tokens=4, do_sample=False),
+                                   local.generate(ids, max_new_tokens=4, do_sample=False)), family
+    finally:
+        connection.close()
