@@ -38,9 +38,14 @@ class StepWork:
         """Run tokens begin:end of this step on its session's cache (rewinding first if asked)."""
         self.check_open()
         mask = None if self.mask is None else self.mask[:, : self.start + end]
-        out = self.session.step(self.hidden[:, begin:end], self.positions[:, begin:end], mask, self.start + begin)
+        out = self.session.step(self.hidden[:, begin:end], self.positions[:, begin:end], mask, self.start + begin,
+                                self.rope_until())
         self.outputs.append(out)
         return out
+
+    def rope_until(self) -> list[int]:
+        """Each row's last position in the whole step: a rope scaled by length takes it for every chunk."""
+        return self.positions.amax(1).tolist()
 
     def result(self) -> torch.Tensor:
         self.check_open()
@@ -117,7 +122,7 @@ def _padded_pass(works: list[StepWork], new: int) -> torch.Tensor:
     positions = torch.cat([_padded(w.positions, new) for w in works]).to(span.device)  # [B, new]
     padding = cache.prefix - torch.tensor(lengths).unsqueeze(1)  # [B, 1] pad slots before each row
     attend = (torch.arange(cache.prefix + new).unsqueeze(0) >= padding).to(span.device)  # [B, prefix + new]
-    return span(hidden, positions, attend, cache, start, end)
+    return span(hidden, positions, attend, cache, start, end, [row for work in works for row in work.rope_until()])
 
 
 def _padded(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -58,11 +58,11 @@ class Session:
         return start
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-             start: int) -> torch.Tensor:
+             start: int, rope_until: list[int] | None = None) -> torch.Tensor:
         """Runs on the compute thread: append after the first ``start`` cached tokens (a rewind
-        when the cache holds more: later tokens are overwritten)."""
+        when the cache holds more: later tokens are overwritten). ``rope_until``: see ``BlockSpan``."""
         cache = PassCache(self.pool, list(self.slots), [start] * len(self.slots), hidden.shape[1])
-        out = self.span(hidden, positions, mask, cache, self.request.start, self.request.end)
+        out = self.span(hidden, positions, mask, cache, self.request.start, self.request.end, rope_until)
         self.cached = start + hidden.shape[1]
         return out
 

@@ -51,6 +51,9 @@ class BlockSpan(torch.nn.Module):
         # rotary settings per layer type (Gemma 3: sliding and global layers differ), where the model has them
         typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.rope_types = [config.layer_types[i] if typed else None for i in range(self.start, self.end)]
+        kinds = self.rotary.rope_type.values() if isinstance(self.rotary.rope_type, dict) else [self.rotary.rope_type]
+        # Phi-3's longrope (and dynamic NTK) scale by the longest position of a call: each row by its own
+        self.rope_by_length = any(kind == "longrope" or "dynamic" in str(kind) for kind in kinds)
 
     def blocks_by_index(self, indices: range) -> dict[int, torch.nn.Module]:
         """This span's blocks among ``indices`` (global), for ``load_span(reuse=...)``."""
@@ -69,6 +72,7 @@ class BlockSpan(torch.nn.Module):
         cache: DynamicCache | None = None,
         start: int | None = None,  # run only blocks start:end of this span (default: all)
         end: int | None = None,
+        rope_until: list[int] | None = None,  # per row: the last position of its whole step (default: of these tokens)
     ) -> torch.Tensor:
         hidden = hidden.to(self.device, self.dtype)  # from the wire: CPU, any float dtype
         position_ids = position_ids.to(self.device)
@@ -79,8 +83,7 @@ class BlockSpan(torch.nn.Module):
         prefix = self.cache_length(cache, first + self.start)
         windows, rope_types = self.windows[first:last], self.rope_types[first:last]
         masks = {w: causal_mask(hidden, prefix, attention_mask, w) for w in set(windows)}
-        rotary = {t: self.rotary(hidden, position_ids=position_ids, **({"layer_type": t} if t else {}))
-                  for t in set(rope_types)}
+        rotary = {t: self._rotary(hidden, position_ids, t, rope_until) for t in set(rope_types)}
         for block, window, rope_type in zip(self.blocks[first:last], windows, rope_types):
             out = block(
                 hidden,
@@ -92,6 +95,25 @@ class BlockSpan(torch.nn.Module):
             )
             hidden = out[0] if isinstance(out, tuple) else out  # some layers also return attention weights
         return hidden
+
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, rope_type: str | None,
+                rope_until: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``position_ids``. A rope whose scale depends on the longest position of
+        the call (``rope_by_length``) gets each row's own: its step's last position (a long prompt
+        runs in chunks, and rows of other sessions share the pass; transformers runs a prompt in
+        one call, and each session alone)."""
+        typed = {"layer_type": rope_type} if rope_type else {}
+        if not self.rope_by_length:
+            return self.rotary(hidden, position_ids=position_ids, **typed)
+        rows = []
+        for b in range(hidden.shape[0]):
+            positions = position_ids[b:b + 1]
+            if rope_until is not None:  # an extra column at the step's last position sets the scale, then goes
+                positions = torch.cat([positions, positions.new_full((1, 1), rope_until[b])], 1)
+            cos, sin = self.rotary(hidden[b:b + 1], position_ids=positions, **typed)
+            rows.append((cos[:, :position_ids.shape[1]], sin[:, :position_ids.shape[1]]))
+        return torch.cat([cos for cos, _ in rows]), torch.cat([sin for _, sin in rows])
 
 
 def causal_mask(

@@ -152,3 +152,53 @@ def test_prompts_arriving_together_at_the_compute_lane_run_as_one_pass(tiny_chec
         positions = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
         assert torch.allclose(out, span(hidden, positions, mask, DynamicCache()), atol=1e-5, rtol=0)
     assert lane.counters["prefills_together"] == 3 and lane.counters["prefill_chunks"] == 3  # 0, 1, 3; then 2; 4
+
+
+@pytest.fixture(scope="module")
+def phi3_longrope(tmp_path_factory):
+    """A tiny Phi-3 whose rope switches to its long factors past 16 positions (as Phi-3-mini-128k's
+    does past 4096), its attention sharpened so that the factors change its outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
+            "original_max_position_embeddings": 16}
+    config = AutoConfig.for_model("phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                  max_position_embeddings=128, original_max_position_embeddings=16,
+                                  rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[:64 + 32] *= 6  # queries and keys
+    folder = tmp_path_factory.mktemp("phi3-longrope")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_rope_scaled_by_length_takes_each_rows_own_scale_and_its_whole_steps(phi3_longrope):
+    span = load_span(resolve_checkpoint(str(phi3_longrope)), 0, 4, torch.float32)
+    assert span.rope_by_length
+    table, generator = SessionTable(10_000), torch.Generator().manual_seed(0)
+    prompts = [5, 40]  # one session short of the switch, one past it
+    sessions, alone, steps = [], [], []
+    for i, length in enumerate(prompts):
+        session = table.open(OpenSession(f"s{i}", 0, 4, 64, 1), span)
+        hidden, positions = torch.randn(1, length, 64, generator=generator), torch.arange(length).unsqueeze(0)
+        steps.append(StepWork(session, hidden, positions, None, 0))
+        alone.append(DynamicCache())
+        span(hidden, positions, None, alone[-1])  # the whole prompt in one call, as transformers runs it
+        sessions.append(session)
+    for work in steps:  # the long prompt in chunks of 8, as a node splits a long prefill
+        length = work.hidden.shape[1]
+        outputs = [work.chunk(begin, min(begin + 8, length)) for begin in range(0, length, 8)]
+        expected = span(work.hidden, work.positions, None, DynamicCache())
+        assert torch.allclose(torch.cat(outputs, 1), expected, atol=1e-5)
+        work.session.cached = work.hidden.shape[1]
+    new = [torch.randn(1, 1, 64, generator=generator) for _ in sessions]
+    together = decode_together([StepWork(s, h, torch.tensor([[s.cached]]), None, s.cached)
+                                for s, h in zip(sessions, new)])
+    for session, cache, h, out in zip(sessions, alone, new, together):
+        expected = span(h, torch.tensor([[session.cached - 1]]), None, cache)
+        assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()  # the short one: short factors
