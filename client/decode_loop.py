@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from potluck.protocol.families import rope_switch
+
 from .session import InferenceSession
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class DecodeLoop:
     def __init__(self, model, eos_ids: set[int], max_active: int = 64):
         self.model, self.eos_ids, self.max_active = model, eos_ids, max_active
         self.view = model.swarm_view
+        self.rope_switch = rope_switch(model.config)  # past it a sequence is computed again from its start
         self._arrivals: queue.Queue[Request] = queue.Queue()
         self._active: list[Request] = []
         self._closed = threading.Event()
@@ -143,6 +146,11 @@ class DecodeLoop:
             request.step = None
             chosen.append((request, token not in self.eos_ids and len(request.tokens) < request.max_tokens))
         going_on = [request for request, more in chosen if more]
+        switching = [r for r in going_on if self.rope_switch is not None and r.session.position == self.rope_switch]
+        for request in switching:  # its rope switches to the long factors: all its tokens again, as transformers
+            request.session.rewind(0)  # does (Phi-3), beside the round
+            self._send([request], self._embed([request.prompt + request.tokens]))
+        going_on = [request for request in going_on if request not in switching]
         if going_on:
             written = self._send(going_on, self._embed([r.tokens[-1:] for r in going_on]))
             written.wait(SEND_WAIT_S)

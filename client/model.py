@@ -48,6 +48,9 @@ class RemoteCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position
 
+    def __bool__(self) -> bool:  # it holds no layers here, yet it is a cache (Phi-3's generate asks `if cache`)
+        return True
+
     @property
     def is_compileable(self) -> bool:
         return False
@@ -148,6 +151,8 @@ class DistributedModelMixin:
                                  "one's output; leave it out")
         session = self._active_session
         if given.get(CACHE_ARG) is None and session is not None:
+            if getattr(self._local, "generating", False):  # the model's generate dropped its cache on purpose
+                session.rewind(0)  # (Phi-3 past its rope switch): the whole sequence comes again, from the start
             given[CACHE_ARG] = RemoteCache(session)
         elif given.get(CACHE_ARG) is None and given.get("use_cache"):
             raise BadRequest("use_cache=True: the attention cache stays on the nodes; to go on from earlier calls, "
@@ -217,7 +222,11 @@ class DistributedModelMixin:
                                  f"session's max_length={session.max_length}: ask for fewer new tokens, or open the "
                                  "session with a larger max_length")
         kwargs[CACHE_ARG] = RemoteCache(session)
-        output = super().generate(input_ids, *args, **kwargs)
+        self._local.generating = True
+        try:
+            output = super().generate(input_ids, *args, **kwargs)
+        finally:
+            self._local.generating = False
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         session.token_ids = sequences  # the last token is not in the nodes' caches yet
         mask = kwargs.get("attention_mask")

@@ -48,7 +48,7 @@ class OpenAIRequest(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # default 1; 0 (or below 1e-5): greedy
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0, as in OpenAI: the most likely token only
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch generator takes
     n: int | None = None

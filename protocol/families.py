@@ -70,6 +70,16 @@ def kv_shape(config: PretrainedConfig) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+def rope_switch(config: PretrainedConfig) -> int | None:
+    """Where a longrope model (Phi-3-mini-128k, Phi-3.5) switches to its long factors: a sequence
+    longer than this many tokens is computed with them from its first token, so transformers drops
+    its cache and computes the whole sequence again when a generation grows past it (None: the
+    model's rope does not switch)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    switch = getattr(config, "original_max_position_embeddings", None)
+    return switch if isinstance(rope, dict) and rope.get("rope_type") == "longrope" and switch else None
+
+
 def register_family(family: Family) -> None:
     _FAMILIES[family.model_type] = family
 

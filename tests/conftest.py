@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from helpers import FAMILIES, LocalSwarm, make_tiny_checkpoint
 
@@ -31,6 +32,36 @@ def chat_model(tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (source / name).exists():
             shutil.copy(source / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def phi3_longrope(tmp_path_factory) -> Path:
+    """A tiny Phi-3 whose rope switches to its long factors past 16 positions (as Phi-3-mini-128k's
+    does past 4096), its attention sharpened so that the factors change its tokens; SmolLM2's
+    tokenizer, so `potluck serve` runs it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from potluck.protocol.checkpoint import resolve_checkpoint
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
+            "original_max_position_embeddings": 16}
+    config = AutoConfig.for_model("phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                                  max_position_embeddings=128, original_max_position_embeddings=16,
+                                  rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[:64 + 32] *= 6  # queries and keys
+    path = tmp_path_factory.mktemp("phi3") / "tiny-phi3-longrope"
+    model.save_pretrained(path)
+    source = resolve_checkpoint(None).path
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, path / name)
     return path
 
 

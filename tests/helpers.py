@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 
 import pytest
@@ -46,6 +47,26 @@ class RawStream:
     def close(self):
         self.connection.call(asyncio.sleep(0))
         self.writer.close()
+
+
+def start_serve(path, initial_peers, logs, *extra) -> tuple[subprocess.Popen, str]:
+    """`potluck serve` of ``path`` on a free port, its log in ``logs``: the process and its base URL."""
+    log = open(logs / "serve.log", "w")
+    proc = subprocess.Popen(potluck_command("serve", str(path), "--port", "0", "--initial-peers", *initial_peers,
+                                            *extra), stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("POTLUCK_OPENAI_BASE_URL="):
+        proc.kill()
+        raise RuntimeError(open(log.name).read()[-3000:])
+    return proc, line.strip().split("=", 1)[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(2)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def open_meta(session_id="s1", start=0, end=4, max_length=8):

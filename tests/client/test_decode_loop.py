@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from devices import OTHER_DEVICE
 from potluck.client import decode_loop
@@ -29,6 +30,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert picks == {1}  # 0.6 alone reaches 0.5
     picks = {DecodeLoop._choose(request(1.0, top_p=0.85, seed=s), logits) for s in range(200)}
     assert picks == {1, 2}  # 0.6 + 0.3 reach 0.85; the 0.05 tails are cut
+    picks = {DecodeLoop._choose(request(1.0, top_p=0.0, seed=s), logits) for s in range(50)}
+    assert picks == {1}  # top_p 0 (OpenAI accepts it): the most likely token only
 
 
 def test_a_seeded_request_samples_the_same_tokens_whatever_else_runs():
@@ -75,6 +78,7 @@ class _Model(torch.nn.Module):
         self.model.embed_tokens = torch.nn.Embedding(6, 4, _weight=torch.randn(6, 4, generator=generator))
         self.model.norm = torch.nn.Identity()
         self.lm_head = torch.nn.Linear(4, 6, bias=True)
+        self.config = LlamaConfig(vocab_size=6, hidden_size=4, num_attention_heads=1)  # a plain rope: no switch
         with torch.no_grad():
             self.lm_head.weight.copy_(torch.randn(6, 4, generator=generator))
             self.lm_head.bias.copy_(torch.randn(6, generator=generator))

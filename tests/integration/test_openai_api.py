@@ -12,29 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from potluck.client.transport import SwarmConnection
 from potluck.protocol import messages as msg
 
-from helpers import potluck_command
+from helpers import potluck_command, start_serve, stop
 
 KEY = "sk-test-potluck"
 ORIGIN = "https://chat.example.org"  # a web page allowed to call the API from a browser
-def start_serve(path, initial_peers, logs, *extra):
-    log = open(logs / "serve.log", "w")
-    proc = subprocess.Popen(potluck_command("serve", str(path), "--port", "0", "--initial-peers", *initial_peers,
-                                            *extra), stdout=subprocess.PIPE, stderr=log, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("POTLUCK_OPENAI_BASE_URL="):
-        proc.kill()
-        raise RuntimeError(open(log.name).read()[-3000:])
-    return proc, line.strip().split("=", 1)[1]
-
-
-def stop(proc):
-    proc.send_signal(2)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def api(chat_model, swarm_factory, tmp_path_factory):
     swarm = swarm_factory()
@@ -220,6 +201,13 @@ def test_a_bad_prompt_leaves_the_requests_being_served_alone(api, local):
         assert response.status_code == 400
     text += [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(text) == expected
+
+
+def test_top_p_zero_is_accepted_as_openai_does_and_picks_the_most_likely_token(api):
+    client = api[0]
+    texts = [client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=6, **sampling).choices[0].text
+             for sampling in ({"temperature": 0.9, "top_p": 0, "seed": 3}, {"temperature": 0})]
+    assert texts[0] == texts[1]
 
 
 def test_a_temperature_too_small_to_divide_by_is_greedy_and_harms_no_one(api, local):

@@ -154,29 +154,6 @@ def test_prompts_arriving_together_at_the_compute_lane_run_as_one_pass(tiny_chec
     assert lane.counters["prefills_together"] == 3 and lane.counters["prefill_chunks"] == 3  # 0, 1, 3; then 2; 4
 
 
-@pytest.fixture(scope="module")
-def phi3_longrope(tmp_path_factory):
-    """A tiny Phi-3 whose rope switches to its long factors past 16 positions (as Phi-3-mini-128k's
-    does past 4096), its attention sharpened so that the factors change its outputs."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
-            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
-            "original_max_position_embeddings": 16}
-    config = AutoConfig.for_model("phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                                  max_position_embeddings=128, original_max_position_embeddings=16,
-                                  rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.qkv_proj.weight[:64 + 32] *= 6  # queries and keys
-    folder = tmp_path_factory.mktemp("phi3-longrope")
-    model.save_pretrained(folder)
-    return folder
-
-
 def test_a_rope_scaled_by_length_takes_each_rows_own_scale_and_its_whole_steps(phi3_longrope):
     span = load_span(resolve_checkpoint(str(phi3_longrope)), 0, 4, torch.float32)
     assert span.rope_by_length
