@@ -121,12 +121,17 @@ async def resolve_checkpoint_soon(model: str | None = None, name: str | None = N
 
 
 def tensor_files(path: Path) -> dict[str, Path]:
-    """Map each tensor name of a safetensors checkpoint to the file that holds it."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
+    """Map each tensor name of a safetensors checkpoint to the file that holds it: a single
+    ``model.safetensors`` first, then a sharded one's index, as transformers looks for them (a
+    folder holding both, one left over, loads the same weights on nodes and in transformers)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists() and index.exists():
+        logger.warning("%s holds model.safetensors and a sharded index: reading model.safetensors, as transformers "
+                       "does (remove the one left over)", path)
+    if index.exists() and not single.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: path / file for name, file in weight_map.items()}
-    files = sorted(path.glob("*.safetensors"))
+    files = [single] if single.exists() else sorted(path.glob("*.safetensors"))
     if not files:
         raise BadRequest(f"no *.safetensors files in {path}")
     names: dict[str, Path] = {}

@@ -1,7 +1,9 @@
 """Checkpoints resolve from folders and the local HF cache; spans load only their own tensors."""
+import json
 import shutil
 
 import pytest
+import torch
 
 from potluck.protocol import checkpoint as ckpt
 from potluck.protocol.default_model import remove_leftovers
@@ -46,3 +48,16 @@ def test_a_conversion_removes_what_stopped_conversions_left(tmp_path):
         file.write_text("")
     remove_leftovers(target)
     assert all(path.exists() for path in kept) and not any(path.exists() for path in left)
+
+
+def test_a_single_weights_file_wins_over_a_leftover_sharded_index_as_in_transformers(tiny_checkpoints, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_checkpoints["llama"], folder)  # its model.safetensors: the weights transformers loads
+    save_file({"model.norm.weight": torch.zeros(64)}, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}))
+    files = ckpt.tensor_files(folder)
+    assert set(files.values()) == {folder / "model.safetensors"} and "model.layers.0.mlp.up_proj.weight" in files
+    assert ckpt.load_tensors(folder, ["model.norm.weight"], torch.float32)["model.norm.weight"].any()
