@@ -77,8 +77,10 @@ def check_peer_maddr(text: str, option: str = "--initial-peers") -> None:
     except Exception:  # the multiaddr package raises several types for malformed text
         protocols = []
     if not protocols or protocols[-1] != "p2p" or len(protocols) < 2:
-        raise BadRequest(f"{option}: {text!r} is not a peer's multiaddr; expected the form {MADDR_EXAMPLE} "
-                         "(the address `potluck dht` prints)")
+        hint = (f"; {option.split()[0]} takes every word after it: give it after the prompt"
+                if option.startswith("--") and not text.startswith("/") else "")
+        raise BadRequest(f"{option}: {text[:60]!r} is not a peer's multiaddr; expected the form {MADDR_EXAMPLE} "
+                         f"(the address `potluck dht` prints){hint}")
 
 
 def is_loopback(maddr: str) -> bool:

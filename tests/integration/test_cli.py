@@ -278,3 +278,9 @@ def test_a_swarm_whose_node_fails_at_once_says_it_exited(tiny_checkpoints):
     assert result.returncode != 0
     assert "exited with 2" in result.stderr and "not up in" not in result.stderr, result.stderr
     assert result.stderr.count("is not a torch device") == 1, result.stderr  # its own line, not echoed again
+
+
+def test_a_prompt_after_initial_peers_is_named_with_where_to_put_it(tiny_checkpoints):
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/QmRbc4QVACg48GuyPZgU9N8KFqYQ7T5tNp6Vqjrn48X1WT"
+    result = run("generate", str(tiny_checkpoints["llama"]), "--initial-peers", peer, "The capital of France is")
+    assert_one_clear_line(result, "--initial-peers takes every word after it: give it after the prompt")
