@@ -179,8 +179,9 @@ class HopStreams:
     def _deliver(self, hop_session: HopSession, item: msg.Frame | PotluckError) -> None:
         """An answer for ``hop_session`` from its channel, or the channel's failure."""
         if isinstance(item, PotluckError):
+            detail = str(item).removeprefix(f"node {hop_session.hop.peer_id} failed: ")  # said once, not twice
             hop_session.failed = hop_session.failed or NodeUnavailable(
-                f"{hop_session.describe()} failed: {item}", hop_session.hop.peer_id)
+                f"{hop_session.describe()} failed: {detail}", hop_session.hop.peer_id)
             self.inbox.put_nowait((hop_session, hop_session.failed))
             return
         if "seq" not in item.meta:  # an unasked error: the node gave up on the session

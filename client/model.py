@@ -198,6 +198,9 @@ class DistributedModelMixin:
             raise BadRequest("beam search is not supported through the swarm yet; use num_beams=1")
         if settings.use_cache is False:
             raise BadRequest("use_cache=False: the swarm always keeps the attention cache on the nodes; leave it out")
+        if getattr(settings, "cache_implementation", None) not in (None, "dynamic"):
+            raise BadRequest(f"cache_implementation={settings.cache_implementation!r}: the attention cache lives on the "
+                             "nodes, in their own layout; leave it out")
         for name in ("output_hidden_states", "output_attentions"):
             if getattr(settings, name, False):
                 raise BadRequest(f"{name}=True: the decoder layers run on the nodes, which send back only the last "

@@ -20,7 +20,8 @@ def hop_with_node(streams: HopStreams, name: str):
     """A hop whose far end the test plays by hand: returns (hop session, node reader, node writer)."""
     (reader, writer), (node_reader, node_writer) = stream_pair()
     record = NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE, public_name=name)
-    hop_session = streams.listen(HopSession(Hop(peer_id(name), 0, 4, record), "s", NodeChannel(name, reader, writer)))
+    channel = NodeChannel(peer_id(name), reader, writer)
+    hop_session = streams.listen(HopSession(Hop(peer_id(name), 0, 4, record), "s", channel))
     return hop_session, node_reader, node_writer
 
 
@@ -59,6 +60,7 @@ def test_a_stream_that_breaks_while_waiting_elsewhere_fails_its_hop():
         with pytest.raises(NodeUnavailable):
             await hops.receive(a, asyncio.get_running_loop().time() + 0.2, [a])
         assert b.failed is not None and b.failed.peer_id == peer_id("b")
+        assert str(b.failed).count("failed") == 1, b.failed  # was "node X (...) failed: node X failed: ..."
         with pytest.raises(NodeUnavailable) as caught:
             await hops.send(b, msg.Step("s", None), inputs())
         return caught.value

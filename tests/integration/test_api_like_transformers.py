@@ -43,7 +43,7 @@ def test_beam_search_no_cache_and_inner_outputs_are_refused_by_name_however_aske
     remote, _, _, _ = setup
     ids = prompt()
     refused = [({"num_beams": 2}, "beam search"), ({"generation_config": GenerationConfig(num_beams=2)}, "beam search"),
-               ({"use_cache": False}, "use_cache=False"),
+               ({"use_cache": False}, "use_cache=False"), ({"cache_implementation": "static"}, "cache_implementation"),
                ({"output_hidden_states": True, "return_dict_in_generate": True}, "output_hidden_states")]
     for kwargs, words in refused:
         with pytest.raises(BadRequest, match=words):
