@@ -138,11 +138,11 @@ class DistributedModelMixin:
         program that never calls it leaves the swarm at exit)."""
         self.swarm_view.swarm.close()
 
-    def _forward_continuing(self, base_forward, args: tuple, kwargs: dict):
-        """The checkpoint class's ``forward`` (``base_forward``); inside ``inference_session`` a call
-        continues the session (its tokens join the conversation on the nodes), as ``generate``
-        calls do."""
-        bound = inspect.signature(base_forward).bind(self, *args, **kwargs)
+    def _forward_continuing(self, base_forward, signature: inspect.Signature, args: tuple, kwargs: dict):
+        """The checkpoint class's ``forward`` (``base_forward``, of ``signature``); inside
+        ``inference_session`` a call continues the session (its tokens join the conversation on
+        the nodes), as ``generate`` calls do."""
+        bound = signature.bind(self, *args, **kwargs)
         given = bound.arguments
         extra = given.get("kwargs", {})  # a forward's **kwargs, where it has them
         for name in ("output_hidden_states", "output_attentions"):
@@ -347,10 +347,11 @@ def build_local_part(checkpoint: Checkpoint, view: SwarmView, dtype: torch.dtype
     ``RemoteDecoder`` over ``view`` in place of its decoder layers."""
     config = checkpoint.config
     base_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    signature = inspect.signature(base_cls.forward)
 
     @functools.wraps(base_cls.forward)  # generate reads which arguments forward takes from its signature
     def forward(self, *args, **kwargs):
-        return self._forward_continuing(base_cls.forward, args, kwargs)
+        return self._forward_continuing(base_cls.forward, signature, args, kwargs)
 
     dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedModelMixin, base_cls), {"forward": forward})
     shell_config = copy.deepcopy(config)  # built without decoder layers: they are remote
