@@ -26,8 +26,9 @@ from potluck.protocol.errors import BadRequest, NodeDraining
 from potluck.protocol.devices import resolve_device
 from potluck.protocol.directory import read_block_records
 from potluck.protocol.identity import identity_path
-from potluck.protocol.network import LEAVE_TIMEOUT, bounded, leave_swarm
-from potluck.protocol.records import ANNOUNCE_PERIOD, PROTOCOL_VERSION, ModelInfo, NodeRecord, NodeState
+from potluck.protocol.network import LEAVE_TIMEOUT, bounded, daemon_exited, leave_swarm
+from potluck.protocol.records import (ANNOUNCE_PERIOD, PROTOCOL_VERSION, RECORD_TTL_PERIODS, ModelInfo, NodeRecord,
+                                      NodeState)
 
 from . import hardware, placement, quantize, reachable
 from .announcer import Announcer
@@ -391,7 +392,12 @@ class Node:
                            len(self.sessions.sessions), self.config.drain_timeout)
 
     async def _leave(self) -> None:
-        if self.config.start is not None:  # a node stopped before it chose its span announced nothing
+        if self.config.start is not None and daemon_exited(self.p2p):
+            logger.warning("could not announce OFFLINE: the P2P daemon stopped with this node (a SIGTERM to the whole "
+                           "process group?); the swarm sees it until its record expires, within %.0f s. To leave in "
+                           "order, signal the node's own process (Ctrl-C, kill PID; systemd: KillMode=mixed)",
+                           self.announcer.period * RECORD_TTL_PERIODS)
+        elif self.config.start is not None:  # a node stopped before it chose its span announced nothing
             # the DHT keeps the later-expiring value: the OFFLINE record's is not shorter
             await bounded(self.announcer.announce(NodeState.OFFLINE), LEAVE_TIMEOUT, "announcing OFFLINE", self.p2p)
         if self._metrics_server is not None:

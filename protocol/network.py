@@ -271,6 +271,12 @@ async def bounded(work: Awaitable, timeout: float, what: str, p2p: P2P | None = 
         logger.warning("%s failed: %s", what, task.exception())
 
 
+def daemon_exited(p2p: P2P | None) -> bool:
+    """Whether this peer's P2P daemon has exited (a signal to the whole process group reaches it too)."""
+    daemon = getattr(p2p, "_child", None)
+    return daemon is not None and daemon.returncode is not None
+
+
 async def wait_for_stop(p2p: P2P, stop: asyncio.Event) -> None:
     """Until ``stop`` is set; NodeUnavailable if this peer's P2P daemon exits first (killed, or it
     crashed): without it the peer reaches no one and no one reaches it, whatever it announced."""

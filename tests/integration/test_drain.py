@@ -116,6 +116,8 @@ def test_a_node_whose_whole_process_group_gets_sigterm_still_leaves(tiny_checkpo
     os.killpg(node.pid, signal.SIGTERM)
     assert node.wait(60) == 0  # without bounds on each step it waited on the daemon forever
     assert swarm.wait_for_line(peer, "OFFLINE", 1)
+    # it could not announce that: it says so and how to stop a node so that it can (it claimed OFFLINE)
+    assert swarm.wait_for_line(peer, "could not announce OFFLINE", 1) and swarm.wait_for_line(peer, "KillMode=mixed", 1)
 
 
 def test_a_node_whose_p2p_daemon_dies_says_so_and_stops(tiny_checkpoints, swarm_factory):
