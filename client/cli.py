@@ -51,6 +51,7 @@ def _add_route_command(commands: argparse._SubParsersAction) -> None:
     _add_model_args(route)
     route.add_argument("--max-length", type=COUNT, default=2048, help="cache tokens the session would reserve")
     route.add_argument("--allow-quantized", action="store_true", help="a chain may use nodes with 8- or 4-bit weights")
+    _add_node_dtypes(route)
     route.add_argument("--mix-dtypes", action="store_true",
                        help="a chain may combine nodes of different dtypes (as generate, chat and serve allow with "
                             "the same option)")
@@ -69,7 +70,8 @@ def _run_route(args: argparse.Namespace) -> int:
     swarm = SwarmConnection(initial_peers)
     try:
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, allow_quantized=args.allow_quantized,
-                         mix_dtypes=args.mix_dtypes, config_id=config_id(checkpoint.config))
+                         mix_dtypes=args.mix_dtypes, config_id=config_id(checkpoint.config),
+                         dtypes=frozenset(args.node_dtypes) if args.node_dtypes else None)
         swarm.call(view.refresh())
         swarm.call(view.measure_pings())
         print(f"{checkpoint.name}: {checkpoint.num_blocks} blocks, {len(view.records)} nodes known")
@@ -154,12 +156,19 @@ def _checked(args: argparse.Namespace) -> list[str]:
     return require_initial_peers(args.initial_peers)
 
 
+def _add_node_dtypes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node-dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], metavar="DTYPE",
+                        help="use only nodes computing in these: float32 for transformers' own float32 tokens "
+                             "(default: any, the fastest chain)")
+
+
 def _add_local_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu",
                         help="where embeddings and lm_head run on this machine: cpu, cuda, cuda:N or mps "
                              "(default: cpu)")
     parser.add_argument("--mix-dtypes", action="store_true",
                         help="let one chain combine nodes of different dtypes (default: each answer keeps to one)")
+    _add_node_dtypes(parser)
     parser.add_argument("--allow-quantized", action="store_true",
                         help="also use nodes holding 8- or 4-bit weights: close to the model, not exact "
                              "(default: never)")
@@ -190,7 +199,8 @@ def _load(args: argparse.Namespace, chat: bool = False):
     model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint.path), initial_peers,
                                                             model_name=checkpoint.name, device=args.device,
                                                             mix_dtypes=args.mix_dtypes, verify=args.verify,
-                                                            allow_quantized=args.allow_quantized)
+                                                            allow_quantized=args.allow_quantized,
+                                                            node_dtypes=args.node_dtypes)
     return tokenizer, model
 
 

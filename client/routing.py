@@ -147,7 +147,8 @@ def _why_not(peer: str, record: NodeRecord, banned: frozenset[str], cache_tokens
         return (f"{record.cache_tokens_left} tokens of cache free, {cache_tokens} asked for: a shorter max_length "
                 "(--max-length) may fit")
     if dtypes is not None and record.dtype not in dtypes:
-        return f"computes in {record.dtype}"
+        return (f"computes in {record.dtype}, which this client leaves out (node_dtypes=, --node-dtypes; a session "
+                "keeps to one dtype unless mix_dtypes=True, --mix-dtypes)")
     if quants is not None and record.quant not in quants:
         return (f"weights in {record.quant}, which a client uses only if it allows them: allow_quantized=True, "
                 "--allow-quantized")
@@ -168,7 +169,7 @@ def _describe_gap(usable: dict[str, NodeRecord], records: dict[str, NodeRecord],
     reasons = "; ".join(f"{shown_name(records[p].public_name or 'unnamed')} ({p[-6:]}): {why_not[p]}"
                         for p in sorted(holders)[:MAX_REASONS])
     more = f"; {len(holders) - MAX_REASONS} more" if len(holders) > MAX_REASONS else ""
-    return (f"no ONLINE node with room serves blocks {first}:{last + 1} (of {start}:{end}; {len(records)} nodes "
+    return (f"no usable node serves blocks {first}:{last + 1} (of {start}:{end}; {len(records)} nodes "
             f"known; " + (f"those holding block {first}: {reasons}{more})" if holders else
                           f"none holds block {first})"))
 

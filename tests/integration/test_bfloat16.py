@@ -90,3 +90,7 @@ def test_route_shows_a_chain_of_mixed_dtypes_only_when_asked(tiny_checkpoints, s
     mixed = subprocess.run([*command, "--mix-dtypes"], capture_output=True, text=True, timeout=120)
     assert mixed.returncode == 0, mixed.stderr[-2000:]
     assert [line.split()[1] for line in mixed.stdout.splitlines() if "compute" in line] == ["0:4", "4:8"]
+    only = subprocess.run([*command, "--mix-dtypes", "--node-dtypes", "bfloat16"], capture_output=True, text=True,
+                          timeout=120)  # the float32 node left out, and the reason names the option
+    assert only.returncode != 0 and "computes in float32, which this client leaves out" in only.stderr, only.stderr
+    assert "--node-dtypes" in only.stderr and "Traceback" not in only.stderr
