@@ -89,6 +89,11 @@ def cache_bytes_per_token(checkpoint: Checkpoint, blocks: int, dtype: torch.dtyp
     return bytes_per_token(checkpoint.config, blocks, dtype)
 
 
+def rate(per_second: float) -> str:
+    """A speed for a log line: whole numbers, two decimals below 10 (an nf4 CPU node's 0.2 read 0)."""
+    return f"{per_second:.0f}" if per_second >= 10 else f"{per_second:.2f}"
+
+
 def check_cache_budget(config: NodeConfig, checkpoint: Checkpoint, device: torch.device) -> None:
     """A cache budget given that no session could ever have (more than all the memory the device
     has) is refused before anything loads, naming its option. In tokens it is checked once the
@@ -219,10 +224,10 @@ class Node:
             self._metrics_server = serve_metrics(self, config.metrics_port, config.metrics_host)
         name = f" ({config.public_name})" if config.public_name else ""
         forward = self.speed.forward_tokens_per_s
-        logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %.0f steps/s, %s; cache %d tokens",
+        logger.info("ONLINE: serving %s blocks %d:%d on %s in %s as %s%s; %s steps/s, %s; cache %d tokens",
                     self.checkpoint.name, config.start, config.end, self.device,
                     config.dtype if config.quant == "none" else f"{config.dtype} (weights in {config.quant})",
-                    self.peer_id, name, self.speed.steps_per_s,
+                    self.peer_id, name, rate(self.speed.steps_per_s),
                     f"{forward:.0f} tokens/s forward" if forward else "forward speed not measured (--throughput)",
                     tokens)
 
@@ -234,8 +239,8 @@ class Node:
             return Speed(self.config.throughput)
         cached = cached_speed(self._speed_key())
         if cached is not None:
-            logger.info("speed from an earlier run: %.0f steps/s, %.0f tokens/s forward (refined when idle)",
-                        cached.steps_per_s, cached.forward_tokens_per_s)
+            logger.info("speed from an earlier run: %s steps/s, %.0f tokens/s forward (refined when idle)",
+                        rate(cached.steps_per_s), cached.forward_tokens_per_s)
             return cached
         logger.info("measuring this node's speed (once for this model, dtype, device and span size; kept in the "
                     "cache folder for the next start)")
