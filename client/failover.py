@@ -39,7 +39,8 @@ async def replace_hop(session: InferenceSession, index: int, error: PotluckError
             before = session.hop_sessions[index - 1].hop.peer_id if index > 0 else None
             replacement = await session.open_chain(failed.hop.start, failed.hop.end, before)
         except NoRoute as no_route:
-            raise NoRoute(f"{no_route}, after node {failed.hop.peer_id} failed: {error}",
+            said = str(error) if failed.hop.peer_id in str(error) else f"node {failed.hop.peer_id} failed: {error}"
+            raise NoRoute(f"{no_route}, after {said}",
                           failed.hop.peer_id) from error
         try:
             await replay(session.streams, replacement, history)

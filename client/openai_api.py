@@ -9,6 +9,7 @@ the blocks, unknown paths 404, a bug 500.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,6 +29,8 @@ from .openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
 from .serving import Completion, PromptError, TextGenerator
 
 logger = logging.getLogger(__name__)
+BODY_BYTES, BODY_BYTES_PER_POSITION = 1 << 20, 64  # the largest request body: 1 MiB and 64 bytes a position
+DISCONNECT_CHECK_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
 
 
 class ApiError(Exception):
@@ -66,6 +69,7 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
 
     app = FastAPI(title="Potluck", description="OpenAI-compatible API over a Potluck swarm",
                   dependencies=[Depends(check_key)])
+    app.add_middleware(BodyLimit, limit=BODY_BYTES + BODY_BYTES_PER_POSITION * generator.max_length)
     if allowed_origins:  # an ASGI middleware: it answers preflights itself and adds headers, per response
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -124,30 +128,30 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
         return {"id": generator.name, "object": "model", "created": 0, "owned_by": "potluck"}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         check_model(body.model)
         # tokenizing runs beside the event loop: a huge prompt does not hold up the answers streaming
         try:
             ids = await run_in_threadpool(generator.chat_ids, [m.model_dump() for m in body.messages])
         except PromptError as error:
             raise _prompt_error(error, chat=True) from None
-        return await respond(body, ids, chat=True)
+        return await respond(body, ids, True, request)
 
     @app.post("/v1/completions")
-    async def complete(body: CompletionRequest):
+    async def complete(body: CompletionRequest, request: Request):
         check_model(body.model)
         try:
             ids = await run_in_threadpool(generator.text_ids, body.prompt)
         except PromptError as error:
             raise _prompt_error(error, chat=False) from None
-        return await respond(body, ids, chat=False)
+        return await respond(body, ids, False, request)
 
     def check_model(name: str) -> None:
         if name != generator.name:
             raise ApiError(404, f"the model {name!r} does not exist here; this server runs {generator.name!r}",
                            "invalid_request_error", param="model", code="model_not_found")
 
-    async def respond(body: OpenAIRequest, ids: list[int], chat: bool):
+    async def respond(body: OpenAIRequest, ids: list[int], chat: bool, request: Request):
         max_tokens = body.requested_tokens()
         if max_tokens is None:  # as many as asked by default, or as fit after the prompt
             room = generator.max_length - len(ids)
@@ -166,15 +170,83 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
             return StreamingResponse(_sse(reply_id, body.model, chat, first, stream, body.include_usage),
                                      media_type="text/event-stream")
         parts = [first]
-        try:
+
+        async def rest() -> None:
             async for item in stream:
                 parts.append(item)
+
+        collecting = asyncio.ensure_future(rest())
+        try:
+            while not collecting.done():  # a client that leaves frees its place in the batch, as a stream's does
+                await asyncio.wait({collecting}, timeout=DISCONNECT_CHECK_S)
+                if not collecting.done() and await request.is_disconnected():
+                    collecting.cancel()
+                    await asyncio.gather(collecting, return_exceptions=True)
+                    await stream.aclose()
+                    return JSONResponse({}, status_code=499)  # nobody reads it
+            collecting.result()
         except PotluckError as error:  # the swarm lost every replica of some block mid-answer
             raise _swarm_error(error) from None
         done: Completion = parts[-1]
         return _whole(reply_id, body.model, chat, done)
 
     return app
+
+
+class BodyLimit:
+    """Refuses a request body larger than ``limit`` bytes with a 413, before it is read whole: no
+    prompt that big fits the model's positions, and reading, parsing and tokenizing one took
+    gigabytes (a 300 MB body got serve killed for memory). A pure ASGI middleware, so streamed
+    answers pass it untouched."""
+
+    class TooLarge(Exception):
+        pass
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, send)
+        received, over, answered = 0, False, False
+
+        async def counted():
+            nonlocal received, over
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # a body sent without its length (chunked): read no further
+                over = True
+                raise BodyLimit.TooLarge
+            return message
+
+        async def answer(message):
+            nonlocal answered
+            if over:  # whatever the app made of the cut body, the answer is the 413
+                if not answered:
+                    answered = True
+                    await self._refuse(scope, send)
+                return
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, answer)
+        except BodyLimit.TooLarge:
+            pass
+        if over and not answered:
+            await self._refuse(scope, send)
+
+    async def _refuse(self, scope, send) -> None:
+        refusal = ApiError(413, f"the request body is over {self.limit} bytes: no prompt that long fits the model's "
+                                "positions", "invalid_request_error", code="request_too_large")
+        await refusal.response()(scope, _nothing_more, send)
+
+
+async def _nothing_more() -> dict:
+    return {"type": "http.disconnect"}
 
 
 def _whole(reply_id: str, model: str, chat: bool, done: Completion) -> dict[str, Any]:

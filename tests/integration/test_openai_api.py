@@ -121,6 +121,39 @@ def test_dropped_stream_frees_its_sessions(api):
     assert open_sessions(connection, peers) == 0
 
 
+def test_a_whole_answer_whose_client_left_frees_its_sessions_too(api):
+    client, base_url, peers, connection = api
+    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 480, "temperature": 0}
+    before = node_tokens(connection, peers[0])
+    with pytest.raises(httpx.TimeoutException):  # the client gives up long before the answer is done
+        httpx.post(f"{base_url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0)
+    for _ in range(200):
+        if open_sessions(connection, peers) == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert open_sessions(connection, peers) == 0
+    assert node_tokens(connection, peers[0]) - before < 400  # it left: it had generated all 480, holding its place
+
+
+def test_a_body_larger_than_any_prompt_that_fits_is_refused_before_it_is_read(api):
+    client, base_url, peers, connection = api
+    headers = {"Authorization": f"Bearer {KEY}"}
+    huge = {"model": "tiny-chat", "prompt": "a" * (3 << 20), "max_tokens": 5}  # 3 MiB of text: 512 positions
+    refused = httpx.post(f"{base_url}/completions", json=huge, headers=headers, timeout=60)
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # the same, sent without its length
+        yield b'{"model": "tiny-chat", "max_tokens": 5, "prompt": "'
+        for _ in range(48):
+            yield b"a" * (64 << 10)
+        yield b'"}'
+
+    refused = httpx.post(f"{base_url}/completions", content=chunks(), timeout=60,
+                         headers={**headers, "Content-Type": "application/json"})
+    assert refused.status_code == 413
+    assert client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "gpt-5", "messages": MESSAGES}, 404, "model"),
     ({"model": "tiny-chat", "messages": MESSAGES, "temperature": 7}, 400, "temperature"),
