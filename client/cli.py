@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 
 from potluck.protocol.errors import BadRequest
 from potluck.protocol.options import COUNT, FRACTION, PORT, number
+
+logger = logging.getLogger(__name__)
+SERVE_DRAIN_S = 10.0  # after Ctrl-C, how long `potluck serve` lets the answers being written go on
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -106,8 +111,9 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
         listening.close()
         raise
     generator = TextGenerator(model, tokenizer, model.swarm_view.model)
-    server = uvicorn.Server(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins),
-                                           log_level="warning", lifespan="off"))
+    server = _Server(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins),
+                                           log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=SERVE_DRAIN_S))
     serving = asyncio.create_task(server.serve(sockets=[listening]))
     try:
         while not server.started:
@@ -118,11 +124,37 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
         print(f"POTLUCK_OPENAI_BASE_URL=http://{args.host}:{port}/v1", flush=True)
         await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        if not serving.done():
+            logger.info("stopping: answers being written may finish within %.0f s; Ctrl-C again to stop now",
+                        SERVE_DRAIN_S)
         server.should_exit = True
-        await serving
-        generator.close()
-        await asyncio.to_thread(model.swarm_view.swarm.close)
+        try:
+            await serving
+        except asyncio.CancelledError:  # a second Ctrl-C: the answers still open end at once, quietly
+            asyncio.current_task().uncancel()
+            logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # each cut stream's traceback
+            server.force_exit = True
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            raise
+        finally:
+            generator.close()
+            await asyncio.to_thread(model.swarm_view.swarm.close)
     return 0
+
+
+def _Server(config):
+    """uvicorn's server, minus its own Ctrl-C handling: potluck's CLI has its own (a first Ctrl-C
+    lets the answers being written finish, a second stops at once), and uvicorn's, raising the
+    signal again as it stopped, counted as that second one."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return Server(config)
 
 
 def _listen(host: str, port: int):

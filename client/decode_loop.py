@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from potluck.protocol.errors import NodeUnavailable
 from potluck.protocol.families import rope_switch
 
 from .session import InferenceSession
@@ -83,7 +84,7 @@ class DecodeLoop:
                     for request in list(self._active):
                         self._finish(request, e)
         for request in list(self._active):
-            self._finish(request, RuntimeError("the server is shutting down"))
+            self._finish(request, NodeUnavailable("potluck serve is shutting down"))  # typed: no traceback
 
     def _admit(self, block: bool) -> None:
         while len(self._active) < self.max_active:

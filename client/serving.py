@@ -147,7 +147,11 @@ class TextGenerator:
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
         self.check_prompt(prompt_ids, params.max_tokens)
         loop, answers = asyncio.get_running_loop(), asyncio.Queue()
-        put = lambda item: loop.call_soon_threadsafe(answers.put_nowait, item)  # noqa: E731
+        def put(item) -> None:  # from the decode loop's thread
+            try:
+                loop.call_soon_threadsafe(answers.put_nowait, item)
+            except RuntimeError:  # the server's loop closed (it stopped): nobody reads the answer any more
+                pass
         streamer = _DeltaStreamer(self.tokenizer, params.stop, put)
 
         def on_token(token: int) -> bool:

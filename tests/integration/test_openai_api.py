@@ -1,7 +1,9 @@
 """`potluck serve` against a real local swarm, driven by the official `openai` package."""
 import asyncio
+import signal
 import subprocess
 import threading
+import time
 
 import httpx
 import openai
@@ -357,3 +359,41 @@ def test_chat_command_streams_and_sends_only_new_tokens(api, chat_model, local):
     sent = node_tokens(connection, peers[0]) - before
     # turn 1: its prompt and 7 steps; turn 2: only what the nodes did not hold, and 7 steps
     assert length < sent <= length + 2 * 7 + 4
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_ctrl_c_lets_answers_finish_and_a_second_one_stops_at_once_quietly(api, chat_model, tmp_path, twice):
+    proc, base_url = start_serve(chat_model, api[3].initial_peers, tmp_path)
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=60)
+    started, outcomes = threading.Event(), []
+
+    def request():
+        try:
+            stream = client.completions.create(model="tiny-chat", prompt="A long story:", max_tokens=300,
+                                               temperature=0, stream=True)
+            chunks = 0
+            for _ in stream:
+                chunks += 1
+                started.set()
+            outcomes.append(chunks)
+        except Exception as e:  # noqa: BLE001 - a cut stream is what a second Ctrl-C gives
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    assert started.wait(60)
+    proc.send_signal(signal.SIGINT)
+    if twice:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+    code = proc.wait(60)
+    for thread in threads:
+        thread.join(60)
+    log = (tmp_path / "serve.log").read_text()
+    assert "stopping: answers being written may finish" in log
+    assert "Traceback" not in log and "Exception in" not in log, log[-3000:]
+    if twice:
+        assert code == 130
+    else:  # the answers in flight were written to the end
+        assert code == 0 and all(isinstance(o, int) and o >= 300 for o in outcomes), outcomes
