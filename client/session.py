@@ -79,6 +79,7 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, H] of the new tokens → output hidden [B, T, H] of the last block."""
+        check_hidden(hidden, positions)  # a caller's input; serve's loop builds its own (``step_async``)
         return self.view.swarm.call(self.step_async(hidden, positions, mask))
 
     async def step_async(self, hidden: torch.Tensor, positions: torch.Tensor,
@@ -87,7 +88,6 @@ class InferenceSession:
         than some hop takes in one message (its announced ``max_batch_tokens``) goes in parts."""
         if self.closed:
             raise PotluckError("this inference session is closed")
-        check_hidden(hidden, positions)
         if self.batch_size is None:
             self.batch_size = hidden.shape[0]
         start_from = self.position if self._rewound else None

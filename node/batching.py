@@ -39,7 +39,7 @@ class StepWork:
         self.check_open()
         mask = None if self.mask is None else self.mask[:, : self.start + end]
         out = self.session.step(self.hidden[:, begin:end], self.positions[:, begin:end], mask, self.start + begin,
-                                self.rope_until())
+                                self.rope_until() if self.session.span.rope_by_length else None)
         self.outputs.append(out)
         return out
 
@@ -122,7 +122,8 @@ def _padded_pass(works: list[StepWork], new: int) -> torch.Tensor:
     positions = torch.cat([_padded(w.positions, new) for w in works]).to(span.device)  # [B, new]
     padding = cache.prefix - torch.tensor(lengths).unsqueeze(1)  # [B, 1] pad slots before each row
     attend = (torch.arange(cache.prefix + new).unsqueeze(0) >= padding).to(span.device)  # [B, prefix + new]
-    return span(hidden, positions, attend, cache, start, end, [row for work in works for row in work.rope_until()])
+    rope_until = [row for work in works for row in work.rope_until()] if span.rope_by_length else None
+    return span(hidden, positions, attend, cache, start, end, rope_until)
 
 
 def _padded(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -96,7 +96,6 @@ class BlockSpan(torch.nn.Module):
             hidden = out[0] if isinstance(out, tuple) else out  # some layers also return attention weights
         return hidden
 
-
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, rope_type: str | None,
                 rope_until: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for ``position_ids``. A rope whose scale depends on the longest position of
