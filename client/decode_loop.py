@@ -174,7 +174,8 @@ class DecodeLoop:
         head, normed = self.model.lm_head, self.model.model.norm(last)
         if type(head) is not torch.nn.Linear:  # a ``PackedHead`` reads its weight fast enough whole
             logits = head(normed).float().t()
-            return logits.argmax(0).tolist(), logits[:, sampled].cpu() if sampled else None
+            # max's indices are argmax's (the first of equal maxima) in 0.9 ms for 32 rows of 49152, argmax's 2.4
+            return logits.max(0).indices.tolist(), logits[:, sampled].cpu() if sampled else None
         columns, step = normed.t(), logits_chunk(len(last), head.weight)
         best, where, kept = [], [], []
         for begin in range(0, head.weight.shape[0], step):
