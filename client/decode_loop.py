@@ -4,14 +4,15 @@ A round takes each decoding request's last token, embeds them, sends every reque
 swarm at once (each request has its own inference session; their steps leave in one bundle per
 node, and the nodes batch them). When the round is back, the final norm and the lm_head run for
 all of its requests as one batch, together with the requests whose prompt came back since (a
-prompt's step runs beside the rounds, so a long one holds up no one); each request's next token is
+prompt's step runs beside the rounds, so a long one holds up no one, and so does a step that a slow
+or hung node holds long past the rest of its round); each request's next token is
 picked with its own sampling parameters and random generator, the next round leaves, and only
 once its steps are written to the nodes' streams are the tokens handed out: detokenizing and
 streaming them overlap the nodes' work instead of holding up the round's way out (the threads
 share one GIL). A request that ends (end of text, its token limit) or whose client leaves drops
 out and its session closes; one that meets a stop string is answered at once and leaves when its
-step in flight is back. New requests join at the next round. One thread runs the rounds, so per-token Python work
-is paid once per round, not per request.
+step in flight is back. New requests join at the next round. One thread runs the rounds, so
+per-token Python work is paid once per round, not per request.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .session import InferenceSession
 
 logger = logging.getLogger(__name__)
 SEND_WAIT_S = 0.05  # the longest a round's tokens wait for its steps to be written (a busy swarm loop)
+STRAGGLER_MIN_S = 0.02  # a round waits at least this long past its first answer for the rest (``_together``)
 LOGITS_CHUNK_BYTES = 1 << 18  # float32 logits of the vocabulary chunk the lm_head computes at once (``_choices``)
 
 
@@ -48,7 +50,7 @@ class Request:
     on_end: Callable[[BaseException | None], None]  # called once when it leaves the loop
     cancelled: threading.Event = field(default_factory=threading.Event)
     session: InferenceSession | None = None
-    step: concurrent.futures.Future | None = None  # its step in flight (its prompt's, or the round's)
+    step: concurrent.futures.Future | None = None  # its step in flight (its prompt's, the round's, its own if left behind)
     row: int = 0  # its result's index in what ``step`` gives (one per request sent with it)
     tokens: list[int] = field(default_factory=list)  # generated so far
     ended: bool = False  # on_end was called
@@ -61,6 +63,7 @@ class DecodeLoop:
         self.rope_switch = rope_switch(model.config)  # past it a sequence is computed again from its start
         self._arrivals: queue.Queue[Request] = queue.Queue()
         self._active: list[Request] = []
+        self._round: concurrent.futures.Future | None = None  # the steps of the last round sent
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="potluck-decode-loop", daemon=True)
         self._thread.start()
@@ -109,16 +112,17 @@ class DecodeLoop:
             except Exception as e:  # a prompt that slipped past the checks fails its own request only
                 logger.exception("a request's prompt could not be sent")
                 self._finish(request, e)
-        round_ = {r.step for r in self._active if self._in_round(r)}
-        if round_:  # prompts back meanwhile join the round's tokens
-            concurrent.futures.wait(round_)
+        if self._round is not None and not self._round.done():  # steps back meanwhile join the round's tokens
+            concurrent.futures.wait({self._round})
         else:  # wake up now and then to admit new requests
             concurrent.futures.wait({r.step for r in self._active}, timeout=0.05,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         back = []
         for request in [r for r in self._active if r.step.done()]:
             out = request.step.result()[request.row]
-            if isinstance(out, BaseException):
+            if isinstance(out, concurrent.futures.Future):  # left behind by its round: it comes back on its own
+                request.step, request.row = out, 0
+            elif isinstance(out, BaseException):
                 self._finish(request, out)
             elif request.cancelled.is_set():
                 self._finish(request, None)
@@ -154,6 +158,7 @@ class DecodeLoop:
         going_on = [request for request in going_on if request not in switching]
         if going_on:
             written = self._send(going_on, self._embed([r.tokens[-1:] for r in going_on]))
+            self._round = going_on[0].step
             written.wait(SEND_WAIT_S)
         for request, more in chosen:
             stop = request.on_token(request.tokens[-1])
@@ -262,18 +267,52 @@ def logits_chunk(rows: int, weight: torch.Tensor) -> int:
 
 
 async def _together(steps: list, written: threading.Event) -> list:
-    """Await every step at once on the swarm's loop; a failed step is returned as its exception.
-    ``written`` is set once each step has run up to its first wait, which for a session with its
-    chain open is its answer (its frame was written to a stream in that turn of the loop), and the
-    streams have flushed those frames (``FrameBatcher`` does it in the next turn)."""
-    running = [asyncio.ensure_future(step) for step in steps]
+    """Await the steps on the swarm's loop; each gives its output, its exception, or, for a step
+    still out once the round's first answer has taken as long again (``STRAGGLER_MIN_S`` at
+    least), a future of [its outcome]: a hung or slow node holds up only the requests it serves,
+    not every request's next token until its sessions fail over. ``written`` is set once each
+    step has run up to its first wait, which for a session with its chain open is its answer (its
+    frame was written to a stream in that turn of the loop), and the streams have flushed those
+    frames (``FrameBatcher`` does it in the next turn)."""
+    loop = asyncio.get_running_loop()
+    began, running = loop.time(), [asyncio.ensure_future(step) for step in steps]
     try:
         await asyncio.sleep(0)  # every step runs to its first wait
         await asyncio.sleep(0)  # the flushes they queued run
-    except asyncio.CancelledError:  # gather would cancel them: it has not started
+        pending = set(running)
+        written.set()  # the decode loop goes on
+        while pending and not any(t.done() and not t.cancelled() and t.exception() is None for t in running):
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)  # failures wait on
+        if pending:
+            await asyncio.wait(pending, timeout=max(STRAGGLER_MIN_S, loop.time() - began))
+    except asyncio.CancelledError:
         for task in running:
             task.cancel()
         raise
     finally:
         written.set()
-    return await asyncio.gather(*running, return_exceptions=True)
+    return [_outcome(task) if task.done() else _later(task) for task in running]
+
+
+def _outcome(task: asyncio.Task):
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception() or task.result()
+
+
+def _later(task: asyncio.Task) -> concurrent.futures.Future:
+    """A future of [the outcome of ``task``], a step left behind by its round; cancelling it
+    cancels the step."""
+    future, loop = concurrent.futures.Future(), asyncio.get_running_loop()
+
+    def settle(task: asyncio.Task) -> None:
+        if future.set_running_or_notify_cancel():
+            future.set_result([_outcome(task)])
+
+    def cancel(future: concurrent.futures.Future) -> None:
+        if future.cancelled() and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+
+    task.add_done_callback(settle)
+    future.add_done_callback(cancel)
+    return future

@@ -60,6 +60,8 @@ class _Session:
         async def step():
             self.view.log.append(("written", self.number, position))  # where a session writes its frame
             await self.view.released.wait()
+            if position >= 2 and self.number in self.view.held:  # a hung node: this session's steps from here on
+                await self.view.held[self.number].wait()
             return hidden
 
         return step()
@@ -89,7 +91,7 @@ class _Model(torch.nn.Module):
 def loop_and_view(monkeypatch):
     monkeypatch.setattr(decode_loop, "InferenceSession", _Session)
     view = types.SimpleNamespace(sessions=[], log=[], swarm=types.SimpleNamespace(loop=asyncio.new_event_loop()))
-    view.released = asyncio.Event()
+    view.released, view.held = asyncio.Event(), {}  # session number -> event its steps wait for
     thread = threading.Thread(target=view.swarm.loop.run_forever, daemon=True)
     thread.start()
     loop = DecodeLoop(_Model(view), eos_ids=set())
@@ -143,6 +145,21 @@ def test_a_round_leaves_before_its_tokens_are_handed_out(loop_and_view):
         assert [view.log[i][2] for i in written] == [0, 1, 2, 3]
         assert all(step < token for step, token in zip(written[1:], handed))  # a token's next step left first
         assert handed[-1] < view.log.index(("close", number)) < view.log.index(("end", prompt, None))
+
+
+def test_a_step_held_by_a_hung_node_holds_up_only_its_own_request(loop_and_view):
+    loop, view = loop_and_view
+    view.held[1] = asyncio.Event()  # the second request's node hangs at its third step
+    release(view)
+    prompts = (1, 2, 5)
+    ends = [submit(loop, [p], 6, view.log) for p in prompts]
+    assert ends[0].wait(10) and ends[2].wait(10)  # the others' rounds went on without it
+    assert not ends[1].is_set()
+    assert [e[2] for e in view.log if e[:2] == ("token", 2)] == greedy_chain(loop.model, 2, 2)
+    view.swarm.loop.call_soon_threadsafe(view.held[1].set)  # its session fails over, say: it goes on
+    assert ends[1].wait(10)
+    for prompt in prompts:
+        assert [e[2] for e in view.log if e[:2] == ("token", prompt)] == greedy_chain(loop.model, prompt, 6)
 
 
 def test_a_stop_string_answers_at_once_and_the_session_closes_when_its_step_is_back(loop_and_view):
