@@ -50,7 +50,8 @@ class Request:
     on_end: Callable[[BaseException | None], None]  # called once when it leaves the loop
     cancelled: threading.Event = field(default_factory=threading.Event)
     session: InferenceSession | None = None
-    step: concurrent.futures.Future | None = None  # its step in flight (its prompt's, the round's, its own if left behind)
+    step: concurrent.futures.Future | None = None  # its step in flight: its prompt's, the round's, its own if left
+    # behind by its round
     row: int = 0  # its result's index in what ``step`` gives (one per request sent with it)
     tokens: list[int] = field(default_factory=list)  # generated so far
     ended: bool = False  # on_end was called
