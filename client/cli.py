@@ -207,6 +207,9 @@ def _add_local_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", type=FRACTION, default=0.0, metavar="FRACTION",
                         help="check this share of steps against other replicas of each node's blocks and ban nodes "
                              "caught computing wrong, e.g. 0.05 (default: 0; suspicious outputs are always checked)")
+    parser.add_argument("--route-wait", type=number(at_least=0), default=60.0, metavar="S",
+                        help="when the only node of some blocks fails mid-answer, wait up to S seconds for another "
+                             "node to take them before failing (default: 60; 0: fail at once)")
 
 
 def _load(args: argparse.Namespace, chat: bool = False):
@@ -232,7 +235,7 @@ def _load(args: argparse.Namespace, chat: bool = False):
                                                             model_name=checkpoint.name, device=args.device,
                                                             mix_dtypes=args.mix_dtypes, verify=args.verify,
                                                             allow_quantized=args.allow_quantized,
-                                                            node_dtypes=args.node_dtypes)
+                                                            node_dtypes=args.node_dtypes, route_wait=args.route_wait)
     return tokenizer, model
 
 

@@ -3,7 +3,9 @@
 The client bans the failed node (unless only its relayed connection was cut:
 ``SwarmView.relay_cut``), routes a fresh chain for exactly that hop's blocks (in the session's
 dtype), and replays the inputs the failed node had received, in chunks each new node accepts, so
-its cache is what the failed one held. A hop fed by hand-off has no inputs on the client: they are
+its cache is what the failed one held. When no other node serves those blocks, the session waits
+up to ``FailoverPolicy.route_wait`` for one (a self-placing node moves to blocks left bare),
+trying the route again every ``ROUTE_POLL_S``. A hop fed by hand-off has no inputs on the client: they are
 rebuilt by a cache-less forward of the first hop's inputs through the blocks before it. ``probe``
 finds which hops of a chain hang after a hand-off step timed out.
 """
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from .session import InferenceSession
 
 logger = logging.getLogger(__name__)
+ROUTE_POLL_S = 2.0  # how often a session waiting for a node of its blocks reads the swarm again
 
 
 async def replace_hop(session: InferenceSession, index: int, error: PotluckError) -> None:
@@ -51,7 +54,7 @@ async def replace_hop(session: InferenceSession, index: int, error: PotluckError
             raise
         return replacement
 
-    replacement = await session.view.retrying(rebuilt_replacement)
+    replacement = await _waiting_for_route(session, failed, rebuilt_replacement)
     session.hop_sessions[index:index + 1] = replacement
     after = index + len(replacement)
     if after < len(session.hop_sessions):  # the next node takes pushes from the replacement now
@@ -63,6 +66,29 @@ async def replace_hop(session: InferenceSession, index: int, error: PotluckError
     session.failovers += 1
     logger.info("replaced node %s (blocks %d:%d) with %s", failed.hop.peer_id, failed.hop.start, failed.hop.end,
                 ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement))
+
+
+async def _waiting_for_route(session: InferenceSession, failed: HopSession, attempt) -> list[HopSession]:
+    """``attempt()`` (retrying), again every ``ROUTE_POLL_S`` while no node serves the failed hop's
+    blocks, for up to the policy's ``route_wait``."""
+    loop, wait = asyncio.get_running_loop(), session.view.policy.route_wait
+    deadline, said = loop.time() + wait, False
+    blocks = f"blocks {failed.hop.start}:{failed.hop.end}"
+    while True:
+        try:
+            return await session.view.retrying(attempt)
+        except NoRoute as no_route:
+            left = deadline - loop.time()
+            if left <= 0:
+                if not wait:
+                    raise
+                raise NoRoute(f"{no_route}; no node took {blocks} within {wait:g} s (--route-wait)",
+                              no_route.peer_id) from None
+            if not said:
+                said = True
+                logger.warning("%s; waiting up to %g s for a node to take %s (--route-wait, or "
+                               "FailoverPolicy.route_wait)", no_route, wait, blocks)
+            await asyncio.sleep(min(ROUTE_POLL_S, left))
 
 
 async def rebuild_history(session: InferenceSession, failed: HopSession) -> list[StepInputs]:

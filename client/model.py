@@ -296,7 +296,8 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(cls, model: str | None = None, initial_peers: Sequence[str] | None = None, *,
                         model_name: str | None = None, dtype: str | torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", node_dtypes: Sequence[str] | None = None,
-                        mix_dtypes: bool = False, request_timeout: float = 5.0, policy: FailoverPolicy | None = None,
+                        mix_dtypes: bool = False, request_timeout: float = 5.0, route_wait: float = 60.0,
+                        policy: FailoverPolicy | None = None,
                         handoff: bool = True, verify: float = 0.0, allow_quantized: bool = False,
                         swarm: SwarmConnection | None = None) -> PreTrainedModel:
         """The model whose decoder layers run through the swarm.
@@ -308,7 +309,10 @@ class AutoDistributedModelForCausalLM:
         other replicas of each node's blocks (``verification``); a node caught computing wrong is
         banned and the step redone without it. Suspicious outputs are checked whatever the share.
         ``allow_quantized``: route through nodes holding 8- or 4-bit weights too (``potluck node
-        --quant``), whose results are close to the model's but not exact (off: never)."""
+        --quant``), whose results are close to the model's but not exact (off: never).
+        ``route_wait``: seconds a session that lost the only node of some blocks waits for another
+        node to take them (self-placing nodes do) before failing; 0: fail at once. ``policy``, if
+        given, sets every failover setting instead (``request_timeout`` and ``route_wait`` too)."""
         checkpoint = resolve_checkpoint(model, model_name)
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise BadRequest(f"dtype {dtype!r} is not one the local part runs in; pick from {', '.join(DTYPES)}")
@@ -316,6 +320,10 @@ class AutoDistributedModelForCausalLM:
         if not (isinstance(request_timeout, (int, float)) and 0 < request_timeout < float("inf")):
             raise BadRequest(f"request_timeout={request_timeout!r}: pass the seconds a node may take to answer, "
                              "above 0")
+        if (isinstance(route_wait, bool) or not isinstance(route_wait, (int, float))
+                or not 0 <= route_wait < float("inf")):
+            raise BadRequest(f"route_wait={route_wait!r}: pass the seconds to wait for a node to take over blocks, "
+                             "0 or more")
         if isinstance(verify, bool) or not isinstance(verify, (int, float)) or not 0.0 <= verify <= 1.0:
             raise BadRequest(f"verify={verify!r}: pass the share of steps to check, a number from 0 (none) to 1 "
                              "(every step)")
@@ -326,7 +334,7 @@ class AutoDistributedModelForCausalLM:
             raise BadRequest(f"node_dtypes {sorted(unknown)} are not dtypes nodes use; pick from {', '.join(DTYPES)}")
         local_device = resolve_device(device, option="device")  # before joining: a device not here is one line
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
-        policy = policy or FailoverPolicy(request_timeout=request_timeout)
+        policy = policy or FailoverPolicy(request_timeout=request_timeout, route_wait=route_wait)
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
                           dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes,
                           verify=verify, allow_quantized=allow_quantized, config_id=config_id(checkpoint.config))

@@ -41,6 +41,8 @@ class FailoverPolicy:
     probe_timeout: float = 1.0  # seconds a node may take to answer an info request after a chain timed out
     wrong_result_ban: float = 3600.0  # seconds a node caught computing wrong (verification) is not routed through
     relay_grace: float = 10.0  # seconds: a relayed connection to a node cut again sooner is the node's failure
+    route_wait: float = 60.0  # seconds a session that lost the only node of some blocks waits for another to
+    # take them (self-placing nodes move to blocks no live node serves) before it fails; 0: fail at once
 
 
 @dataclass

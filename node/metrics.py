@@ -63,7 +63,9 @@ class NodeCollector(Collector):
                    record.inference_steps_per_s),
                   ("potluck_node_forward_tokens_per_second", "Announced forward tokens per second",
                    record.forward_tokens_per_s),
-                  ("potluck_node_peers_pinged", "Other nodes this node measured a round trip to", len(record.pings))]
+                  ("potluck_node_peers_pinged", "Other nodes this node measured a round trip to", len(record.pings)),
+                  ("potluck_node_peers_silent", "Nodes announced ONLINE that did not answer this node's last ping",
+                   len(node.silent))]
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(name, help_text, value=value)
         counters = {**(servicer.counters if servicer is not None else {}), **node.compute.counters}
@@ -119,4 +121,4 @@ def status_line(node: "Node") -> str:
     total = node.sessions.cache_tokens if node.sessions else 0
     return (f"blocks {record.start}:{record.end} {record.state.value}: {record.active_sessions} sessions open, "
             f"{counters.get('tokens', 0)} tokens served, cache {used}/{total} tokens reserved, "
-            f"{len(record.pings)} other nodes pinged")
+            f"{len(record.pings)} other nodes pinged" + (f", {len(node.silent)} not answering" if node.silent else ""))

@@ -8,6 +8,11 @@ elsewhere. Where the memory budget has no room for both spans at once, the old s
 and its blocks are dropped before the new ones load. Nodes that see the same need at the same
 moment must not all answer it: each waits a random moment and reads the swarm again before it
 moves; a move is visible (JOINING) as soon as it starts.
+
+Nodes that did not answer this node's last pings (``Node.silent``) do not count: a node killed
+without a word keeps its record for up to 2.5 announce periods. When some are silent the node
+checks at once, not at its next period, and moves only to cover blocks left with no node (after
+a wait of at most ``GAP_WAIT_S``): sessions that lost the only node of some blocks are waiting.
 """
 from __future__ import annotations
 
@@ -31,27 +36,42 @@ if TYPE_CHECKING:
     from .server import Node
 
 logger = logging.getLogger(__name__)
+GAP_WAIT_S = 5.0  # the longest a node waits before moving to blocks that no live node serves
 
 
 class Rebalancer:
     def __init__(self, node: "Node", period: float, quality: float):
         self.node, self.period, self.quality = node, period, quality
+        self._nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        """Check now for blocks left with no node (some nodes stopped answering)."""
+        self._nudged.set()
 
     async def run(self) -> None:
-        """Check every period (jittered, so nodes started together do not check together)."""
+        """Check every period (jittered, so nodes started together do not check together), and
+        when nudged."""
         while True:
-            await asyncio.sleep(self.period * random.uniform(0.5, 1.0))
             try:
-                await self._balance_once()
+                await asyncio.wait_for(self._nudged.wait(), self.period * random.uniform(0.5, 1.0))
+            except TimeoutError:
+                pass
+            gaps_only = self._nudged.is_set()
+            self._nudged.clear()
+            try:
+                await self._balance_once(gaps_only)
             except Exception as e:  # e.g. the DHT did not answer: the next period tries again
                 logger.warning("rebalancing check failed: %s", e)
 
-    async def _balance_once(self) -> None:
-        if await self.check() is None:
-            return
-        await asyncio.sleep(random.uniform(0, self.period / 2))  # another node may answer the same need
+    async def _balance_once(self, gaps_only: bool = False) -> None:
+        """Move if the swarm needs it; ``gaps_only``: only to cover blocks no live node serves."""
         move = await self.check()
-        if move is None:
+        if move is None or (gaps_only and not move.fills_gap):
+            return
+        wait = min(self.period / 2, GAP_WAIT_S) if move.fills_gap else self.period / 2
+        await asyncio.sleep(random.uniform(0, wait))  # another node may answer the same need
+        move = await self.check()
+        if move is None or (gaps_only and not move.fills_gap):
             logger.info("staying on blocks %d:%d: the swarm changed while waiting to move", *self._span())
             return
         logger.info("moving from blocks %d:%d to %d:%d: %s", *self._span(), *move.span, move.reason)
@@ -63,8 +83,13 @@ class Rebalancer:
             return None
         records = await read_block_records(node.dht, node.checkpoint.name, node.checkpoint.num_blocks,
                                            config_id(node.checkpoint.config))
-        return placement.should_move(records, node.peer_id, self._span(), node.checkpoint.num_blocks,
+        silent = sorted(set(records) & node.silent)
+        records = {peer: record for peer, record in records.items() if peer not in node.silent}
+        move = placement.should_move(records, node.peer_id, self._span(), node.checkpoint.num_blocks,
                                      node.speed.steps_per_s or 1.0, self.quality)
+        if move is not None and move.fills_gap and silent:
+            move = replace(move, reason=f"{move.reason} (not answering: {', '.join(silent)})")
+        return move
 
     async def move(self, span: tuple[int, int]) -> None:
         node, servicer = self.node, self.node.servicer

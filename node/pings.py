@@ -1,7 +1,9 @@
 """Round trips from this node to the other nodes of its model, published in its record.
 
 Clients route with them: the cost of handing a step from one node to the next is half their
-round trip. Measured each announce period with an info request on a fresh stream.
+round trip. Measured each announce period with an info request on a fresh stream. A node that
+does not answer is *silent*: its record may outlive it by up to 2.5 periods (a node killed
+without a word), and a self-placing node does not count it as serving its blocks (``moving``).
 """
 from __future__ import annotations
 
@@ -17,14 +19,16 @@ MAX_PEERS = 16  # pinged per period; neighbours of our span first
 
 
 async def measure_pings(p2p: P2P, dht: DHTNode, self_id: str, model: str, num_blocks: int, start: int, end: int,
-                        timeout: float = 2.0) -> dict[str, float]:
+                        timeout: float = 2.0) -> tuple[dict[str, float], set[str]]:
+    """Round trips to the ONLINE nodes of the model (up to ``MAX_PEERS``), and the nodes pinged
+    that did not answer."""
     records = await read_block_records(dht, model, num_blocks)
     peers = [p for p, r in records.items() if p != self_id and r.state == NodeState.ONLINE]
     peers.sort(key=lambda p: (records[p].start != end and records[p].end != start, p))  # neighbours first
-    pings = {}
+    pings, silent = {}, set()
     for peer_id in peers[:MAX_PEERS]:
         try:
             _, pings[peer_id] = await request_info(p2p, peer_id, timeout)
         except PotluckError:
-            continue
-    return {peer_id: round(rtt, 6) for peer_id, rtt in pings.items()}
+            silent.add(peer_id)
+    return {peer_id: round(rtt, 6) for peer_id, rtt in pings.items()}, silent

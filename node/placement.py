@@ -29,6 +29,7 @@ class Move:
 
     span: tuple[int, int]
     reason: str
+    fills_gap: bool = False  # it covers blocks no node serves now
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def should_move(records: dict[str, NodeRecord], me: str, span: tuple[int, int], 
     now, after = _after(others, start, end - start, own_speed), _after(others, best[0], end - start, own_speed)
     gaps_now, gaps_after = now.count(0.0), after.count(0.0)
     if gaps_after < gaps_now:
-        return Move(best, f"{gaps_now} blocks have no node; moving leaves {gaps_after}")
+        return Move(best, f"{gaps_now} blocks have no node; moving leaves {gaps_after}", fills_gap=True)
     if gaps_now or after[0] <= 0 or now[0] / after[0] >= quality:
         return None
     return Move(best, f"the weakest block would go from {now[0]:.1f} to {after[0]:.1f} steps/s "

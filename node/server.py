@@ -135,6 +135,7 @@ class Node:
                                    cuda_graphs=config.cuda_graphs)
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
+        self.silent: set[str] = set()  # nodes whose records say ONLINE that did not answer this period's ping
         self.reachability = ""  # as other peers found it (``reachability``); "" in a swarm on this machine
         self.joined: reachability.Reachability | None = None  # what peers found when it joined beyond this machine
         self.relays: list[str] = []  # circuit addresses clients reach this node at, when others cannot dial it
@@ -308,10 +309,14 @@ class Node:
 
     async def _measure_pings(self) -> None:
         try:
-            self.pings = await measure_pings(self.p2p, self.dht, self.peer_id, self.checkpoint.name,
-                                             self.checkpoint.num_blocks, self.config.start, self.config.end)
+            self.pings, self.silent = await measure_pings(self.p2p, self.dht, self.peer_id, self.checkpoint.name,
+                                                          self.checkpoint.num_blocks, self.config.start,
+                                                          self.config.end)
         except (asyncio.TimeoutError, OSError) as e:
             logger.debug("could not measure pings: %s", e)
+            return
+        if self.silent and self.rebalancer is not None:  # a node killed without a word may have left a gap
+            self.rebalancer.nudge()
 
     async def _watch_reachability(self, period: float = 600.0, retry: float = 60.0) -> None:
         """Have other peers dial this node back every ``period`` (``retry`` while none answered)."""

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from transformers import LogitsProcessor
 
 from potluck.client.transport import SwarmConnection
 from potluck.node.local_swarm import LocalSwarm, make_tiny_checkpoint  # noqa: F401  (the tests' launcher)
@@ -85,3 +86,16 @@ def logits_through(model, spans, ids, attention_mask=None, caches=None, start=0)
     logits = model.lm_head(model.model.norm(hidden))
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 3's head does this
     return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class AtToken(LogitsProcessor):
+    """Calls ``action`` once, when the n-th new token is about to be chosen."""
+
+    def __init__(self, n, action):
+        self.n, self.action, self.calls = n, action, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.n:
+            self.action()
+        return scores

@@ -5,12 +5,14 @@ import threading
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from potluck import AutoDistributedModelForCausalLM
 from potluck.client.swarm_view import FailoverPolicy
 from potluck.client.transport import SwarmConnection
 from potluck.protocol.messages import Step
+
+from helpers import AtToken
 
 SPANS = ["0:4", "4:8", "0:4", "4:8"]  # two replicas of each span
 
@@ -30,19 +32,6 @@ def replicated(tiny_checkpoints, swarm_factory):
         os.kill(pid, signal.SIGCONT)
     connection.close()
     swarm.stop()  # now, not with the module: idle nodes of earlier tests would share the two cores
-
-
-class AtToken(LogitsProcessor):
-    """Calls ``action`` once, when the n-th new token is about to be chosen."""
-
-    def __init__(self, n, action):
-        self.n, self.action, self.calls = n, action, 0
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        if self.calls == self.n:
-            self.action()
-        return scores
 
 
 def prompt(seed=0, length=16):

@@ -25,6 +25,7 @@ def test_metrics_parse_and_rise_with_served_tokens(tiny_checkpoints, swarm_facto
     assert before["potluck_node_info"].labels["peer_id"] == peer
     assert before["potluck_node_info"].labels["blocks"] == "0:8" and before["potluck_node_open_sessions"].value == 0
     assert before["potluck_node_info"].labels["quant"] == "none"
+    assert before["potluck_node_peers_silent"].value == 0
     connection = SwarmConnection(swarm.initial_peers)
     try:
         remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-from helpers import make_tiny_checkpoint
+from helpers import AtToken, make_tiny_checkpoint
 from potluck import AutoDistributedModelForCausalLM
 from potluck.client.transport import SwarmConnection
 from potluck.node.span import block_bytes
@@ -152,3 +152,29 @@ def test_a_restarted_node_announces_its_earlier_speed_at_once(nine_blocks, swarm
         assert remote.swarm_view.records[fixed].inference_steps_per_s == 123
     finally:
         connection.close()
+
+
+def test_a_generation_goes_on_when_a_self_placing_node_takes_over_blocks_whose_only_node_died(nine_blocks,
+                                                                                              swarm_factory):
+    swarm = swarm_factory()
+    swarm.start_nodes(nine_blocks, ["0:5"], "--throughput", "100")
+    victim = swarm.start_nodes(nine_blocks, ["5:9"], "--throughput", "1000")[0]  # its record outlives it by ~37 s
+    mover = swarm.start_nodes(nine_blocks, [None], "--num-blocks", "5", "--throughput", "100", "--placement-delay",
+                              "0", "--announce-period", "1", "--drain-timeout", "2")[0]
+    assert "chose blocks 0:5 of 9" in "".join(swarm.node_children[mover].lines)  # beside the slower node
+    connection = SwarmConnection(swarm.initial_peers)
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(nine_blocks), swarm=connection)
+        local = AutoModelForCausalLM.from_pretrained(nine_blocks).eval()
+        ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(6))
+        expected = local.generate(ids, max_new_tokens=24, do_sample=False)
+        with remote.inference_session(max_length=40) as session:
+            kill = AtToken(8, lambda: swarm.nodes[victim].send_signal(signal.SIGKILL))
+            got = remote.generate(ids, max_new_tokens=24, do_sample=False, logits_processor=LogitsProcessorList([kill]))
+            assert session.failovers >= 1
+        assert torch.equal(got, expected)
+        moved = swarm.wait_for_line(mover, "moving from blocks 0:5 to 4:9").group(0)
+        assert f"not answering: {victim}" in "".join(swarm.node_children[mover].lines), moved
+    finally:
+        connection.close()
+        swarm.stop()

@@ -68,3 +68,37 @@ def test_a_move_that_cannot_load_serves_the_old_span_again(node, monkeypatch, ca
     assert node.servicer.span is old and (node.config.start, node.config.end) == (0, 4)
     assert node.announcer.made == [(NodeState.JOINING, 4, 8), (NodeState.ONLINE, 0, 4)]
     assert "could not move to blocks 4:8 (OSError: disk unreadable); serving 0:4 again" in caplog.text
+
+
+def test_nodes_that_stop_answering_do_not_count_and_their_blocks_are_taken_at_once(node, monkeypatch):
+    from potluck.protocol.records import NodeRecord
+
+    records = {"me": NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE, inference_steps_per_s=1.0),
+               "twin": NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE, inference_steps_per_s=1.0),
+               "dead": NodeRecord(model="m", start=4, end=8, state=NodeState.ONLINE, inference_steps_per_s=1.0)}
+
+    async def read(*args):
+        return dict(records)
+
+    monkeypatch.setattr(moving, "read_block_records", read)
+    monkeypatch.setattr(moving, "GAP_WAIT_S", 0.01)
+    moves = []
+
+    async def move(self, span):
+        moves.append(span)
+
+    monkeypatch.setattr(Rebalancer, "move", move)
+    node.speed, node.silent, node.dht = SimpleNamespace(steps_per_s=1.0), set(), None
+    rebalancer = Rebalancer(node, 600.0, 0.75)
+    assert asyncio.run(rebalancer.check()) is None  # its record says it serves 4:8
+    node.silent = {"dead"}  # it did not answer this period's ping
+    found = asyncio.run(rebalancer.check())
+    assert found.span == (4, 8) and found.fills_gap and "not answering: dead" in found.reason
+    asyncio.run(rebalancer._balance_once(gaps_only=True))
+    assert moves == [(4, 8)]
+    records["dead"] = replace(records["dead"], end=6)  # blocks 6:8 were never served: a weakest point, not a node gone
+    records["other"] = NodeRecord(model="m", start=6, end=8, state=NodeState.ONLINE, inference_steps_per_s=0.01)
+    node.silent = set()
+    assert asyncio.run(rebalancer.check()) is not None  # a slow block: a move for throughput, at its period
+    asyncio.run(rebalancer._balance_once(gaps_only=True))
+    assert moves == [(4, 8)]  # not when nudged
