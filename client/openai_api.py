@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Sequence
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -31,6 +31,7 @@ from .serving import Completion, PromptError, TextGenerator
 logger = logging.getLogger(__name__)
 BODY_BYTES, BODY_BYTES_PER_POSITION = 1 << 20, 64  # the largest request body: 1 MiB and 64 bytes a position
 DISCONNECT_CHECK_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
+UNREADABLE_BODY = "There was an error parsing the body"  # FastAPI's 400 for a body it cannot decode (not UTF-8)
 
 
 class ApiError(Exception):
@@ -62,14 +63,10 @@ def _swarm_error(error: PotluckError) -> ApiError:
 
 
 def create_app(generator: TextGenerator, api_key: str | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
-    async def check_key(request: Request) -> None:
-        # a dependency of every route, not an HTTP middleware: those relay each streamed chunk through a task
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise ApiError(401, "incorrect API key provided", "invalid_request_error", code="invalid_api_key")
-
-    app = FastAPI(title="Potluck", description="OpenAI-compatible API over a Potluck swarm",
-                  dependencies=[Depends(check_key)])
+    app = FastAPI(title="Potluck", description="OpenAI-compatible API over a Potluck swarm")
     app.add_middleware(BodyLimit, limit=BODY_BYTES + BODY_BYTES_PER_POSITION * generator.max_length)
+    if api_key is not None:  # outside the body limit: a caller without the key learns nothing more
+        app.add_middleware(KeyCheck, key=api_key)
     if allowed_origins:  # an ASGI middleware: it answers preflights itself and adds headers, per response
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -94,6 +91,9 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 400 and error.detail == UNREADABLE_BODY:  # bytes that are not text (UTF-8)
+            return ApiError(400, "the request body is not valid JSON (it is not UTF-8 text)", "invalid_request_error",
+                            code="invalid_json").response()
         message = {404: f"there is no {request.url.path} here (endpoints: GET /v1/models, POST "
                         f"/v1/chat/completions, POST /v1/completions)",
                    405: f"{request.url.path} does not take {request.method}"}.get(error.status_code, error.detail)
@@ -191,6 +191,21 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
         return _whole(reply_id, body.model, chat, done)
 
     return app
+
+
+class KeyCheck:
+    """Refuses a request without the API key with a 401 before anything else is done with it (its
+    body is not read, so a bad body does not answer first). A pure ASGI middleware: streamed
+    answers pass it untouched (Starlette's HTTP middlewares relay each chunk through a task)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and dict(scope.get("headers", ())).get(b"authorization") != self.expected:
+            refusal = ApiError(401, "incorrect API key provided", "invalid_request_error", code="invalid_api_key")
+            return await refusal.response()(scope, _nothing_more, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -211,6 +211,8 @@ def test_requests_that_are_not_json_or_go_nowhere_get_openai_errors(api):
         surrogate = httpx.post(f"{base_url}/completions", content=body, headers=headers)
         assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == param, surrogate.text
     assert "not valid JSON" in broken.json()["error"]["message"] and broken.json()["error"]["param"] is None
+    latin = httpx.post(f"{base_url}/completions", content='{"prompt": "caf\u00e9"}'.encode("latin-1"), headers=headers)
+    assert latin.status_code == 400 and latin.json()["error"]["code"] == "invalid_json", latin.text
     nowhere = httpx.post(f"{base_url}/embeddings", json={"model": "tiny-chat"}, headers=headers)
     assert nowhere.status_code == 404 and "/v1/chat/completions" in nowhere.json()["error"]["message"]
     wrong_method = httpx.get(f"{base_url}/completions", headers=headers)
@@ -293,6 +295,10 @@ def test_wrong_api_key(api):
     response = httpx.post(f"{api[1]}/chat/completions", json={"model": "tiny-chat", "messages": MESSAGES},
                           headers={"Authorization": "Bearer wrong"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    for body in (b'{"model": "tiny-chat",', b"x" * (2 << 20)):  # refused for the key before the body is looked at
+        response = httpx.post(f"{api[1]}/completions", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.post(f"{api[1]}/embeddings", json={}).status_code == 401  # nor where it goes
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=api[1], api_key="wrong", max_retries=0).models.list()
 
