@@ -98,8 +98,10 @@ class SwarmView:
 
     def ban(self, peer_id: str, reason: str, seconds: float | None = None) -> None:
         seconds = self.policy.ban_time if seconds is None else seconds
-        logger.warning("banning node %s for %.0f s: %s", peer_id, seconds, reason)
-        self.banned[peer_id] = max(self.banned.get(peer_id, 0.0), time.monotonic() + seconds)
+        until, was = time.monotonic() + seconds, self.banned.get(peer_id, 0.0)
+        if until > was + 1.0:  # said once, not by each of the sessions that met the same failure
+            logger.warning("banning node %s for %.0f s: %s", peer_id, seconds, reason)
+        self.banned[peer_id] = max(was, until)
 
     async def relay_cut(self, hop: Hop) -> bool:
         """Whether a relayed node's failure is its relayed connection being cut rather than the node

@@ -1,6 +1,7 @@
 """A relayed node whose connection was cut (by its relay's limits) is reconnected, not banned; a
 relay that does not answer, or cuts again at once, is the node's failure."""
 import asyncio
+import logging
 from types import SimpleNamespace
 
 from potluck.client.routing import Hop
@@ -50,3 +51,13 @@ def test_direct_nodes_and_relays_that_do_not_answer_are_failures():
     v = view(works=False)
     assert not asyncio.run(v.relay_cut(hop("relayed")))
     assert len(v.swarm.p2p._client.connects) == 1 and PEER not in v.relay_cuts
+
+
+def test_a_node_banned_by_many_sessions_at_once_is_said_once(caplog):
+    caplog.set_level(logging.WARNING, logger="potluck.client.swarm_view")
+    swarm_view = view()
+    for _ in range(32):  # every session of a serve that met the same dead node
+        swarm_view.ban("QmDead", "broken stream")
+    swarm_view.ban("QmDead", "computed wrong", seconds=3600)  # a longer ban is news
+    assert [r.getMessage() for r in caplog.records] == ["banning node QmDead for 30 s: broken stream",
+                                                         "banning node QmDead for 3600 s: computed wrong"]
