@@ -25,6 +25,7 @@ from potluck.protocol.messages import OpenSession
 
 from .batching import StepWork, decode_together
 from .sessions import SessionTable
+from . import span as spans
 from .span import BlockSpan, Interrupted
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,17 @@ def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats
     up at the next step, raising Interrupted); ``graphs``: the steps as a --cuda-graphs node runs them.
 
     Nodes often start while others load beside them; taking each figure's best repeat keeps a
-    moment of contention from being announced as the node's speed."""
-    stopping = stopping or threading.Event()
+    moment of contention from being announced as the node's speed. A slow measurement (4-bit
+    weights on a CPU take minutes) says how far it got every ``PROGRESS_EVERY_S``."""
+    stopping, said = stopping or threading.Event(), time.monotonic()
+
+    def progress(steps_done: int, forwards_done: int) -> None:
+        nonlocal said
+        if time.monotonic() - said > spans.PROGRESS_EVERY_S:
+            logger.info("measuring speed: %d of %d steps, %d of %d forwards of %d tokens", steps_done, steps,
+                        forwards_done, repeats, forward_tokens)
+            said = time.monotonic()
+
     hidden = torch.randn(1, forward_tokens, span.config.hidden_size, dtype=span.dtype, device=span.device)
     positions = torch.arange(forward_tokens, device=span.device).unsqueeze(0)
     span(hidden[:, :8], positions[:, :8], None, DynamicCache())  # warm-up
@@ -63,6 +73,7 @@ def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats
         step(i)
         _synchronize(span.device)
         step_times.append(time.perf_counter() - began)
+        progress(i, 0)
     forward_times = []
     for _ in range(repeats):
         _check(stopping)
@@ -70,6 +81,7 @@ def measure(span: BlockSpan, steps: int = 16, forward_tokens: int = 128, repeats
         span(hidden, positions, None, None)
         _synchronize(span.device)
         forward_times.append(time.perf_counter() - began)
+        progress(steps, len(forward_times))
     fastest_half = sorted(step_times)[: max(1, steps // 2)]
     return Speed(len(fastest_half) / sum(fastest_half), forward_tokens / min(forward_times))
 

@@ -1,5 +1,6 @@
 """A node's measured speed is kept per model, dtype, device, span size and CUDA graphs, and read back."""
 import json
+import logging
 
 import torch
 
@@ -46,3 +47,14 @@ def test_a_node_with_cuda_graphs_measures_its_steps_as_fixed_shape_passes(tiny_c
     assert runs == [[1], [2], [3], [4]]  # each step on the cache its earlier steps left
     assert measure(span, steps=4, forward_tokens=16, repeats=1).steps_per_s > 0 and len(runs) == 4
     assert speed_key("tiny", "{}", "float32", CPU, 4, graphs=True) != speed_key("tiny", "{}", "float32", CPU, 4)
+
+
+def test_a_slow_measurement_says_how_far_it_got(tiny_checkpoints, monkeypatch, caplog):
+    from potluck.node import span as spans
+
+    caplog.set_level(logging.INFO, logger="potluck.node.throughput")
+    monkeypatch.setattr(spans, "PROGRESS_EVERY_S", -1.0)  # every step is "a while" here
+    measure(load_span(resolve_checkpoint(str(tiny_checkpoints["llama"])), 0, 2, torch.float32), steps=4, repeats=2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "measuring speed: 1 of 4 steps, 0 of 2 forwards of 128 tokens"
+    assert lines[-1] == "measuring speed: 4 of 4 steps, 2 of 2 forwards of 128 tokens" and len(lines) == 6
