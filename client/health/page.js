@@ -63,7 +63,7 @@ function totals(state) {
   const online = t.nodes_by_status.online;
   const broken = t.nodes_by_status.unreachable + t.nodes_by_status.stale;
   return [
-    card("models usable", `${t.models_usable} / ${t.models}`, "every block has a live node",
+    card("models usable", `${t.models_usable} / ${t.models}`, "by a client with default options",
          t.models_usable < t.models ? "bad" : "good"),
     card("nodes online", `${online} / ${t.nodes}`, broken ? `${broken} unreachable or expired` : "all records fresh",
          broken ? "warn" : ""),
@@ -164,8 +164,10 @@ function modelSection(model) {
       el("h2", {}, model.name),
       el("span", {class: "muted"}, `${model.family} · ${model.num_blocks} blocks · ${model.nodes.length} ` +
                                      (model.nodes.length === 1 ? "node" : "nodes")),
-      el("span", {class: "badge " + (model.usable ? "good" : "bad")},
-         model.usable ? "usable end to end" : `not usable: no live node for ${plural} ${missing}`)),
+      el("span", {class: "badge " + (model.usable ? "good" : model.usable_with ? "warn" : "bad")},
+         model.usable ? "usable end to end"
+           : model.usable_with ? `usable only with ${model.usable_with.join(" ")}`
+           : `not usable: no live node for ${plural} ${missing}`)),
     coverage(model),
     el("p", {class: "replicas muted"},
        `${r["0"]} uncovered · ${r["1"]} with one node · ${r["2+"]} with two or more`),

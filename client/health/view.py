@@ -57,6 +57,37 @@ def missing_spans(blocks: list[dict[str, int]]) -> list[list[int]]:
     return spans
 
 
+def options_needed(info: ModelInfo, views: dict[str, NodeView]) -> list[str] | None:
+    """The client options a chain through every block needs: [] for none (a default client keeps
+    a chain to one dtype and to exact weights), else ``--mix-dtypes`` and/or ``--allow-quantized``;
+    None when some block has no live node at all."""
+    live = [view.record for view in views.values() if view.live]
+    exact = [record for record in live if record.quant == "none"]
+    if _in_one_dtype(info.num_blocks, exact):
+        return []
+    if _covers(info.num_blocks, exact):
+        return ["--mix-dtypes"]
+    if _in_one_dtype(info.num_blocks, live):
+        return ["--allow-quantized"]
+    if _covers(info.num_blocks, live):
+        return ["--mix-dtypes", "--allow-quantized"]
+    return None
+
+
+def _in_one_dtype(num_blocks: int, records) -> bool:
+    return any(_covers(num_blocks, [r for r in records if r.dtype == dtype]) for dtype in {r.dtype for r in records})
+
+
+def _covers(num_blocks: int, records) -> bool:
+    """Whether the records' spans hold every block between them."""
+    reach = 0  # blocks 0:reach are held
+    for start, end in sorted((r.start, r.end) for r in records):
+        if start > reach:
+            return False
+        reach = max(reach, end)
+    return reach >= num_blocks
+
+
 def node_json(view: NodeView, now: float) -> dict[str, Any]:
     record = view.record
     pings = sorted(record.pings.items(), key=lambda item: item[1])
@@ -81,9 +112,10 @@ def model_json(info: ModelInfo, views: dict[str, NodeView], now: float) -> dict[
     replicas = {"0": 0, "1": 0, "2+": 0}
     for block in blocks:
         replicas["0" if block["online"] == 0 else "1" if block["online"] == 1 else "2+"] += 1
-    missing = missing_spans(blocks)
+    missing, needed = missing_spans(blocks), options_needed(info, views)
     return {"name": info.name, "family": info.family, "num_blocks": info.num_blocks, "hidden_size": info.hidden_size,
-            "usable": not missing, "missing_blocks": missing, "replicas": replicas, "blocks": blocks,
+            "usable": needed == [], "usable_with": needed, "missing_blocks": missing, "replicas": replicas,
+            "blocks": blocks,
             "nodes": [node_json(view, now) for view in ordered]}
 
 
@@ -159,10 +191,11 @@ def metrics_text(state: SwarmState) -> str:
         online = [block["online"] for block in block_counts(info, views)]
         replicas = {"0": online.count(0), "1": online.count(1), "2+": sum(n >= 2 for n in online)}
         blocks += [(_labels(model=name, replicas=r), n) for r, n in replicas.items()]
-        usable.append((_labels(model=name), int(replicas["0"] == 0)))
+        usable.append((_labels(model=name), int(options_needed(info, views) == [])))
     _family(lines, "potluck_nodes", "gauge", "Node records by model and status (stale: expired, still shown)", nodes)
     _family(lines, "potluck_blocks", "gauge", "Blocks by model and number of live ONLINE nodes holding them", blocks)
-    _family(lines, "potluck_model_usable", "gauge", "1 if every block of the model has a live ONLINE node", usable)
+    _family(lines, "potluck_model_usable", "gauge", "1 if a client with default options can run the model: every "
+            "block has a live ONLINE node with exact weights, in one dtype", usable)
     for metric, help_text, value in _NODE_GAUGES:
         samples = [(_node_labels(m, v), value(v)) for m, v in per_node if value(v) is not None]
         _family(lines, metric, "gauge", help_text, samples)

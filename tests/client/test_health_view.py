@@ -21,7 +21,8 @@ A, B, C = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "12D3KooWB", "
 
 def view(peer, start, end, state=NodeState.ONLINE, **kwargs) -> NodeView:
     record = NodeRecord(model="m", start=start, end=end, state=state, public_name=f"node-{peer[-1]}",
-                        pings=kwargs.pop("pings", {}))
+                        pings=kwargs.pop("pings", {}), dtype=kwargs.pop("dtype", "float32"),
+                        quant=kwargs.pop("quant", "none"))
     return NodeView(peer, record, kwargs.pop("expires_at", time.time() + 30), kwargs.pop("refreshed_at", None),
                     **kwargs)
 
@@ -38,6 +39,21 @@ def test_coverage_counts_live_online_nodes_and_marks_joining():
     assert [b["joining"] for b in blocks] == [0] * 6 + [1, 1]
     unreachable = {A: view(A, 0, 4, probed=True, probe_failures=2), B: view(B, 4, 8, stale=True)}
     assert [b["online"] for b in block_counts(MODEL, unreachable)] == [0] * 8
+
+
+def test_usable_means_usable_by_a_client_with_default_options_and_says_what_else_would_do():
+    cases = [([view(A, 0, 4), view(B, 4, 8)], []),
+             ([view(A, 0, 4), view(B, 4, 8, dtype="bfloat16")], ["--mix-dtypes"]),
+             ([view(A, 0, 4), view(B, 4, 8, dtype="bfloat16"), view(C, 3, 8)], []),  # 0:4 then 4:8 in float32
+             ([view(A, 0, 4), view(B, 4, 8, quant="int8")], ["--allow-quantized"]),
+             ([view(A, 0, 4, quant="nf4"), view(B, 4, 8, dtype="bfloat16")], ["--mix-dtypes", "--allow-quantized"]),
+             ([view(A, 0, 4), view(B, 5, 8)], None)]
+    for views, needed in cases:
+        model = state_json(swarm(*views))["models"][0]
+        assert (model["usable"], model["usable_with"]) == (needed == [], needed), views
+        assert (model["missing_blocks"] == []) == (needed is not None)
+        usable = [line for line in metrics_text(swarm(*views)).splitlines() if line.startswith("potluck_model_usable{")]
+        assert usable == [f'potluck_model_usable{{model="m"}} {float(needed == [])}']
 
 
 def test_status_says_what_is_broken():

@@ -96,6 +96,7 @@ def test_page_from_a_live_swarm(tiny_checkpoints, swarm_factory, tmp_path, brows
     swarm = swarm_factory()
     swarm.start_nodes(tiny_checkpoints["llama"], ["0:4", "4:8", "0:8"], "--announce-period", "3")
     [qwen] = swarm.start_nodes(tiny_checkpoints["qwen3"], ["0:5"], "--announce-period", "3")
+    swarm.start_nodes(tiny_checkpoints["qwen3"], ["5:8"], "--announce-period", "3", "--dtype", "bfloat16")
     generate_through(swarm.initial_peers, tiny_checkpoints["llama"])
     with running_dashboard(swarm.initial_peers, tmp_path / "health.log") as url:
         wait_for(url, lambda s: len(s["models"]) == 2 and all(  # every node answered, re-announced, sent pings
@@ -103,13 +104,13 @@ def test_page_from_a_live_swarm(tiny_checkpoints, swarm_factory, tmp_path, brows
             for m in s["models"] for n in m["nodes"]),
             timeout=60)
         browser.get(url)
-        wait_until(browser, "document.querySelectorAll('tr.node').length === 4")
+        wait_until(browser, "document.querySelectorAll('tr.node').length === 5")
         assert js(browser, "document.querySelectorAll('.card .value')[3].textContent") != "–"  # tokens served
         assert js(browser, cells("tiny-llama")) == classes(("cell c2", 8))
-        assert js(browser, cells("tiny-qwen3")) == classes(("cell c1", 5), ("cell c0", 3))
-        assert js(browser, BADGES) == ["usable end to end", "not usable: no live node for blocks 5:8"]
+        assert js(browser, cells("tiny-qwen3")) == classes(("cell c1", 8))  # live, but in two dtypes
+        assert js(browser, BADGES) == ["usable end to end", "usable only with --mix-dtypes"]
         names = js(browser, "Array.from(document.querySelectorAll('tr.node td.name')).map(t => t.textContent)")
-        assert len(names) == 4 and all(name.startswith("tiny-") for name in names)
+        assert len(names) == 5 and all(name.startswith("tiny-") for name in names)
         js(browser, "document.querySelector('section[data-model=\"tiny-llama\"] tr.node').click()")
         assert wait_until(browser, "document.querySelectorAll('tr.details .pings li').length") >= 1
         wide = screenshot(browser, tmp_path / "health-wide.png", WIDE)
@@ -123,9 +124,9 @@ def test_page_from_a_live_swarm(tiny_checkpoints, swarm_factory, tmp_path, brows
         browser.set_window_size(*WIDE)
         js(browser, "window.sameDocument = true")
         swarm.nodes[qwen].send_signal(signal.SIGINT)
-        wait_until(browser, f"{cells('tiny-qwen3')} === '{classes(('cell c0', 8))}'", timeout=30)
+        wait_until(browser, f"{cells('tiny-qwen3')} === '{classes(('cell c0', 5), ('cell c1', 3))}'", timeout=30)
         assert js(browser, "window.sameDocument === true")  # updated in place, not reloaded
-        assert js(browser, BADGES)[1].startswith("not usable: no live node for blocks 0:8")
+        assert js(browser, BADGES)[1].startswith("not usable: no live node for blocks 0:5")
 
 
 @contextlib.contextmanager
