@@ -111,9 +111,9 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
         listening.close()
         raise
     generator = TextGenerator(model, tokenizer, model.swarm_view.model)
-    server = _Server(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins),
-                                           log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=SERVE_DRAIN_S))
+    server = _server_without_signals(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins),
+                                                    log_level="warning", lifespan="off",
+                                                    timeout_graceful_shutdown=SERVE_DRAIN_S))
     serving = asyncio.create_task(server.serve(sockets=[listening]))
     try:
         while not server.started:
@@ -143,7 +143,7 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
     return 0
 
 
-def _Server(config):
+def _server_without_signals(config):
     """uvicorn's server, minus its own Ctrl-C handling: potluck's CLI has its own (a first Ctrl-C
     lets the answers being written finish, a second stops at once), and uvicorn's, raising the
     signal again as it stopped, counted as that second one."""
