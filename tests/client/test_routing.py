@@ -98,6 +98,16 @@ def test_no_single_dtype_chain_says_how_to_allow_mixing():
         route(records, mix_dtypes=False)
 
 
+def test_no_single_dtype_chain_says_why_each_dtype_breaks_where_it_does():
+    records = {"cpu-a": node(0, 4), "cpu-b": node(4, 8, cache=10), "gpu-b": node(4, 8, dtype="bfloat16")}
+    with pytest.raises(NoRoute) as refused:
+        route(records, mix_dtypes=False, cache_tokens=100)
+    message = str(refused.value)
+    assert "in float32, no usable node serves blocks 4:8" in message and "10 tokens of cache free" in message
+    assert "in bfloat16, no usable node serves blocks 0:4" in message and "computes in float32" in message
+    assert message.endswith("--mix-dtypes")
+
+
 def test_quantised_nodes_are_used_only_when_allowed():
     records = {"exact": node(0, 8, speed=10), "int8": node(0, 8, speed=100, quant="int8"),
                "nf4-tail": node(4, 8, speed=1000, quant="nf4"), "head": node(0, 4, speed=10)}
