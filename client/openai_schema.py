@@ -28,15 +28,16 @@ def _unicode(text: str) -> str:
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]]  # parts of text are joined; images and audio are not taken
+    content: str  # a string, or parts of text, joined; images and audio are not taken
 
-    @field_validator("content")
+    @field_validator("content", mode="before")  # before pydantic's own check: errors name the field, not a type
     @classmethod
-    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
-        if isinstance(content, list):
-            if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
-                raise ValueError('takes text only: a string, or parts {"type": "text", "text": ...}')
+    def _text_only(cls, content: Any) -> str:
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                             and isinstance(part.get("text"), str) for part in content):
             content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ValueError('takes text only: a string, or parts {"type": "text", "text": ...}')
         return _unicode(content)
 
 

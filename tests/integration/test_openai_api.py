@@ -186,6 +186,7 @@ def test_bad_requests_get_openai_errors(api, body, status, param):
     ("chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.0.content"),  # not ...content.str
     ("chat/completions", {"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
     ("chat/completions", {"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
     ("chat/completions", {"messages": MESSAGES, "modalities": ["text", "audio"]}, "modalities"),
