@@ -135,13 +135,15 @@ def test_dead_or_hung_node_is_named(how, tiny_checkpoints, swarm_factory):
     first, second = swarm.start_nodes(path, ["0:4", "4:8"])
     connection = SwarmConnection(swarm.initial_peers)
     try:
-        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, request_timeout=3)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, request_timeout=3,
+                                                                 route_wait=1)  # no node will come: wait 1 s, not 60
         ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
         with remote.inference_session(max_length=64):
             remote.generate(ids, max_new_tokens=4, do_sample=False)
             os.kill(swarm.nodes[second].pid, getattr(signal, how))
-            with pytest.raises((NodeUnavailable, NoRoute), match=f"blocks 4:8.*{second}"):
+            with pytest.raises((NodeUnavailable, NoRoute), match=f"blocks 4:8.*{second}") as failed:
                 remote.generate(ids, max_new_tokens=4, do_sample=False)
+            assert not isinstance(failed.value, NoRoute) or "within 1 s (--route-wait)" in str(failed.value)
     finally:
         if how == "SIGSTOP":
             os.kill(swarm.nodes[second].pid, signal.SIGCONT)
