@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from potluck.protocol.errors import NoRoute, PotluckError
+from potluck.protocol.errors import NodeDraining, NoRoute, PotluckError
 
 from .hops import HopSession, HopStreams, StepInputs, joined
 from .transport import how_to_dial
@@ -32,7 +32,11 @@ ROUTE_POLL_S = 2.0  # how often a session waiting for a node of its blocks reads
 async def replace_hop(session: InferenceSession, index: int, error: PotluckError) -> None:
     """Swap hop ``index`` for a fresh chain over its blocks, rebuilt from that hop's history."""
     failed = session.hop_sessions[index]
-    if not await session.view.relay_cut(failed.hop):
+    if isinstance(error, NodeDraining):  # it leaves these blocks (it moved, or it stops), not failed: not banned,
+        if session.view.first_time(("leaving", failed.hop.peer_id), session.view.policy.ban_time):
+            logger.info("node %s: %s", failed.hop.peer_id, error)
+        await _refreshed(session.view)  # and its record now says where it went (or that it is draining)
+    elif not await session.view.relay_cut(failed.hop):
         session.view.ban(failed.hop.peer_id, str(error))
     session.streams.close(failed)
     history = failed.history if failed.history_known else await rebuild_history(session, failed)
@@ -71,12 +75,13 @@ async def replace_hop(session: InferenceSession, index: int, error: PotluckError
 async def _waiting_for_route(session: InferenceSession, failed: HopSession, attempt) -> list[HopSession]:
     """``attempt()`` (retrying), again every ``ROUTE_POLL_S`` while no node serves the failed hop's
     blocks, for up to the policy's ``route_wait``."""
-    loop, wait = asyncio.get_running_loop(), session.view.policy.route_wait
-    deadline, said = loop.time() + wait, False
+    view = session.view
+    loop, wait = asyncio.get_running_loop(), view.policy.route_wait
+    deadline = loop.time() + wait
     blocks = f"blocks {failed.hop.start}:{failed.hop.end}"
     while True:
         try:
-            return await session.view.retrying(attempt)
+            return await view.retrying(attempt)
         except NoRoute as no_route:
             left = deadline - loop.time()
             if left <= 0:
@@ -84,11 +89,31 @@ async def _waiting_for_route(session: InferenceSession, failed: HopSession, atte
                     raise
                 raise NoRoute(f"{no_route}; no node took {blocks} within {wait:g} s (--route-wait)",
                               no_route.peer_id) from None
-            if not said:
-                said = True
+            if view.first_time(("waiting for", blocks), wait):  # once, not for each session that lost them
                 logger.warning("%s; waiting up to %g s for a node to take %s (--route-wait, or "
                                "FailoverPolicy.route_wait)", no_route, wait, blocks)
             await asyncio.sleep(min(ROUTE_POLL_S, left))
+            await _back_if_answering(view, failed)
+
+
+async def _back_if_answering(view, failed: HopSession) -> None:
+    """Lift the failed node's ban if it answers again (it was hung, or restarted), so the route
+    may take it before the ban would end."""
+    if failed.hop.peer_id not in view.banned:
+        return
+    try:
+        await view.swarm.info(failed.hop.peer_id, timeout=view.policy.probe_timeout,
+                              dial=how_to_dial(failed.hop.record, patient=False))
+    except PotluckError:
+        return
+    view.unban(failed.hop.peer_id)
+
+
+async def _refreshed(view) -> None:
+    try:
+        await view.refresh()
+    except (asyncio.TimeoutError, PotluckError, OSError) as e:  # routing reads the swarm again if it must
+        logger.debug("could not read the swarm again: %s", e)
 
 
 async def rebuild_history(session: InferenceSession, failed: HopSession) -> list[StepInputs]:

@@ -317,13 +317,7 @@ class AutoDistributedModelForCausalLM:
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise BadRequest(f"dtype {dtype!r} is not one the local part runs in; pick from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        if not (isinstance(request_timeout, (int, float)) and 0 < request_timeout < float("inf")):
-            raise BadRequest(f"request_timeout={request_timeout!r}: pass the seconds a node may take to answer, "
-                             "above 0")
-        if (isinstance(route_wait, bool) or not isinstance(route_wait, (int, float))
-                or not 0 <= route_wait < float("inf")):
-            raise BadRequest(f"route_wait={route_wait!r}: pass the seconds to wait for a node to take over blocks, "
-                             "0 or more")
+        policy = policy or FailoverPolicy(request_timeout=request_timeout, route_wait=route_wait)  # checks them
         if isinstance(verify, bool) or not isinstance(verify, (int, float)) or not 0.0 <= verify <= 1.0:
             raise BadRequest(f"verify={verify!r}: pass the share of steps to check, a number from 0 (none) to 1 "
                              "(every step)")
@@ -334,7 +328,6 @@ class AutoDistributedModelForCausalLM:
             raise BadRequest(f"node_dtypes {sorted(unknown)} are not dtypes nodes use; pick from {', '.join(DTYPES)}")
         local_device = resolve_device(device, option="device")  # before joining: a device not here is one line
         swarm = swarm or SwarmConnection(initial_peers_from_env(initial_peers))
-        policy = policy or FailoverPolicy(request_timeout=request_timeout, route_wait=route_wait)
         view = SwarmView(swarm, checkpoint.name, checkpoint.num_blocks, policy, handoff,
                           dtypes=frozenset(node_dtypes) if node_dtypes else None, mix_dtypes=mix_dtypes,
                           verify=verify, allow_quantized=allow_quantized, config_id=config_id(checkpoint.config))

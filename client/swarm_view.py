@@ -7,7 +7,10 @@ forward passes retry a failed hop on a replacement, with backoff, before giving 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
+import numbers
 import random
 import time
 from collections import Counter
@@ -44,6 +47,18 @@ class FailoverPolicy:
     route_wait: float = 60.0  # seconds a session that lost the only node of some blocks waits for another to
     # take them (self-placing nodes move to blocks no live node serves) before it fails; 0: fail at once
 
+    def __post_init__(self) -> None:
+        """BadRequest naming a setting that is not a finite number of 0 or more (request_timeout: above 0;
+        max_retries: a whole number)."""
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            whole = setting.name == "max_retries"
+            if (isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real)
+                    or not math.isfinite(value) or value < 0 or (setting.name == "request_timeout" and value == 0)):
+                least = "above 0" if setting.name == "request_timeout" else "0 or more"
+                raise BadRequest(f"{setting.name}={value!r}: pass {'a whole number' if whole else 'seconds'}, "
+                                 f"{least} (FailoverPolicy)")
+
 
 @dataclass
 class SwarmView:
@@ -64,6 +79,7 @@ class SwarmView:
     costs: RouteCosts = field(default_factory=RouteCosts)
     banned: dict[str, float] = field(default_factory=dict)  # peer id -> monotonic time the ban ends
     relay_cuts: dict[str, float] = field(default_factory=dict)  # peer id -> when its relayed connection was cut
+    _said: dict = field(default_factory=dict)  # what ``first_time`` was asked about -> when it was last said
     _refresher: asyncio.Task | None = None
     _refreshed_at: float = float("-inf")
 
@@ -95,6 +111,19 @@ class SwarmView:
                         peer_id, timeout=2.0, dial=how_to_dial(record, patient=False))  # a relay's trip counts
                 except PotluckError:
                     continue
+
+    def unban(self, peer_id: str) -> None:
+        if self.banned.pop(peer_id, None) is not None:
+            logger.info("node %s answers again: no longer set aside", peer_id)
+
+    def first_time(self, key, seconds: float) -> bool:
+        """Whether ``key`` was not seen in the last ``seconds`` (then it is, from now): for what many
+        sessions meet at once being said once."""
+        now = time.monotonic()
+        if self._said.get(key, float("-inf")) > now - seconds:
+            return False
+        self._said[key] = now
+        return True
 
     def ban(self, peer_id: str, reason: str, seconds: float | None = None) -> None:
         seconds = self.policy.ban_time if seconds is None else seconds

@@ -24,7 +24,9 @@ def number(kind: type = float, above: float | None = None, at_least: float | Non
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
-        if not math.isfinite(value) or (above is not None and value <= above) or (
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number: give {_range(kind, above, at_least, at_most)}")
+        if (above is not None and value <= above) or (
                 at_least is not None and value < at_least) or (at_most is not None and value > at_most):
             raise argparse.ArgumentTypeError(f"{text} is out of range: give {_range(kind, above, at_least, at_most)}")
         return value

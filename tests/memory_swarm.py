@@ -159,7 +159,7 @@ class MemorySwarm:
         reply_meta, reply_tensors = await servicer._serve_safely(servicer._single_request, frame)
         return msg.raise_if_error(msg.Frame(reply_meta, tuple(reply_tensors)), peer)
 
-    async def info(self, peer: str, timeout: float) -> tuple[replies.Info, float]:
+    async def info(self, peer: str, timeout: float, dial: msg.Dial = msg.DIRECTLY) -> tuple[replies.Info, float]:
         frame = await self.request(peer, msg.INFO_HANDLER, msg.InfoRequest().to_meta(), timeout=timeout)
         return replies.parse_reply(frame, peer), 0.0
 

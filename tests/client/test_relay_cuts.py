@@ -1,11 +1,16 @@
 """A relayed node whose connection was cut (by its relay's limits) is reconnected, not banned; a
-relay that does not answer, or cuts again at once, is the node's failure."""
+relay that does not answer, or cuts again at once, is the node's failure. What many sessions meet at
+once is said once; failover settings are checked by name."""
 import asyncio
 import logging
 from types import SimpleNamespace
 
+import numpy as np
+import pytest
+
 from potluck.client.routing import Hop
-from potluck.client.swarm_view import SwarmView
+from potluck.client.swarm_view import FailoverPolicy, SwarmView
+from potluck.protocol.errors import BadRequest
 from potluck.protocol.records import NodeRecord, NodeState
 
 RELAY = "/ip4/203.0.113.7/tcp/4000/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb/p2p-circuit"
@@ -61,3 +66,19 @@ def test_a_node_banned_by_many_sessions_at_once_is_said_once(caplog):
     swarm_view.ban("QmDead", "computed wrong", seconds=3600)  # a longer ban is news
     assert [r.getMessage() for r in caplog.records] == ["banning node QmDead for 30 s: broken stream",
                                                          "banning node QmDead for 3600 s: computed wrong"]
+
+
+def test_what_many_sessions_meet_at_once_is_said_once_a_while():
+    swarm_view = view()
+    assert swarm_view.first_time(("waiting for", "blocks 4:8"), 60.0)
+    assert not any(swarm_view.first_time(("waiting for", "blocks 4:8"), 60.0) for _ in range(31))
+    assert swarm_view.first_time(("waiting for", "blocks 0:4"), 60.0)  # other blocks: news
+    assert swarm_view.first_time(("waiting for", "blocks 4:8"), 0.0)  # a while later
+
+
+@pytest.mark.parametrize("setting, value", [("route_wait", -1), ("route_wait", float("inf")), ("route_wait", True),
+                                            ("request_timeout", 0), ("max_retries", 1.5), ("ban_time", "30")])
+def test_a_failover_setting_that_is_not_seconds_is_refused_by_name(setting, value):
+    with pytest.raises(BadRequest, match=f"^{setting}="):
+        FailoverPolicy(**{setting: value})
+    assert FailoverPolicy(route_wait=np.int64(2), request_timeout=np.float64(0.5)).route_wait == 2  # numbers all the same

@@ -1,5 +1,6 @@
 """InferenceSession step by step against a local span, over in-memory streams (tests/memory_swarm.py)."""
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from potluck.client.swarm_view import FailoverPolicy
 from potluck.client.session import InferenceSession
 from potluck.node.span import load_span
 from potluck.protocol.checkpoint import resolve_checkpoint
-from potluck.protocol.errors import BadRequest
+from potluck.protocol.errors import BadRequest, NodeDraining
+from potluck.protocol.records import NodeState
 
 
 @pytest.fixture
@@ -102,6 +104,33 @@ def test_a_dead_node_is_replaced_and_its_cache_replayed(swarm, tiny_checkpoints,
         swarm.kill(dead)
         got += [session.step(*steps[2]), session.step(*steps[3])]
         assert session.failovers == 1 and session.hops[1].peer_id == replica and dead in view.banned
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
+
+
+def test_a_node_that_leaves_a_session_s_blocks_is_not_banned(swarm, tiny_checkpoints, caplog):
+    # as a self-placing node that moves (or one that stops) tells the sessions still on its old blocks
+    caplog.set_level(logging.INFO, logger="potluck.client.failover")
+    replica = swarm.add_node("c", tiny_checkpoints["llama"], 4, 8, speed=1.0)  # slower: routed only as a spare
+    hidden = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(4))
+    steps = [(hidden[:, :6], torch.arange(6).unsqueeze(0))] + [
+        (hidden[:, t:t + 1], torch.tensor([[t]])) for t in range(6, 8)]
+    expected = local_steps(tiny_checkpoints["llama"], steps)
+    view = swarm.view(8)
+
+    async def refresh():  # the DHT: what the nodes announce now
+        view.records = dict(swarm.records)
+
+    view.refresh = refresh
+    with InferenceSession(view, max_length=16) as session:
+        got = [session.step(*steps[0])]
+        mover = session.hops[1].peer_id
+        swarm.records[mover] = replace(swarm.records[mover], state=NodeState.DRAINING)
+        servicer = swarm.servicers[mover]
+        swarm.call(servicer.evict(NodeDraining(f"node {mover} moved off blocks 4:8"), span=servicer.span))
+        got += [session.step(*steps[1]), session.step(*steps[2])]
+        assert session.failovers == 1 and session.hops[1].peer_id == replica
+        assert mover not in view.banned  # it did not fail: it is there for its new blocks
+    assert f"node {mover}: node {mover} moved off blocks 4:8" in caplog.text
     assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
 
 

@@ -87,7 +87,7 @@ def test_sessions_open_at_the_drain_timeout_are_told_to_move(tiny_checkpoints, s
     swarm, victim, connection, remote, local = swarm_and_model(
         tiny_checkpoints, swarm_factory, "--drain-timeout", "300" if second_ctrl_c else "1")
     try:
-        with caplog.at_level(logging.WARNING, logger="potluck.client.swarm_view"):
+        with caplog.at_level(logging.INFO, logger="potluck.client.failover"):
             with remote.inference_session(max_length=64) as session:
                 first = remote.generate(prompt(3), max_new_tokens=8, do_sample=False)
                 assert [hop.peer_id for hop in session.hops] == [victim]

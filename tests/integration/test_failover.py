@@ -125,3 +125,33 @@ def test_every_session_on_a_killed_node_finishes_on_the_replicas(replicated, tin
         session.__exit__(None, None, None)
     for i, ids in enumerate(prompts):
         assert torch.equal(results[i], local.generate(ids, max_new_tokens=24, do_sample=False))
+
+
+def test_a_session_waiting_for_blocks_takes_their_hung_node_back_once_it_answers(tiny_checkpoints, swarm_factory):
+    path = tiny_checkpoints["llama"]
+    swarm = swarm_factory()
+    hung = swarm.start_nodes(path, ["0:4", "4:8"])[1]  # the only node of blocks 4:8
+    connection = SwarmConnection(swarm.initial_peers)
+    policy = FailoverPolicy(request_timeout=2.0, backoff=0.05, ban_time=600.0, route_wait=60.0)
+    stopped = []
+    try:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), swarm=connection, policy=policy)
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        ids = prompt(seed=7)
+        expected = local.generate(ids, max_new_tokens=24, do_sample=False)
+
+        def hang_for_a_while():
+            stopped.append(swarm.nodes[hung].pid)
+            os.kill(stopped[0], signal.SIGSTOP)
+            threading.Timer(4.0, lambda: os.kill(stopped.pop(), signal.SIGCONT)).start()
+
+        with remote.inference_session(max_length=48) as session:
+            got = remote.generate(ids, max_new_tokens=24, do_sample=False,
+                                  logits_processor=LogitsProcessorList([AtToken(6, hang_for_a_while)]))
+            assert session.failovers >= 1 and hung in [hop.peer_id for hop in session.hops]
+            assert hung not in remote.swarm_view.banned  # its 600 s ban was lifted when it answered again
+        assert torch.equal(got, expected)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        connection.close()
