@@ -7,6 +7,8 @@ without a word), and a self-placing node does not count it as serving its blocks
 """
 from __future__ import annotations
 
+import asyncio
+
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
@@ -16,6 +18,8 @@ from potluck.protocol.records import NodeState
 from potluck.protocol.replies import request_info
 
 MAX_PEERS = 16  # pinged per period; neighbours of our span first
+AT_ONCE = 4  # pings in flight together: a few silent peers cost one timeout, not one each, and round trips
+# are not measured under the load of sixteen requests at once
 
 
 async def measure_pings(p2p: P2P, dht: DHTNode, self_id: str, model: str, num_blocks: int, start: int, end: int,
@@ -25,10 +29,14 @@ async def measure_pings(p2p: P2P, dht: DHTNode, self_id: str, model: str, num_bl
     records = await read_block_records(dht, model, num_blocks)
     peers = [p for p, r in records.items() if p != self_id and r.state == NodeState.ONLINE]
     peers.sort(key=lambda p: (records[p].start != end and records[p].end != start, p))  # neighbours first
-    pings, silent = {}, set()
-    for peer_id in peers[:MAX_PEERS]:
-        try:
-            _, pings[peer_id] = await request_info(p2p, peer_id, timeout)
-        except PotluckError:
-            silent.add(peer_id)
+    pings, silent, at_once = {}, set(), asyncio.Semaphore(AT_ONCE)
+
+    async def ping(peer_id: str) -> None:
+        async with at_once:
+            try:
+                _, pings[peer_id] = await request_info(p2p, peer_id, timeout)
+            except PotluckError:
+                silent.add(peer_id)
+
+    await asyncio.gather(*(ping(peer_id) for peer_id in peers[:MAX_PEERS]))
     return {peer_id: round(rtt, 6) for peer_id, rtt in pings.items()}, silent
