@@ -4,15 +4,17 @@ The client bans the failed node (unless only its relayed connection was cut:
 ``SwarmView.relay_cut``), routes a fresh chain for exactly that hop's blocks (in the session's
 dtype), and replays the inputs the failed node had received, in chunks each new node accepts, so
 its cache is what the failed one held. When no other node serves those blocks, the session waits
-up to ``FailoverPolicy.route_wait`` for one (a self-placing node moves to blocks left bare),
-trying the route again every ``ROUTE_POLL_S``. A hop fed by hand-off has no inputs on the client: they are
-rebuilt by a cache-less forward of the first hop's inputs through the blocks before it. ``probe``
-finds which hops of a chain hang after a hand-off step timed out.
+up to ``FailoverPolicy.route_wait`` for one (a self-placing node moves to blocks left bare, or the
+failed node answers again), trying the route again every ``ROUTE_POLL_S``. A hop fed by hand-off
+has no inputs on the client: they are rebuilt by a cache-less forward of the first hop's inputs
+through the blocks before it. ``probe`` finds which hops of a chain hang after a hand-off step
+timed out.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -98,8 +100,9 @@ async def _waiting_for_route(session: InferenceSession, failed: HopSession, atte
 
 async def _back_if_answering(view, failed: HopSession) -> None:
     """Lift the failed node's ban if it answers again (it was hung, or restarted), so the route
-    may take it before the ban would end."""
-    if failed.hop.peer_id not in view.banned:
+    may take it before the ban would end; not a longer ban than a failure's (a wrong result)."""
+    until = view.banned.get(failed.hop.peer_id)
+    if until is None or until - time.monotonic() > view.policy.ban_time:
         return
     try:
         await view.swarm.info(failed.hop.peer_id, timeout=view.policy.probe_timeout,

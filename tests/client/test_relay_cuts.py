@@ -82,3 +82,21 @@ def test_a_failover_setting_that_is_not_seconds_is_refused_by_name(setting, valu
     with pytest.raises(BadRequest, match=f"^{setting}="):
         FailoverPolicy(**{setting: value})
     assert FailoverPolicy(route_wait=np.int64(2), request_timeout=np.float64(0.5)).route_wait == 2  # numbers all the same
+
+
+def test_a_node_banned_for_a_wrong_result_is_not_taken_back_for_answering():
+    from potluck.client.failover import _back_if_answering
+
+    class Answers:
+        async def info(self, *args, **kwargs):
+            return None, 0.001
+
+    swarm_view = SwarmView(Answers(), "m", 4)
+    failed = SimpleNamespace(hop=Hop(PEER, 0, 4, NodeRecord(model="m", start=0, end=4, state=NodeState.ONLINE)))
+    swarm_view.ban(PEER, "computed wrong", seconds=3600)
+    asyncio.run(_back_if_answering(swarm_view, failed))
+    assert PEER in swarm_view.banned
+    swarm_view.banned.clear()
+    swarm_view.ban(PEER, "broken stream")  # a failure: it answers again, it is back
+    asyncio.run(_back_if_answering(swarm_view, failed))
+    assert PEER not in swarm_view.banned
