@@ -81,9 +81,16 @@ def run_chat(model, tokenizer, length: int, max_new_tokens: int, system: str | N
         _chat(model, tokenizer, length, max_new_tokens, system, sampling, streamer)
 
 
+COMMANDS = """/reset          start a new conversation (the system prompt stays)
+/system [TEXT]  set the system prompt (none without TEXT) and start a new conversation
+/exit           end the chat (as an empty line or Ctrl-D does)
+/help           this list; a message that starts with / is sent as text when it starts with //"""
+
+
 def _chat(model, tokenizer, length: int, max_new_tokens: int, system: str | None, sampling: dict, streamer) -> None:
     messages = [{"role": "system", "content": system}] if system else []
-    print("Chatting through the swarm. Empty line or Ctrl-D ends; Ctrl-C stops a reply.", file=sys.stderr)
+    print("Chatting through the swarm. Empty line or Ctrl-D ends; Ctrl-C stops a reply; /help lists commands.",
+          file=sys.stderr)
     with model.inference_session(max_length=length) as session:
         while True:
             try:
@@ -96,7 +103,24 @@ def _chat(model, tokenizer, length: int, max_new_tokens: int, system: str | None
                 raise
             if not text:
                 return
-            messages.append({"role": "user", "content": text})
+            if text.startswith("/") and not text.startswith("//"):
+                command, _, argument = text.partition(" ")
+                if command in ("/exit", "/quit"):
+                    return
+                if command == "/reset":
+                    messages = [m for m in messages if m["role"] == "system"]
+                    print("(a new conversation)", file=sys.stderr)
+                elif command == "/system":
+                    messages = [{"role": "system", "content": argument.strip()}] if argument.strip() else []
+                    print("(a new conversation, " + ("with that system prompt)" if messages else "no system prompt)"),
+                          file=sys.stderr)
+                elif command == "/help":
+                    print(COMMANDS, file=sys.stderr)
+                else:
+                    print(f"potluck chat: {command} is not a command (/help lists them; start a message with // to "
+                          "send it as text)", file=sys.stderr)
+                continue  # the nodes' caches are rewound to what the next message shares with them
+            messages.append({"role": "user", "content": text[1:] if text.startswith("//") else text})
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                 return_dict=True)["input_ids"]
             room = length - ids.shape[1]

@@ -98,3 +98,18 @@ def test_a_model_used_after_close_fails_at_once(chat_model, peers):
             call()
     assert time.monotonic() - began < 30  # it waited forever before
     model.close()  # twice: nothing
+
+
+def test_chat_commands_start_over_set_the_system_prompt_and_unknown_ones_are_named(chat_model, peers):
+    def run(*args, text):
+        result = subprocess.run(chat(chat_model, peers, "--temperature", "0", "--max-new-tokens", "6", *args),
+                                input=text, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        return [reply.split("\n")[0] for reply in result.stdout.split("model> ")[1:]], result.stderr
+
+    replies, err = run(text="Hi\n/reset\n/system Be brief.\n/bogus\n//slash\n/help\n/exit\nnot sent\n")
+    assert len(replies) == 2  # to "Hi" and to "/slash"; /exit ended the chat before the last line
+    assert "(a new conversation)" in err and "(a new conversation, with that system prompt)" in err
+    assert "potluck chat: /bogus is not a command" in err and "/system [TEXT]" in err
+    fresh, _ = run("--system", "Be brief.", text="//slash\n\n")
+    assert replies[1] == fresh[0]  # after /system, "Hi" and its answer were no longer in the conversation
