@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,6 +34,7 @@ from .session import InferenceSession
 
 logger = logging.getLogger(__name__)
 SEND_WAIT_S = 0.05  # the longest a round's tokens wait for its steps to be written (a busy swarm loop)
+LEAVE_CHECK_S = 0.5  # how often the loop, waiting on a long round, looks for requests whose client left
 STRAGGLER_MIN_S = 0.02  # a round waits at least this long past its first answer for the rest (``_together``)
 LOGITS_CHUNK_BYTES = 1 << 18  # float32 logits of the vocabulary chunk the lm_head computes at once (``_choices``)
 
@@ -105,8 +107,13 @@ class DecodeLoop:
     def _turn(self) -> None:
         """Wait for the round (or, with none in flight, a prompt's step) to come back; choose the
         next token of every request that is back, then send their next steps as the next round."""
-        for request in [r for r in self._active if r.cancelled.is_set() and not self._in_round(r)]:
-            self._finish(request, None)
+        # a request whose client left goes now, its step in flight cancelled (a hung node's, say), unless that
+        # step shares its future with other requests' (the round's): then it goes when the round is back
+        leaving = [r for r in self._active if r.cancelled.is_set()]
+        if leaving:
+            sharing = Counter(id(r.step) for r in self._active if r.step is not None)
+            for request in [r for r in leaving if not self._in_round(r) or sharing[id(r.step)] == 1]:
+                self._finish(request, None)
         for request in [r for r in self._active if r.step is None]:  # new: its prompt's step runs beside the rounds
             try:
                 self._send([request], self._embed([request.prompt]))
@@ -114,7 +121,9 @@ class DecodeLoop:
                 logger.exception("a request's prompt could not be sent")
                 self._finish(request, e)
         if self._round is not None and not self._round.done():  # steps back meanwhile join the round's tokens
-            concurrent.futures.wait({self._round})
+            concurrent.futures.wait({self._round}, timeout=LEAVE_CHECK_S)
+            if not self._round.done():  # a long round (a hung node): see who left, and admit, in the meantime
+                return
         else:  # wake up now and then to admit new requests
             concurrent.futures.wait({r.step for r in self._active}, timeout=0.05,
                                     return_when=concurrent.futures.FIRST_COMPLETED)

@@ -1,4 +1,5 @@
-"""`potluck serve` while one replica of a span hangs: the requests other nodes serve go on."""
+"""`potluck serve` while a node hangs: the requests other nodes serve go on, and a client that leaves
+meanwhile frees its sessions at once."""
 import json
 import os
 import signal
@@ -74,3 +75,24 @@ def test_a_hung_replica_stalls_only_the_requests_it_serves(chat_model, swarm_fac
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert texts[prompt] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_a_client_that_leaves_while_its_node_hangs_frees_its_sessions_at_once(chat_model, swarm_factory, tmp_path):
+    swarm = swarm_factory()
+    first, hung = swarm.start_nodes(chat_model, ["0:2", "2:4"])
+    proc, base_url = start_serve(chat_model, swarm.initial_peers, tmp_path)
+    connection, stopped = SwarmConnection(swarm.initial_peers), []
+    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 400, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            stopped.append(swarm.nodes[hung].pid)
+            os.kill(stopped[0], signal.SIGSTOP)  # its step waits on the hung node (then on a route, for a minute)
+            assert open_sessions(connection, first) == 1
+        wait_for(lambda: open_sessions(connection, first) == 0, seconds=30)  # closed while the node still hangs
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        connection.close()
+        stop(proc)
