@@ -10,7 +10,8 @@ moment must not all answer it: each waits a random moment and reads the swarm ag
 moves; a move is visible (JOINING) as soon as it starts.
 
 Nodes that did not answer this node's last pings (``Node.silent``) do not count: a node killed
-without a word keeps its record for up to 2.5 announce periods. When some are silent the node
+without a word keeps its record for up to 2.5 announce periods. Besides each period's pings, the
+nodes that alone hold some block are pinged every ``SOLE_CHECK_S``. When some are silent the node
 checks at once, not at its next period, and moves only to cover blocks left with no node (after
 a wait of at most ``GAP_WAIT_S``): sessions that lost the only node of some blocks are waiting.
 """
@@ -30,6 +31,7 @@ from potluck.protocol.errors import NodeDraining
 from potluck.protocol.records import NodeState
 
 from . import hardware, placement
+from .pings import ping_all
 from .span import BlockSpan, block_bytes, load_span
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 GAP_WAIT_S = 5.0  # the longest a node waits before moving to blocks that no live node serves
+SOLE_CHECK_S = 5.0  # how often a self-placing node pings the nodes that alone hold some block
 
 
 class Rebalancer:
@@ -62,6 +65,24 @@ class Rebalancer:
                 await self._balance_once(gaps_only)
             except Exception as e:  # e.g. the DHT did not answer: the next period tries again
                 logger.warning("rebalancing check failed: %s", e)
+
+    async def watch_sole_holders(self) -> None:
+        """Every ``SOLE_CHECK_S``, ping the nodes that alone hold some block (a few, known from the
+        last period's pings): one that died is found within seconds, not at the next period."""
+        node = self.node
+        while True:
+            await asyncio.sleep(SOLE_CHECK_S)
+            watched = sorted(node.sole_holders - node.silent)
+            if not watched:
+                continue
+            try:
+                _, silent = await ping_all(node.p2p, watched)
+            except Exception as e:  # the next check tries again
+                logger.debug("could not ping the nodes alone on their blocks: %s", e)
+                continue
+            if silent:
+                node.silent = node.silent | silent
+                self.nudge()
 
     async def _balance_once(self, gaps_only: bool = False) -> None:
         """Move if the swarm needs it; ``gaps_only``: only to cover blocks no live node serves."""

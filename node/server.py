@@ -39,7 +39,7 @@ from .limits import Limits
 from .links import PushLinks
 from .metrics import check_metrics_address, serve_metrics, status_line
 from .moving import Rebalancer
-from .pings import measure_pings
+from .pings import measure_pings, sole_holders
 from .sessions import SessionTable
 from .span import block_bytes, load_span
 from .throughput import Speed, cached_speed, measure, remember_speed, speed_key
@@ -136,6 +136,7 @@ class Node:
         self.speed = Speed()  # measured at start, bettered by idle re-measurements
         self.pings: dict[str, float] = {}  # peer id -> round trip, refreshed each period
         self.silent: set[str] = set()  # nodes whose records say ONLINE that did not answer this period's ping
+        self.sole_holders: set[str] = set()  # other nodes that alone hold some block, as of this period's pings
         self.reachability = ""  # as other peers found it (``reachability``); "" in a swarm on this machine
         self.joined: reachability.Reachability | None = None  # what peers found when it joined beyond this machine
         self.relays: list[str] = []  # circuit addresses clients reach this node at, when others cannot dial it
@@ -221,6 +222,8 @@ class Node:
         if placed_itself and config.balance_period > 0:
             self.rebalancer = Rebalancer(self, config.balance_period, config.balance_quality)
             self._own(self.rebalancer.run())
+            self._own(self._measure_pings())  # now, not a period from now: which nodes to watch (below)
+            self._own(self.rebalancer.watch_sole_holders())
         if config.metrics_port is not None:
             self._metrics_server = serve_metrics(self, config.metrics_port, config.metrics_host)
         name = f" ({config.public_name})" if config.public_name else ""
@@ -309,9 +312,10 @@ class Node:
 
     async def _measure_pings(self) -> None:
         try:
-            self.pings, self.silent = await measure_pings(self.p2p, self.dht, self.peer_id, self.checkpoint.name,
-                                                          self.checkpoint.num_blocks, self.config.start,
+            records = await read_block_records(self.dht, self.checkpoint.name, self.checkpoint.num_blocks)
+            self.pings, self.silent = await measure_pings(self.p2p, records, self.peer_id, self.config.start,
                                                           self.config.end)
+            self.sole_holders = sole_holders(records, self.peer_id)
         except (asyncio.TimeoutError, OSError) as e:
             logger.debug("could not measure pings: %s", e)
             return
