@@ -116,3 +116,12 @@ def test_nodes_whose_spans_just_tile_the_model_cover_it_whatever_the_ties():
 def test_a_second_layer_of_replicas_lines_up_with_the_first():
     records = {"a": node(0, 10), "b": node(10, 20), "c": node(20, 30)}
     assert choose_span(block_throughputs(records, 30, 10.0), 10, 10.0, random.Random(1))[0] in (0, 10, 20)
+
+
+def test_the_nodes_a_self_placing_node_watches_are_those_alone_on_some_block():
+    from potluck.node.pings import sole_holders
+
+    records = {"me": node(0, 4), "twin": node(0, 4), "alone": node(4, 6), "part": node(6, 9),
+               "over": node(7, 9), "going": node(6, 9, state=NodeState.DRAINING)}
+    assert sole_holders(records, "me") == {"alone", "part"}  # "part" alone holds block 6
+    assert sole_holders({"me": node(0, 9)}, "me") == set()  # never itself
