@@ -10,6 +10,7 @@ the blocks, unknown paths 404, a bug 500.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -202,7 +203,8 @@ class KeyCheck:
         self.app, self.expected = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and dict(scope.get("headers", ())).get(b"authorization") != self.expected:
+        given = dict(scope.get("headers", ())).get(b"authorization", b"") if scope["type"] == "http" else None
+        if given is not None and not hmac.compare_digest(given, self.expected):  # in a time that tells nothing
             refusal = ApiError(401, "incorrect API key provided", "invalid_request_error", code="invalid_api_key")
             return await refusal.response()(scope, _nothing_more, send)
         return await self.app(scope, receive, send)

@@ -88,9 +88,9 @@ def find_chain(records: dict[str, NodeRecord], start: int, end: int, *, banned: 
     if not found:
         _search(usable, records, start, end, costs, rng, why_not)  # raises, naming the gap, if mixing would not help
         gaps = []  # per dtype, where its chain breaks and why (a node of it may be full, say)
+        reasons = {p: why_not[p] or f"computes in {r.dtype}" for p, r in records.items()}
         for dtype in sorted({r.dtype for r in usable.values()}):
             same_dtype = {p: r for p, r in usable.items() if r.dtype == dtype}
-            reasons = {p: why_not[p] or f"computes in {r.dtype}" for p, r in records.items()}
             gaps.append(f"in {dtype}, {_describe_gap(same_dtype, records, start, end, reasons)}")
         raise NoRoute(f"no chain of nodes in a single dtype covers blocks {start}:{end} ({'; '.join(gaps)}); "
                       "allow mixed dtypes to route through them: mix_dtypes=True, --mix-dtypes")
