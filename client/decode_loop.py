@@ -6,7 +6,8 @@ node, and the nodes batch them). When the round is back, the final norm and the 
 all of its requests as one batch, together with the requests whose prompt came back since (a
 prompt's step runs beside the rounds, so a long one holds up no one, and so does a step that a slow
 or hung node holds long past the rest of its round); each request's next token is
-picked with its own sampling parameters and random generator, the next round leaves, and only
+picked with its own sampling parameters (logit bias, presence and frequency penalties, temperature,
+top-p) and random generator, the next round leaves, and only
 once its steps are written to the nodes' streams are the tokens handed out: detokenizing and
 streaming them overlap the nodes' work instead of holding up the round's way out (the threads
 share one GIL). A request that ends (end of text, its token limit) or whose client leaves drops
@@ -50,13 +51,22 @@ class Request:
     generator: torch.Generator  # its own: sampling does not depend on the other requests
     on_token: Callable[[int], bool]  # called with each new token; True: stop (e.g. a stop string)
     on_end: Callable[[BaseException | None], None]  # called once when it leaves the loop
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of each token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: times how often each token was generated so far
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
     cancelled: threading.Event = field(default_factory=threading.Event)
     session: InferenceSession | None = None
     step: concurrent.futures.Future | None = None  # its step in flight: its prompt's, the round's, its own if left
     # behind by its round
     row: int = 0  # its result's index in what ``step`` gives (one per request sent with it)
     tokens: list[int] = field(default_factory=list)  # generated so far
+    counts: Counter = field(default_factory=Counter)  # how often each token was generated (for the penalties)
     ended: bool = False  # on_end was called
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether its next token needs the whole vocabulary's logits (not only the best of them)."""
+        return bool(self.temperature or self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 class DecodeLoop:
@@ -145,19 +155,21 @@ class DecodeLoop:
         """Choose each request's next token from its last hidden state (one lm_head for all) and
         send the steps of those that go on; then hand out the tokens (detokenizing and streaming
         them is the nodes' time, not the round's)."""
-        sampled = [row for row, (request, _) in enumerate(back) if request.temperature]
+        sampled = [row for row, (request, _) in enumerate(back) if request.needs_logits]
         with torch.no_grad():
             greedy, logits = self._choices(torch.stack([out for _, out in back]).to(self.model.device), sampled)
-        columns = dict(zip(sampled, logits.unbind(1))) if sampled else {}  # each sampling row's logits [V]
+        columns = dict(zip(sampled, logits.unbind(1))) if sampled else {}  # each such row's logits [V]
         chosen = []  # each request whose next token was picked, and whether it goes on
         for row, (request, _) in enumerate(back):
             try:
-                token = greedy[row] if request.temperature == 0 else self._choose(request, columns[row])
+                token = self._choose(request, columns[row]) if request.needs_logits else greedy[row]
             except Exception as e:  # a bug in one request's sampling ends that request only
                 logger.exception("picking a request's next token failed")
                 self._finish(request, e)
                 continue
             request.tokens.append(token)
+            if request.presence_penalty or request.frequency_penalty:
+                request.counts[token] += 1
             request.step = None
             chosen.append((request, token not in self.eos_ids and len(request.tokens) < request.max_tokens))
         going_on = [request for request, more in chosen if more]
@@ -179,13 +191,13 @@ class DecodeLoop:
                 request.cancelled.set()
 
     def _choices(self, last: torch.Tensor, sampled: list[int]) -> tuple[list[int], torch.Tensor | None]:
-        """The final norm and the lm_head of last hidden states [N, H]: each row's greedy token, and
-        the float logits [V, len(sampled)] of the rows in ``sampled`` (on the CPU, where each
-        request's generator draws; None if none). A ``PackedHead`` (the CPU's float32 lm_head)
-        computes the whole logits at once. A plain ``nn.Linear`` (a GPU's, or a CPU's in bfloat16)
-        runs a chunk of the vocabulary at a time (``logits_chunk``), keeping each chunk's best
-        token per row. Each chunk is weight @ hidden^T, which a CPU computes 1.5x as fast as
-        hidden @ weight^T for 4 to 32 rows."""
+        """The final norm and the lm_head of last hidden states [N, H]: each row's greedy token, and the
+        float logits [V, len(sampled)] of the rows in ``sampled`` (those that sample, or bias or penalize
+        tokens: on the CPU, where each request's generator draws; None if none). A ``PackedHead`` (the CPU's
+        float32 lm_head) computes the whole logits at once. A plain ``nn.Linear`` (a GPU's, or a CPU's in
+        bfloat16) runs a chunk of the vocabulary at a time (``logits_chunk``), keeping each chunk's best
+        token per row. Each chunk is weight @ hidden^T, which a CPU computes 1.5x as fast as hidden @
+        weight^T for 4 to 32 rows."""
         head, normed = self.model.lm_head, self.model.model.norm(last)
         if type(head) is not torch.nn.Linear:  # a ``PackedHead`` reads its weight fast enough whole
             logits = head(normed).float().t()
@@ -233,7 +245,9 @@ class DecodeLoop:
 
     @staticmethod
     def _choose(request: Request, logits: torch.Tensor) -> int:
-        """Greedy, or a sample after temperature and top-p (as transformers' warpers do them)."""
+        """Greedy, or a sample after temperature and top-p (as transformers' warpers do them), on the
+        logits with the request's bias and penalties (``_adjusted``)."""
+        logits = _adjusted(request, logits)
         if request.temperature == 0:
             return int(logits.argmax())
         logits = logits / request.temperature
@@ -261,6 +275,23 @@ class DecodeLoop:
         if not request.ended:
             request.ended = True
             request.on_end(error)
+
+
+def _adjusted(request: Request, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [V] with the request's logit bias added and its penalties taken off as OpenAI
+    defines them: a token generated c times so far loses c x frequency_penalty, plus
+    presence_penalty once c > 0 (the prompt's tokens are not counted)."""
+    if not request.logit_bias and not request.counts:
+        return logits
+    logits = logits.clone()
+    if request.logit_bias:
+        ids, biases = zip(*request.logit_bias.items())
+        logits.index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
+    if request.counts:
+        ids, counts = zip(*request.counts.items())
+        penalty = torch.tensor(counts, dtype=logits.dtype) * request.frequency_penalty + request.presence_penalty
+        logits.index_add_(0, torch.tensor(ids), -penalty)
+    return logits
 
 
 def logits_chunk(rows: int, weight: torch.Tensor) -> int:

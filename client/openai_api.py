@@ -157,11 +157,13 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
         if max_tokens is None:  # as many as asked by default, or as fit after the prompt
             room = generator.max_length - len(ids)
             max_tokens = max(1, room if body.default_tokens is None else min(body.default_tokens, room))
+        params = body.sampling(max_tokens)
         try:
             generator.check_prompt(ids, max_tokens)
+            generator.check_sampling(params)
         except PromptError as error:
             raise _prompt_error(error, chat) from None
-        stream = generator.stream(ids, body.sampling(max_tokens))
+        stream = generator.stream(ids, params)
         try:
             first = await anext(stream)  # errors before the first token become proper HTTP errors
         except PotluckError as error:

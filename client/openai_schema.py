@@ -7,6 +7,7 @@ failing in the tokenizer).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -16,6 +17,7 @@ from .serving import SamplingParams
 UNSUPPORTED = "is not supported by this server; leave it out"
 OFF = (None, False, 0, "", [], {}, {"type": "text"}, "none", "auto", ["text"])  # what leaves a feature off
 MAX_STOP_CHARS = 256  # each stop string is matched against the tail of the text at every token
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias: each is added to its logits at every token
 
 
 def _unicode(text: str) -> str:
@@ -56,14 +58,14 @@ class OpenAIRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> -100 to 100
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
 
     default_tokens: ClassVar[int | None] = None  # max_tokens when the client gives none (None: as many as fit)
 
-    @field_validator("logit_bias", "presence_penalty", "frequency_penalty", "top_logprobs", "tools", "tool_choice",
-                     "functions", "function_call", "response_format", "modalities", "audio", "echo", "suffix",
+    @field_validator("top_logprobs", "tools", "tool_choice", "functions", "function_call", "response_format",
+                     "modalities", "audio", "echo", "suffix",
                      check_fields=False)  # some are chat's or completions' only
     @classmethod
     def _not_asked_for(cls, value: Any) -> Any:
@@ -77,6 +79,22 @@ class OpenAIRequest(BaseModel):
         if value is not None and value is not False:  # completions' logprobs=0 still asks for the chosen token's
             raise ValueError(UNSUPPORTED)
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if len(bias or {}) > MAX_LOGIT_BIAS:
+            raise ValueError(f"takes at most {MAX_LOGIT_BIAS} tokens")
+        seen = set()
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys are token ids written as whole numbers; {key[:20]!r} is not one")
+            if int(key) in seen:
+                raise ValueError(f"names token {int(key)} twice")
+            seen.add(int(key))
+            if not (math.isfinite(value) and -100 <= value <= 100):
+                raise ValueError(f"biases are from -100 to 100; token {key} has {value}")
+        return bias
 
     @field_validator("n", "best_of", check_fields=False)  # best_of: completions'
     @classmethod
@@ -102,7 +120,9 @@ class OpenAIRequest(BaseModel):
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         temperature = 1.0 if self.temperature is None else self.temperature
-        return SamplingParams(max_tokens, temperature, 1.0 if self.top_p is None else self.top_p, stop, self.seed)
+        bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
+        return SamplingParams(max_tokens, temperature, 1.0 if self.top_p is None else self.top_p, stop, self.seed,
+                              self.presence_penalty or 0.0, self.frequency_penalty or 0.0, bias)
 
     @property
     def include_usage(self) -> bool:

@@ -35,6 +35,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: -2 to 2, on tokens generated so far
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,14 @@ class TextGenerator:
             raise PromptError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                               f"{self.max_length} positions", "max_tokens")
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        """PromptError unless every token the request biases is in the model's vocabulary."""
+        vocab = self.model.config.vocab_size
+        for token, _ in params.logit_bias:
+            if token >= vocab:
+                raise PromptError(f"token {token} is not in this model's vocabulary (ids 0 to {vocab - 1})",
+                                  "logit_bias")
+
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
         self.check_prompt(prompt_ids, params.max_tokens)
         loop, answers = asyncio.get_running_loop(), asyncio.Queue()
@@ -174,7 +185,8 @@ class TextGenerator:
         else:
             generator.seed()
         temperature = params.temperature if params.temperature >= GREEDY_BELOW else 0.0
-        request = Request(prompt_ids, params.max_tokens, temperature, params.top_p, generator, on_token, on_end)
+        request = Request(prompt_ids, params.max_tokens, temperature, params.top_p, generator, on_token, on_end,
+                          params.presence_penalty, params.frequency_penalty, dict(params.logit_bias))
         self.loop.submit(request)
         try:
             while True:

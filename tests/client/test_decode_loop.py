@@ -42,6 +42,31 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_else_runs():
     assert a == [DecodeLoop._choose(second, logits) for _ in range(10)]
 
 
+def test_logit_bias_and_penalties_change_the_logits_as_openai_defines_them():
+    biased = request(0.0)
+    biased.logit_bias = {0: 5.0, 2: -100.0}
+    biased.presence_penalty, biased.frequency_penalty = 0.5, 0.25
+    biased.counts.update([1, 1, 1, 3])  # generated so far: token 1 three times, token 3 once
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    expected = torch.tensor([5.0, 1.0 - 0.5 - 3 * 0.25, 2.0 - 100.0, 3.0 - 0.5 - 0.25, 4.0])
+    assert torch.equal(decode_loop._adjusted(biased, logits), expected)
+    assert torch.equal(logits, torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]))  # the round's logits are left as they were
+    assert DecodeLoop._choose(biased, logits) == 0  # greedy on the adjusted logits: 5.0 beats 4.0
+    plain = request(0.0)
+    assert decode_loop._adjusted(plain, logits) is logits and not plain.needs_logits
+    assert biased.needs_logits
+
+
+def test_a_banned_token_is_never_sampled_and_a_forced_one_always_is():
+    logits = torch.zeros(50)
+    banned = request(1.0, seed=3)
+    banned.logit_bias = {token: -100.0 for token in range(49)}
+    assert {DecodeLoop._choose(banned, logits) for _ in range(20)} == {49}
+    forced = request(1.5, top_p=0.9, seed=4)
+    forced.logit_bias = {7: 100.0}
+    assert {DecodeLoop._choose(forced, logits) for _ in range(20)} == {7}
+
+
 class _Session:
     """Stands for an inference session: a step's output is its input (the embeddings), after the
     test lets it finish; what happens is written to a shared log."""

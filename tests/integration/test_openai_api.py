@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from potluck.client.transport import SwarmConnection
 from potluck.protocol import messages as msg
@@ -36,12 +36,32 @@ def local(chat_model):
     return AutoModelForCausalLM.from_pretrained(chat_model).eval(), AutoTokenizer.from_pretrained(chat_model)
 
 
-def local_chat(local, messages, max_tokens):
+def local_chat(local, messages, max_tokens, **adjust):
+    """Local transformers' greedy answer; ``adjust``: OpenAI's logit_bias and penalties, as ``OpenAIAdjust``."""
     model, tokenizer = local
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+    processors = [OpenAIAdjust(ids.shape[1], **adjust)] if adjust else []
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                         logits_processor=processors)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+class OpenAIAdjust(LogitsProcessor):
+    """OpenAI's logit_bias, presence_penalty and frequency_penalty, written from its API reference: a
+    token generated c times so far (the prompt not counted) loses c x frequency + presence once c > 0."""
+
+    def __init__(self, prompt_length, logit_bias=None, presence_penalty=0.0, frequency_penalty=0.0):
+        self.start, self.bias = prompt_length, {int(k): v for k, v in (logit_bias or {}).items()}
+        self.presence, self.frequency = presence_penalty, frequency_penalty
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for token, bias in self.bias.items():
+            scores[:, token] += bias
+        counts = torch.bincount(input_ids[0, self.start:], minlength=scores.shape[1]).to(scores.dtype)
+        scores[0] -= counts * self.frequency + (counts > 0).to(scores.dtype) * self.presence
+        return scores
 
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
@@ -100,6 +120,35 @@ def test_sixteen_concurrent_streams_each_equal_the_request_alone(api, local):
     bundles = [node_counters(connection, p).get("bundles_received", 0) - b.get("bundles_received", 0)
                for p, b in zip(peers, before)]
     assert all(bundles), bundles  # the gateway's steps reached the first node, and its pushes the second, bundled
+
+
+def test_logit_bias_and_penalties_give_local_transformers_answer_beside_plain_requests(api, local):
+    client = api[0]
+    first = local_chat(local, MESSAGES, 1)
+    first_id = local[1](first, add_special_tokens=False)["input_ids"][0]
+    asked = {"logit_bias": {str(first_id): -100, "300": 4.5}, "presence_penalty": 0.6, "frequency_penalty": 1.3}
+    prompts = [[{"role": "user", "content": f"Say {word} again and again."}] for word in ("yes", "no", "maybe")]
+    results = {}
+
+    def run(key, messages, extra):
+        results[key] = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=20,
+                                                      temperature=0, **extra).choices[0].message.content
+
+    jobs = [("asked", MESSAGES, asked)] + [(i, m, {}) for i, m in enumerate(prompts)]  # in the same rounds
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert results["asked"] == local_chat(local, MESSAGES, 20, **asked)
+    assert results["asked"] != local_chat(local, MESSAGES, 20)  # the adjustments changed the answer
+    assert [results.get(i) for i in range(3)] == [local_chat(local, m, 20) for m in prompts]
+
+
+def test_a_token_biased_by_100_is_the_only_one_sampled(api, local):
+    answer = api[0].completions.create(model="tiny-chat", prompt=[5, 6, 7], max_tokens=6, temperature=1.2, seed=9,
+                                       logit_bias={"300": 100})
+    assert answer.choices[0].text == local[1].decode([300] * 6) and answer.usage.completion_tokens == 6
 
 
 def open_sessions(connection, peers):
@@ -181,7 +230,13 @@ def test_bad_requests_get_openai_errors(api, body, status, param):
     ("completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
     ("completions", {"prompt": "Hi", "max_tokens": 600}, "max_tokens"),  # past the model's 512 positions
     ("chat/completions", {"messages": MESSAGES, "logprobs": True}, "logprobs"),
-    ("chat/completions", {"messages": MESSAGES, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat/completions", {"messages": MESSAGES, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ("chat/completions", {"messages": MESSAGES, "presence_penalty": "much"}, "presence_penalty"),
+    ("chat/completions", {"messages": MESSAGES, "logit_bias": {"x": 1}}, "logit_bias"),
+    ("chat/completions", {"messages": MESSAGES, "logit_bias": {"5": 101}}, "logit_bias"),
+    ("chat/completions", {"messages": MESSAGES, "logit_bias": {"5": 1, "05": 2}}, "logit_bias"),
+    ("chat/completions", {"messages": MESSAGES, "logit_bias": {"49152": 1}}, "logit_bias"),  # past the vocabulary
+    ("completions", {"prompt": "Hi", "logit_bias": [1, 2]}, "logit_bias"),
     ("chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
