@@ -40,6 +40,16 @@ STRAGGLER_MIN_S = 0.02  # a round waits at least this long past its first answer
 LOGITS_CHUNK_BYTES = 1 << 18  # float32 logits of the vocabulary chunk the lm_head computes at once (``_choices``)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits, before any bias,
+    penalty or temperature), and the most likely tokens' (most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclass
 class Request:
     """One request's state between rounds."""
@@ -54,6 +64,7 @@ class Request:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of each token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: times how often each token was generated so far
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely tokens'
     cancelled: threading.Event = field(default_factory=threading.Event)
     session: InferenceSession | None = None
     step: concurrent.futures.Future | None = None  # its step in flight: its prompt's, the round's, its own if left
@@ -61,12 +72,14 @@ class Request:
     row: int = 0  # its result's index in what ``step`` gives (one per request sent with it)
     tokens: list[int] = field(default_factory=list)  # generated so far
     counts: Counter = field(default_factory=Counter)  # how often each token was generated (for the penalties)
+    scores: list[TokenLogprob] = field(default_factory=list)  # with ``logprobs``: each generated token's
     ended: bool = False  # on_end was called
 
     @property
     def needs_logits(self) -> bool:
         """Whether its next token needs the whole vocabulary's logits (not only the best of them)."""
-        return bool(self.temperature or self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.temperature or self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.logprobs is not None)
 
 
 class DecodeLoop:
@@ -163,6 +176,8 @@ class DecodeLoop:
         for row, (request, _) in enumerate(back):
             try:
                 token = self._choose(request, columns[row]) if request.needs_logits else greedy[row]
+                if request.logprobs is not None:
+                    request.scores.append(_scored(token, columns[row], request.logprobs))
             except Exception as e:  # a bug in one request's sampling ends that request only
                 logger.exception("picking a request's next token failed")
                 self._finish(request, e)
@@ -292,6 +307,14 @@ def _adjusted(request: Request, logits: torch.Tensor) -> torch.Tensor:
         penalty = torch.tensor(counts, dtype=logits.dtype) * request.frequency_penalty + request.presence_penalty
         logits.index_add_(0, torch.tensor(ids), -penalty)
     return logits
+
+
+def _scored(token: int, logits: torch.Tensor, top: int) -> TokenLogprob:
+    """``token``'s log-probability under ``logits`` [V], and the ``top`` most likely tokens'."""
+    logprobs = torch.log_softmax(logits, 0)
+    best = logprobs.topk(top) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 def logits_chunk(rows: int, weight: torch.Tensor) -> int:

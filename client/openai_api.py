@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from potluck.protocol.errors import NoRoute, NodeUnavailable, PotluckError
 
 from .openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
-from .serving import Completion, PromptError, TextGenerator
+from .serving import Completion, Delta, PromptError, Scored, TextGenerator
 
 logger = logging.getLogger(__name__)
 BODY_BYTES, BODY_BYTES_PER_POSITION = 1 << 20, 64  # the largest request body: 1 MiB and 64 bytes a position
@@ -169,8 +169,9 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
         except PotluckError as error:
             raise _swarm_error(error) from None
         reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        text_of = generator.token_text if params.logprobs is not None else None  # formats the log-probabilities
         if body.stream:
-            return StreamingResponse(_sse(reply_id, body.model, chat, first, stream, body.include_usage),
+            return StreamingResponse(_sse(reply_id, body.model, chat, first, stream, body.include_usage, text_of),
                                      media_type="text/event-stream")
         parts = [first]
 
@@ -191,7 +192,7 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
         except PotluckError as error:  # the swarm lost every replica of some block mid-answer
             raise _swarm_error(error) from None
         done: Completion = parts[-1]
-        return _whole(reply_id, body.model, chat, done)
+        return _whole(reply_id, body.model, chat, done, text_of)
 
     return app
 
@@ -268,8 +269,9 @@ async def _nothing_more() -> dict:
     return {"type": "http.disconnect"}
 
 
-def _whole(reply_id: str, model: str, chat: bool, done: Completion) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
+def _whole(reply_id: str, model: str, chat: bool, done: Completion, text_of: Callable[[int], str] | None) -> dict:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
+                              "logprobs": _logprobs(done.logprobs, chat, text_of)}
     if chat:
         choice["message"] = {"role": "assistant", "content": done.text}
     else:
@@ -283,18 +285,42 @@ def _usage(done: Completion) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterator,
-               include_usage: bool) -> AsyncIterator[str]:
+def _logprobs(scored: Sequence[Scored], chat: bool, text_of: Callable[[int], str] | None) -> dict | None:
+    """Tokens' log-probabilities in OpenAI's shape: chat's ``content`` entries, or completions'
+    four lists (``text_offset`` counted in the answer's text); None if not asked for or none."""
+    if text_of is None or not scored:
+        return None
+    if chat:
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = text_of(token)  # a token holding part of a character has no text of its own: no bytes
+            return {"token": text, "logprob": _finite(logprob),
+                    "bytes": None if "\ufffd" in text else list(text.encode())}
+        return {"content": [entry(s.token, s.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                            for s, _ in scored], "refusal": None}
+    return {"tokens": [text_of(s.token) for s, _ in scored], "token_logprobs": [_finite(s.logprob) for s, _ in scored],
+            "top_logprobs": [{text_of(t): _finite(lp) for t, lp in (*s.top, (s.token, s.logprob))} for s, _ in scored],
+            "text_offset": [offset for _, offset in scored]}
+
+
+def _finite(logprob: float) -> float:
+    """A log-probability JSON can carry (OpenAI's -9999.0 for a token of no probability)."""
+    return max(logprob, -9999.0)
+
+
+async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterator, include_usage: bool,
+               text_of: Callable[[int], str] | None = None) -> AsyncIterator[str]:
     """The answer as OpenAI's chunks; with ``include_usage`` every chunk has ``usage`` null, and a
-    last one with no choices holds the counts."""
+    last one with no choices holds the counts; with ``text_of`` (logprobs asked for) each chunk has
+    its tokens' log-probabilities."""
     created = int(time.time())
 
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(text: str | None, finish: str | None, role: bool = False, scored: Sequence[Scored] = ()) -> str:
+        logprobs = _logprobs(scored, chat, text_of)
         if chat:
             delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return event([choice])
 
     def event(choices: list, usage: dict | None = None) -> str:
@@ -314,7 +340,8 @@ async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterat
                 if include_usage:
                     yield event([], _usage(item))
                 break
-            yield chunk(item, None)
+            delta: Delta = item
+            yield chunk(delta.text, None, scored=delta.logprobs)
             item = await anext(stream)
         yield "data: [DONE]\n\n"
     except Exception as error:  # the swarm lost every replica of some block mid-answer (or a bug): said in the stream

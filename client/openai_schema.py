@@ -57,26 +57,17 @@ class OpenAIRequest(BaseModel):
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> -100 to 100
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
 
     default_tokens: ClassVar[int | None] = None  # max_tokens when the client gives none (None: as many as fit)
 
-    @field_validator("top_logprobs", "tools", "tool_choice", "functions", "function_call", "response_format",
-                     "modalities", "audio", "echo", "suffix",
-                     check_fields=False)  # some are chat's or completions' only
+    @field_validator("tools", "tool_choice", "functions", "function_call", "response_format", "modalities", "audio",
+                     "echo", "suffix", check_fields=False)  # some are chat's or completions' only
     @classmethod
     def _not_asked_for(cls, value: Any) -> Any:
         if value not in OFF:
-            raise ValueError(UNSUPPORTED)
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value is not None and value is not False:  # completions' logprobs=0 still asks for the chosen token's
             raise ValueError(UNSUPPORTED)
         return value
 
@@ -122,7 +113,11 @@ class OpenAIRequest(BaseModel):
         temperature = 1.0 if self.temperature is None else self.temperature
         bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
         return SamplingParams(max_tokens, temperature, 1.0 if self.top_p is None else self.top_p, stop, self.seed,
-                              self.presence_penalty or 0.0, self.frequency_penalty or 0.0, bias)
+                              self.presence_penalty or 0.0, self.frequency_penalty or 0.0, bias, self.logprob_count())
+
+    def logprob_count(self) -> int | None:
+        """None: no log-probabilities asked for; k: each token's, and the k most likely tokens'."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -132,7 +127,8 @@ class OpenAIRequest(BaseModel):
 class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)  # OpenAI's newer name for max_tokens
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -141,17 +137,31 @@ class ChatRequest(OpenAIRequest):
     modalities: Any = None
     audio: Any = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, count: int | None, info: ValidationInfo) -> int | None:
+        if count is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return count
+
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[int] | list[str] | list[list[int]]  # one prompt: a text or token ids, or a list of one
+    logprobs: int | None = Field(None, ge=0, le=5)  # each token's, and this many most likely tokens'
     echo: Any = None
     best_of: int | None = None
     suffix: Any = None
 
     default_tokens: ClassVar[int | None] = 16  # as OpenAI's completions
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

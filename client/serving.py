@@ -1,7 +1,8 @@
 """Text generation for the HTTP API: every request in its own inference session, advanced together.
 
 ``TextGenerator.stream`` hands a request to the ``DecodeLoop`` (one round per token for all
-requests at once) and yields text deltas, then a ``Completion``. Stop strings are held back
+requests at once) and yields text deltas (each with the log-probabilities of the tokens whose text
+it completes, when asked for), then a ``Completion``. Stop strings are held back
 until they can be ruled out, so a client never sees part of one; a request that is abandoned
 (client gone) leaves the loop at the next round, which closes its session on the nodes.
 """
@@ -14,7 +15,7 @@ from typing import AsyncIterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .decode_loop import DecodeLoop, Request
+from .decode_loop import DecodeLoop, Request, TokenLogprob
 
 
 GREEDY_BELOW = 1e-5  # a lower temperature is greedy decoding: the logits divided by it could overflow to inf
@@ -38,6 +39,18 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: -2 to 2, on tokens generated so far
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely tokens'
+
+
+Scored = tuple[TokenLogprob, int]  # a token's log-probabilities, and where its text starts in the answer
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The next piece of an answer's text, and the scores of the tokens whose text it completes."""
+
+    text: str
+    logprobs: tuple[Scored, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,10 +59,13 @@ class Completion:
     finish_reason: str  # "stop" (end of text or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[Scored, ...] = ()  # with ``logprobs`` asked for: the answer's tokens'
 
 
 class _DeltaStreamer:
-    """Decodes generated tokens incrementally; emits text that cannot be the start of a stop string.
+    """Decodes generated tokens incrementally; emits text that cannot be the start of a stop string,
+    with the scores (``add``'s) of the tokens whose text it completes; the answer's last piece
+    (``end``) carries the scores of the rest of its tokens (a token that starts inside a stop string has none).
     Each token decodes only the ids since the last text it gave, with the ids of that text before
     them as context (so that spaces and merges come out as in the whole text): a token costs the
     same however long the answer (a whole decode per token cost 0.14 ms at 256 tokens, 32 requests
@@ -64,16 +80,24 @@ class _DeltaStreamer:
         self.text = ""
         self.stopped = False  # a stop string appeared
         self._context = self._read = 0  # ids[_context:_read] gave the end of ``text``; ids[_read:] none yet
+        self.scored: list[Scored] = []  # each scored token whose text is in ``text``, and where it starts
+        self._waiting: list[TokenLogprob] = []  # scores of tokens whose text has not come out yet
+        self.logprobs: list[Scored] = []  # the scored tokens emitted, in order
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: list[int], score: TokenLogprob | None = None) -> None:
         if self.stopped:
             return
         self.ids.extend(ids)
+        if score is not None:
+            self._waiting.append(score)
         before = self._decode(self.ids[self._context:self._read])
         after = self._decode(self.ids[self._context:])
         if after.endswith("\ufffd"):
             return  # half of a multi-byte character: wait for the rest
+        start = len(self.text)
         text = self.text = self.text + after[len(before):]
+        self.scored.extend((waiting, start) for waiting in self._waiting)
+        self._waiting.clear()
         self._context, self._read = self._read, len(self.ids)
         cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -85,16 +109,29 @@ class _DeltaStreamer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
-    def _send(self, upto: int) -> None:
-        if upto > self.sent:
-            self.emit(self.text[self.sent:upto])
+    def _send(self, upto: int, last: bool = False) -> None:
+        released = self._release(upto, last)
+        if upto > self.sent or released:
+            self.emit(self.text[self.sent:upto], released)
             self.sent = upto
+
+    def _release(self, upto: int, last: bool) -> tuple[Scored, ...]:
+        """The scored tokens not emitted yet whose text ends by ``upto`` (``last``: all whose text
+        starts before it)."""
+        first = done = len(self.logprobs)
+        while done < len(self.scored):
+            end = self.scored[done + 1][1] if done + 1 < len(self.scored) else len(self.text)
+            if (self.scored[done][1] >= upto or end > upto) and not (last and self.scored[done][1] < upto):
+                break
+            done += 1
+        self.logprobs.extend(self.scored[first:done])
+        return tuple(self.scored[first:done])
 
     def end(self) -> None:
         whole = self._decode(self.ids)
         if not (self.stopped or whole.endswith("\ufffd")):  # an answer cut in a character ends before it
             self.text = whole
-        self._send(len(self.text))
+        self._send(len(self.text), last=True)
 
 
 def _held(text: str, stop: str) -> int:
@@ -119,6 +156,7 @@ class TextGenerator:
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.loop = DecodeLoop(model, self.eos_ids, max_active)
+        self._token_texts: dict[int, str] = {}
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -147,6 +185,13 @@ class TextGenerator:
             raise PromptError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                               f"{self.max_length} positions", "max_tokens")
 
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens too (for log-probabilities), remembered once made."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
     def check_sampling(self, params: SamplingParams) -> None:
         """PromptError unless every token the request biases is in the model's vocabulary."""
         vocab = self.model.config.vocab_size
@@ -155,7 +200,7 @@ class TextGenerator:
                 raise PromptError(f"token {token} is not in this model's vocabulary (ids 0 to {vocab - 1})",
                                   "logit_bias")
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Completion]:
         self.check_prompt(prompt_ids, params.max_tokens)
         loop, answers = asyncio.get_running_loop(), asyncio.Queue()
         def put(item) -> None:  # from the decode loop's thread
@@ -163,10 +208,10 @@ class TextGenerator:
                 loop.call_soon_threadsafe(answers.put_nowait, item)
             except RuntimeError:  # the server's loop closed (it stopped): nobody reads the answer any more
                 pass
-        streamer = _DeltaStreamer(self.tokenizer, params.stop, put)
+        streamer = _DeltaStreamer(self.tokenizer, params.stop, lambda text, scored: put(Delta(text, scored)))
 
         def on_token(token: int) -> bool:
-            streamer.add([token])
+            streamer.add([token], request.scores[-1] if params.logprobs is not None else None)
             return streamer.stopped
 
         def on_end(error: BaseException | None) -> None:
@@ -177,7 +222,8 @@ class TextGenerator:
             tokens = request.tokens
             ended = bool(tokens) and tokens[-1] in self.eos_ids
             count = len(streamer.ids) if streamer.stopped else len(tokens)
-            put(Completion(streamer.text, "stop" if streamer.stopped or ended else "length", len(prompt_ids), count))
+            put(Completion(streamer.text, "stop" if streamer.stopped or ended else "length", len(prompt_ids), count,
+                           tuple(streamer.logprobs)))
 
         generator = torch.Generator()  # the request's own: a seed gives the same text whoever else is served
         if params.seed is not None:
@@ -186,7 +232,7 @@ class TextGenerator:
             generator.seed()
         temperature = params.temperature if params.temperature >= GREEDY_BELOW else 0.0
         request = Request(prompt_ids, params.max_tokens, temperature, params.top_p, generator, on_token, on_end,
-                          params.presence_penalty, params.frequency_penalty, dict(params.logit_bias))
+                          params.presence_penalty, params.frequency_penalty, dict(params.logit_bias), params.logprobs)
         self.loop.submit(request)
         try:
             while True:

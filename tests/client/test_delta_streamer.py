@@ -5,6 +5,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from potluck.client.decode_loop import TokenLogprob
 from potluck.client.serving import PromptError, TextGenerator, _DeltaStreamer, _held
 from potluck.protocol.checkpoint import resolve_checkpoint
 
@@ -49,7 +50,7 @@ def test_streamed_pieces_add_up_to_the_whole_decode(which, request):
                  "wordpiece": wordpiece_cleaning_up_spaces}[which]()
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     pieces = []
-    streamer = _DeltaStreamer(tokenizer, (), pieces.append)
+    streamer = _DeltaStreamer(tokenizer, (), lambda text, scored: pieces.append(text))
     for token in ids:
         streamer.add([token])
         assert "".join(pieces) == streamer.text  # nothing half-sent: a multi-byte character waits
@@ -66,7 +67,7 @@ def test_streamed_pieces_add_up_to_the_whole_decode(which, request):
 def test_a_stop_string_across_tokens_is_never_sent_in_part(smollm2_tokenizer):
     ids = smollm2_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     pieces = []
-    streamer = _DeltaStreamer(smollm2_tokenizer, ("crêpes in",), pieces.append)
+    streamer = _DeltaStreamer(smollm2_tokenizer, ("crêpes in",), lambda text, scored: pieces.append(text))
     for token in ids:
         streamer.add([token])
     streamer.end()
@@ -77,11 +78,37 @@ def test_an_answer_cut_inside_a_character_ends_before_it(smollm2_tokenizer):
     ids = smollm2_tokenizer("A fox 🦊", add_special_tokens=False)["input_ids"]
     cut = next(n for n in range(len(ids)) if smollm2_tokenizer.decode(ids[:n]).endswith("\ufffd"))
     pieces = []
-    streamer = _DeltaStreamer(smollm2_tokenizer, (), pieces.append)
+    streamer = _DeltaStreamer(smollm2_tokenizer, (), lambda text, scored: pieces.append(text))
     for token in ids[:cut]:  # max_tokens reached halfway through the fox's bytes
         streamer.add([token])
     streamer.end()
     assert "".join(pieces) == streamer.text == "A fox"  # the space came in the fox's first token
+
+
+def test_each_tokens_score_comes_with_the_piece_that_completes_its_text(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    ids = tokenizer("A fox 🦊 ate crêpes in Zürich", add_special_tokens=False)["input_ids"]
+    ids.append(tokenizer.eos_token_id)
+    pieces = []
+    streamer = _DeltaStreamer(tokenizer, ("in Z",), lambda text, scored: pieces.append((text, scored)))
+    for n, token in enumerate(ids):
+        streamer.add([token], TokenLogprob(token, -float(n), ()))
+    streamer.end()
+    text = "".join(t for t, _ in pieces)
+    assert text == streamer.text == "A fox 🦊 ate crêpes "
+    scored = [s for _, batch in pieces for s in batch]
+    assert scored == streamer.logprobs
+    tokens = [s.token for s, _ in scored]
+    assert tokens == ids[:len(tokens)] and [s.logprob for s, _ in scored] == [-float(n) for n in range(len(tokens))]
+    offsets = [offset for _, offset in scored] + [len(text)]
+    # each token's text starts where the one before it ends, and the tokens' texts make up the answer
+    assert "".join(tokenizer.decode(ids[:n + 1])[offsets[n]:offsets[n + 1]] for n in range(len(tokens))) == text
+    covered = tokenizer.decode(ids[:len(tokens)])  # the last token scored holds the stop string's start;
+    assert covered.startswith(text) and "in Z".startswith(covered[len(text):])  # those after it, none of the answer
+    sent = 0
+    for piece, batch in pieces:  # no score comes before its token's text is sent, or before a piece it was in
+        sent += len(piece)
+        assert all(offsets[tokens.index(s.token)] < sent or not piece for s, _ in batch)
 
 
 def test_what_is_held_back_is_the_longest_end_of_the_text_that_starts_a_stop_string():

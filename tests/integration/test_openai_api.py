@@ -151,6 +151,51 @@ def test_a_token_biased_by_100_is_the_only_one_sampled(api, local):
     assert answer.choices[0].text == local[1].decode([300] * 6) and answer.usage.completion_tokens == 6
 
 
+def local_logprobs(local, ids, generated):
+    """Local transformers' log-probabilities [len(generated), V] of each generated token's position."""
+    with torch.no_grad():
+        logits = local[0](torch.tensor([ids + generated])).logits[0, len(ids) - 1:-1]
+    return torch.log_softmax(logits, -1)
+
+
+def test_chat_logprobs_are_local_transformers_streamed_or_whole(api, local):
+    client, (model, tokenizer) = api[0], local
+    asked = dict(model="tiny-chat", messages=MESSAGES, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**asked).choices[0]
+    streamed = [e for c in client.chat.completions.create(**asked, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=True)["input_ids"]
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
+    expected = local_logprobs(local, ids, generated)
+    content = whole.logprobs.content
+    assert len(content) == 10 and [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    for entry, token, row in zip(content, generated, expected):
+        assert entry.token == tokenizer.decode([token]) and abs(entry.logprob - float(row[token])) < 1e-4
+        best = row.topk(3)
+        assert [e.token for e in entry.top_logprobs] == [tokenizer.decode([t]) for t in best.indices.tolist()]
+        assert all(abs(e.logprob - v) < 1e-4 for e, v in zip(entry.top_logprobs, best.values.tolist()))
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the most likely one
+        assert entry.bytes == (None if "\ufffd" in entry.token else list(entry.token.encode()))
+    assert whole.message.content == tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def test_completion_logprobs_in_openais_four_lists(api, local):
+    ids, (model, tokenizer) = [5, 6, 7, 8], local
+    answer = api[0].completions.create(model="tiny-chat", prompt=ids, max_tokens=8, temperature=0, logprobs=2)
+    choice, logprobs = answer.choices[0], answer.choices[0].logprobs
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    expected = local_logprobs(local, ids, generated)
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in generated] and answer.usage.completion_tokens == 8
+    rows = zip(logprobs.token_logprobs, logprobs.top_logprobs, generated, expected, strict=True)
+    for logprob, top, token, row in rows:
+        assert abs(logprob - float(row[token])) < 1e-4
+        best = row.topk(2)
+        assert list(top) == [tokenizer.decode([t]) for t in best.indices.tolist()]  # greedy: the one drawn is first
+        assert all(abs(top[key] - v) < 1e-4 for key, v in zip(top, best.values.tolist()))
+    offsets = logprobs.text_offset
+    assert len(offsets) == 8 and offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(choice.text)
+
+
 def open_sessions(connection, peers):
     return sum(connection.call(connection.request(p, msg.INFO_HANDLER, {"type": "info"})).meta["open_sessions"]
                for p in peers)
@@ -225,11 +270,12 @@ def test_bad_requests_get_openai_errors(api, body, status, param):
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": [5, 49152]}, "prompt"),  # past the vocabulary
     ("completions", {"prompt": ["one", "two"]}, "prompt"),
-    ("completions", {"prompt": "Hi", "logprobs": 0}, "logprobs"),
+    ("completions", {"prompt": "Hi", "logprobs": 6}, "logprobs"),
     ("completions", {"prompt": "Hi", "echo": True}, "echo"),
     ("completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
     ("completions", {"prompt": "Hi", "max_tokens": 600}, "max_tokens"),  # past the model's 512 positions
-    ("chat/completions", {"messages": MESSAGES, "logprobs": True}, "logprobs"),
+    ("chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ("chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat/completions", {"messages": MESSAGES, "frequency_penalty": 2.5}, "frequency_penalty"),
     ("chat/completions", {"messages": MESSAGES, "presence_penalty": "much"}, "presence_penalty"),
     ("chat/completions", {"messages": MESSAGES, "logit_bias": {"x": 1}}, "logit_bias"),
