@@ -15,7 +15,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from typing import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,8 @@ from starlette.exceptions import HTTPException
 from potluck.protocol.errors import NoRoute, NodeUnavailable, PotluckError
 
 from .openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
-from .serving import Completion, Delta, PromptError, Scored, TextGenerator
+from . import openai_replies as replies
+from .serving import Completion, PromptError, Scored, TextGenerator
 
 logger = logging.getLogger(__name__)
 BODY_BYTES, BODY_BYTES_PER_POSITION = 1 << 20, 64  # the largest request body: 1 MiB and 64 bytes a position
@@ -61,6 +63,11 @@ def _swarm_error(error: PotluckError) -> ApiError:
         return ApiError(503, f"the swarm cannot serve this model right now: {error}", "service_unavailable",
                         code="no_live_chain")
     return ApiError(502, f"the swarm refused the request: {error}", "api_error", code=type(error).__name__)
+
+
+def _seed(seed: int, choice: int) -> int:
+    """Choice ``choice``'s seed: ``seed`` + ``choice``, wrapped past the largest seed a generator takes."""
+    return seed + choice if seed + choice < 1 << 64 else seed + choice - (1 << 64)
 
 
 def create_app(generator: TextGenerator, api_key: str | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
@@ -163,21 +170,29 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
             generator.check_sampling(params)
         except PromptError as error:
             raise _prompt_error(error, chat) from None
-        stream = generator.stream(ids, params)
-        try:
-            first = await anext(stream)  # errors before the first token become proper HTTP errors
-        except PotluckError as error:
-            raise _swarm_error(error) from None
+        # each of the n choices is a request of its own in the batch; choice i samples with seed + i
+        streams = [generator.stream(ids, params if params.seed is None else replace(params, seed=_seed(params.seed, i)))
+                   for i in range(body.n or 1)]
+        firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
+        failed = next((first for first in firsts if isinstance(first, BaseException)), None)
+        if failed is not None:  # errors before the first token become proper HTTP errors
+            for stream in streams:
+                await stream.aclose()
+            if isinstance(failed, PotluckError):
+                raise _swarm_error(failed) from None
+            raise failed
+        choices = replies.merged(firsts, streams)
         reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         text_of = generator.token_text if params.logprobs is not None else None  # formats the log-probabilities
         if body.stream:
-            return StreamingResponse(_sse(reply_id, body.model, chat, first, stream, body.include_usage, text_of),
-                                     media_type="text/event-stream")
-        parts = [first]
+            return StreamingResponse(_sse(reply_id, body.model, chat, choices, len(streams), body.include_usage,
+                                          text_of), media_type="text/event-stream")
+        dones: list[Completion | None] = [None] * len(streams)
 
         async def rest() -> None:
-            async for item in stream:
-                parts.append(item)
+            async for index, item in choices:
+                if isinstance(item, Completion):
+                    dones[index] = item
 
         collecting = asyncio.ensure_future(rest())
         try:
@@ -186,13 +201,14 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
                 if not collecting.done() and await request.is_disconnected():
                     collecting.cancel()
                     await asyncio.gather(collecting, return_exceptions=True)
-                    await stream.aclose()
+                    await choices.aclose()
                     return JSONResponse({}, status_code=499)  # nobody reads it
             collecting.result()
         except PotluckError as error:  # the swarm lost every replica of some block mid-answer
             raise _swarm_error(error) from None
-        done: Completion = parts[-1]
-        return _whole(reply_id, body.model, chat, done, text_of)
+        finally:
+            await choices.aclose()
+        return replies.whole(reply_id, body.model, chat, dones, text_of)
 
     return app
 
@@ -269,58 +285,21 @@ async def _nothing_more() -> dict:
     return {"type": "http.disconnect"}
 
 
-def _whole(reply_id: str, model: str, chat: bool, done: Completion, text_of: Callable[[int], str] | None) -> dict:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
-                              "logprobs": _logprobs(done.logprobs, chat, text_of)}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": done.text}
-    else:
-        choice["text"] = done.text
-    return {"id": reply_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": _usage(done)}
-
-
-def _usage(done: Completion) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
-
-
-def _logprobs(scored: Sequence[Scored], chat: bool, text_of: Callable[[int], str] | None) -> dict | None:
-    """Tokens' log-probabilities in OpenAI's shape: chat's ``content`` entries, or completions'
-    four lists (``text_offset`` counted in the answer's text); None if not asked for or none."""
-    if text_of is None or not scored:
-        return None
-    if chat:
-        def entry(token: int, logprob: float) -> dict[str, Any]:
-            text = text_of(token)  # a token holding part of a character has no text of its own: no bytes
-            return {"token": text, "logprob": _finite(logprob),
-                    "bytes": None if "\ufffd" in text else list(text.encode())}
-        return {"content": [entry(s.token, s.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in s.top]}
-                            for s, _ in scored], "refusal": None}
-    return {"tokens": [text_of(s.token) for s, _ in scored], "token_logprobs": [_finite(s.logprob) for s, _ in scored],
-            "top_logprobs": [{text_of(t): _finite(lp) for t, lp in (*s.top, (s.token, s.logprob))} for s, _ in scored],
-            "text_offset": [offset for _, offset in scored]}
-
-
-def _finite(logprob: float) -> float:
-    """A log-probability JSON can carry (OpenAI's -9999.0 for a token of no probability)."""
-    return max(logprob, -9999.0)
-
-
-async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterator, include_usage: bool,
-               text_of: Callable[[int], str] | None = None) -> AsyncIterator[str]:
-    """The answer as OpenAI's chunks; with ``include_usage`` every chunk has ``usage`` null, and a
-    last one with no choices holds the counts; with ``text_of`` (logprobs asked for) each chunk has
-    its tokens' log-probabilities."""
+async def _sse(reply_id: str, model: str, chat: bool, choices: AsyncIterator[replies.Choice], count: int,
+               include_usage: bool, text_of: Callable[[int], str] | None = None) -> AsyncIterator[str]:
+    """The answer as OpenAI's chunks, each choice's pieces as they come; with ``include_usage``
+    every chunk has ``usage`` null, and a last one with no choices holds the counts; with
+    ``text_of`` (logprobs asked for) each chunk has its tokens' log-probabilities."""
     created = int(time.time())
 
-    def chunk(text: str | None, finish: str | None, role: bool = False, scored: Sequence[Scored] = ()) -> str:
-        logprobs = _logprobs(scored, chat, text_of)
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False,
+              scored: Sequence[Scored] = ()) -> str:
+        logprobs = replies.logprobs(scored, chat, text_of)
         if chat:
             delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return event([choice])
 
     def event(choices: list, usage: dict | None = None) -> str:
@@ -332,17 +311,17 @@ async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterat
 
     try:
         if chat:
-            yield chunk(None, None, role=True)
-        item = first
-        while True:
+            for index in range(count):
+                yield chunk(index, None, None, role=True)
+        dones: list[Completion] = []
+        async for index, item in choices:
             if isinstance(item, Completion):
-                yield chunk(None, item.finish_reason)
-                if include_usage:
-                    yield event([], _usage(item))
-                break
-            delta: Delta = item
-            yield chunk(delta.text, None, scored=delta.logprobs)
-            item = await anext(stream)
+                dones.append(item)
+                yield chunk(index, None, item.finish_reason)
+            else:
+                yield chunk(index, item.text, None, scored=item.logprobs)
+        if include_usage:
+            yield event([], replies.usage(dones))
         yield "data: [DONE]\n\n"
     except Exception as error:  # the swarm lost every replica of some block mid-answer (or a bug): said in the stream
         if not isinstance(error, PotluckError):
@@ -350,4 +329,4 @@ async def _sse(reply_id: str, model: str, chat: bool, first, stream: AsyncIterat
         api = _swarm_error(error) if isinstance(error, PotluckError) else _internal(error)
         yield f"data: {json.dumps({'error': {'message': str(api), 'type': api.kind, 'code': api.code}})}\n\n"
     finally:
-        await stream.aclose()  # a client that left stops the generation and frees its session
+        await choices.aclose()  # a client that left stops the generation and frees its sessions

@@ -17,6 +17,7 @@ from .serving import SamplingParams
 UNSUPPORTED = "is not supported by this server; leave it out"
 OFF = (None, False, 0, "", [], {}, {"type": "text"}, "none", "auto", ["text"])  # what leaves a feature off
 MAX_STOP_CHARS = 256  # each stop string is matched against the tail of the text at every token
+MAX_CHOICES = 16  # choices of one request (n): each is a request of its own in the batch
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias: each is added to its logits at every token
 
 
@@ -54,7 +55,7 @@ class OpenAIRequest(BaseModel):
     top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0, as in OpenAI: the most likely token only
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch generator takes
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> -100 to 100
@@ -87,7 +88,7 @@ class OpenAIRequest(BaseModel):
                 raise ValueError(f"biases are from -100 to 100; token {key} has {value}")
         return bias
 
-    @field_validator("n", "best_of", check_fields=False)  # best_of: completions'
+    @field_validator("best_of", check_fields=False)  # completions'
     @classmethod
     def _one_choice(cls, count: int | None, info: ValidationInfo) -> int | None:
         if count not in (None, 1):

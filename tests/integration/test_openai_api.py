@@ -151,6 +151,25 @@ def test_a_token_biased_by_100_is_the_only_one_sampled(api, local):
     assert answer.choices[0].text == local[1].decode([300] * 6) and answer.usage.completion_tokens == 6
 
 
+def test_n_choices_each_as_the_request_alone_with_its_seed(api, local):
+    client = api[0]
+    asked = dict(model="tiny-chat", messages=MESSAGES, max_tokens=12, temperature=0.9, seed=11)
+    chunks = list(client.chat.completions.create(**asked, n=3, stream=True, stream_options={"include_usage": True}))
+    streamed = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    whole = client.chat.completions.create(**asked, n=3)
+    alone = [client.chat.completions.create(**{**asked, "seed": 11 + i}).choices[0].message.content for i in range(3)]
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.message.content for c in whole.choices] == [streamed[i] for i in range(3)] == alone
+    assert len(set(alone)) > 1  # their own seeds: not the same answer three times
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 36
+    assert whole.usage.prompt_tokens == client.chat.completions.create(**asked).usage.prompt_tokens
+    greedy = client.completions.create(model="tiny-chat", prompt="Once upon a time", max_tokens=8, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text and greedy.usage.completion_tokens == 16
+
+
 def local_logprobs(local, ids, generated):
     """Local transformers' log-probabilities [len(generated), V] of each generated token's position."""
     with torch.no_grad():
@@ -201,15 +220,17 @@ def open_sessions(connection, peers):
                for p in peers)
 
 
-def test_dropped_stream_frees_its_sessions(api):
+@pytest.mark.parametrize("choices", [1, 3])
+def test_dropped_stream_frees_its_sessions(api, choices):
     client, base_url, peers, connection = api
     assert open_sessions(connection, peers) == 0
-    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 480, "temperature": 0, "stream": True}
+    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 480, "temperature": 0, "stream": True,
+            "n": choices}
     with httpx.stream("POST", f"{base_url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-        assert open_sessions(connection, peers) == 2  # one per hop, while the answer streams
+        assert open_sessions(connection, peers) == 2 * choices  # one per hop and choice, while the answer streams
     for _ in range(100):  # the connection is closed: the server stops generating and closes the session
         if open_sessions(connection, peers) == 0:
             break
@@ -217,9 +238,10 @@ def test_dropped_stream_frees_its_sessions(api):
     assert open_sessions(connection, peers) == 0
 
 
-def test_a_whole_answer_whose_client_left_frees_its_sessions_too(api):
+@pytest.mark.parametrize("choices", [1, 3])
+def test_a_whole_answer_whose_client_left_frees_its_sessions_too(api, choices):
     client, base_url, peers, connection = api
-    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 480, "temperature": 0}
+    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 480, "temperature": 0, "n": choices}
     before = node_tokens(connection, peers[0])
     with pytest.raises(httpx.TimeoutException):  # the client gives up long before the answer is done
         httpx.post(f"{base_url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0)
@@ -228,7 +250,7 @@ def test_a_whole_answer_whose_client_left_frees_its_sessions_too(api):
             break
         asyncio.run(asyncio.sleep(0.1))
     assert open_sessions(connection, peers) == 0
-    assert node_tokens(connection, peers[0]) - before < 400  # it left: it had generated all 480, holding its place
+    assert node_tokens(connection, peers[0]) - before < 400 * choices  # it left: each choice would have made 480
 
 
 def test_a_body_larger_than_any_prompt_that_fits_is_refused_before_it_is_read(api):
@@ -253,7 +275,8 @@ def test_a_body_larger_than_any_prompt_that_fits_is_refused_before_it_is_read(ap
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "gpt-5", "messages": MESSAGES}, 404, "model"),
     ({"model": "tiny-chat", "messages": MESSAGES, "temperature": 7}, 400, "temperature"),
-    ({"model": "tiny-chat", "messages": MESSAGES, "n": 3}, 400, "n"),
+    ({"model": "tiny-chat", "messages": MESSAGES, "n": 17}, 400, "n"),
+    ({"model": "tiny-chat", "messages": MESSAGES, "n": 0}, 400, "n"),
     ({"model": "tiny-chat", "messages": []}, 400, "messages"),
     ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
 ])
