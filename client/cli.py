@@ -47,6 +47,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
                        help="web pages from these origins may call the API from a browser (CORS), e.g. "
                             "https://chat.example.org, or * for any (default: none)")
+    serve.add_argument("--max-active", type=COUNT, default=64, metavar="N",
+                       help="requests generating at once, advanced together a token per round; more wait their turn "
+                            "in order of arrival (default: 64)")
     _add_local_args(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -110,7 +113,7 @@ async def _run_serve(args: argparse.Namespace, stop) -> int:
     except BaseException:
         listening.close()
         raise
-    generator = TextGenerator(model, tokenizer, model.swarm_view.model)
+    generator = TextGenerator(model, tokenizer, model.swarm_view.model, args.max_active)
     server = _server_without_signals(uvicorn.Config(create_app(generator, args.api_key, args.allowed_origins),
                                                     log_level="warning", lifespan="off",
                                                     timeout_graceful_shutdown=SERVE_DRAIN_S))

@@ -474,6 +474,45 @@ def node_tokens(connection, peer):
     return node_counters(connection, peer).get("tokens", 0)
 
 
+def test_max_active_caps_the_requests_generating_at_once_and_the_rest_wait_their_turn(chat_model, swarm_factory,
+                                                                                     tmp_path_factory, local):
+    swarm = swarm_factory()
+    peers = swarm.start_nodes(chat_model, ["0:4"])
+    proc, base_url = start_serve(chat_model, swarm.initial_peers, tmp_path_factory.mktemp("serve"), "--max-active", "2")
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+    connection = SwarmConnection(swarm.initial_peers)
+    prompts = [f"Tale number {i}:" for i in range(5)]
+    answers, most, done = {}, [], threading.Event()
+
+    def run(i):
+        answers[i] = client.completions.create(model="tiny-chat", prompt=prompts[i], max_tokens=40,
+                                               temperature=0).choices[0].text
+
+    def watch():
+        while not done.is_set():
+            most.append(open_sessions(connection, peers))
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        done.set()
+        watcher.join(30)
+    finally:
+        connection.close()
+        stop(proc)
+    model, tokenizer = local
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+        assert answers.get(i) == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    assert max(most) == 2 and len(most) > 10  # two at a time on the node (one hop each), never more
+
+
 def test_chat_command_streams_and_sends_only_new_tokens(api, chat_model, local):
     client, base_url, peers, connection = api
     before = node_tokens(connection, peers[0])
