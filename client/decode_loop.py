@@ -90,6 +90,7 @@ class DecodeLoop:
         self._arrivals: queue.Queue[Request] = queue.Queue()
         self._active: list[Request] = []
         self._round: concurrent.futures.Future | None = None  # the steps of the last round sent
+        self.counters: Counter[str] = Counter()  # what the loop has done, for serve's metrics (read, not reset)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="potluck-decode-loop", daemon=True)
         self._thread.start()
@@ -125,6 +126,7 @@ class DecodeLoop:
                 return
             request.session = InferenceSession(self.view, len(request.prompt) + request.max_tokens)
             self._active.append(request)
+            self.counters["prompt_tokens"] += len(request.prompt)
             block = False
 
     def _turn(self) -> None:
@@ -193,7 +195,10 @@ class DecodeLoop:
             request.session.rewind(0)  # does (Phi-3), beside the round
             self._send([request], self._embed([request.prompt + request.tokens]))
         going_on = [request for request in going_on if request not in switching]
+        self.counters["tokens"] += len(chosen)
         if going_on:
+            self.counters["rounds"] += 1
+            self.counters["round_rows"] += len(going_on)
             written = self._send(going_on, self._embed([r.tokens[-1:] for r in going_on]))
             self._round = going_on[0].step
             written.wait(SEND_WAIT_S)
@@ -274,8 +279,17 @@ class DecodeLoop:
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         return int(torch.multinomial(logits.softmax(-1), 1, generator=request.generator))
 
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted (``max_active`` are generating)."""
+        return self._arrivals.qsize()
+
+    def active(self) -> int:
+        return len(self._active)
+
     def _finish(self, request: Request, error: BaseException | None) -> None:
         self._active.remove(request)
+        left = request.cancelled.is_set() and not request.ended  # its client went away (not a stop string)
+        self.counters["requests_" + ("failed" if error is not None else "left" if left else "answered")] += 1
         if request.step is not None and not request.step.done():
             request.step.cancel()  # a prompt's step (or, when the loop fails, every step in flight)
         try:

@@ -21,7 +21,7 @@ from typing import AsyncIterator, Callable, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -29,6 +29,7 @@ from potluck.protocol.errors import NoRoute, NodeUnavailable, PotluckError
 
 from .openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
 from . import openai_replies as replies
+from .serve_metrics import ServeMetrics
 from .serving import Completion, PromptError, Scored, TextGenerator
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,12 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
         except PotluckError as error:
             raise _swarm_error(error) from None
         return {"id": generator.name, "object": "model", "created": 0, "owned_by": "potluck"}
+
+    page = ServeMetrics(generator)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:  # Prometheus's text format: requests active and waiting, tokens, rounds
+        return page.response()
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):

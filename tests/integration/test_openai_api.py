@@ -253,6 +253,47 @@ def test_a_whole_answer_whose_client_left_frees_its_sessions_too(api, choices):
     assert node_tokens(connection, peers[0]) - before < 400 * choices  # it left: each choice would have made 480
 
 
+def scrape(base_url, key=KEY):
+    return httpx.get(f"{base_url.removesuffix('/v1')}/metrics", headers={"Authorization": f"Bearer {key}"})
+
+
+def metric_values(text):
+    """Prometheus text as {name{labels}: value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_show_what_the_gateway_is_doing_and_has_done(api):
+    client, base_url, peers, connection = api
+    assert scrape(base_url, "sk-wrong").status_code == 401  # behind the API key, as every path
+    before = metric_values(scrape(base_url).text)
+    assert before['potluck_serve_info{max_active="64",model="tiny-chat"}'] == 1
+    client.completions.create(model="tiny-chat", prompt=[5, 6, 7], max_tokens=6, temperature=0)
+    body = {"model": "tiny-chat", "prompt": "A long story:", "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base_url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:
+        lines = response.iter_lines()  # kept: a reader that is dropped closes the stream
+        assert next(line for line in lines if line.startswith("data:"))
+        during = metric_values(scrape(base_url).text)
+    for _ in range(100):  # the stream's client left: its request leaves the loop
+        after = metric_values(scrape(base_url).text)
+        if after["potluck_serve_requests_active"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert during["potluck_serve_requests_active"] == 1 and during["potluck_serve_requests_waiting"] == 0
+    assert after["potluck_serve_requests_active"] == 0
+
+    def grew(name):
+        return after[name] - before.get(name, 0)
+
+    assert grew('potluck_serve_requests_ended_total{outcome="answered"}') == 1
+    assert grew('potluck_serve_requests_ended_total{outcome="left"}') == 1
+    assert grew('potluck_serve_requests_ended_total{outcome="failed"}') == 0
+    assert grew("potluck_serve_tokens_generated_total") >= 7  # the 6, and the stream's first at least
+    assert grew("potluck_serve_prompt_tokens_total") >= 3 + 4
+    assert grew("potluck_serve_round_rows_total") >= grew("potluck_serve_rounds_total") >= 5
+
+
 def test_a_body_larger_than_any_prompt_that_fits_is_refused_before_it_is_read(api):
     client, base_url, peers, connection = api
     headers = {"Authorization": f"Bearer {KEY}"}
