@@ -73,6 +73,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # generated so far
     counts: Counter = field(default_factory=Counter)  # how often each token was generated (for the penalties)
     scores: list[TokenLogprob] = field(default_factory=list)  # with ``logprobs``: each generated token's
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # ``logit_bias`` as ids and values, made once
     ended: bool = False  # on_end was called
 
     @property
@@ -124,6 +125,10 @@ class DecodeLoop:
                 return
             if request is None:  # close()
                 return
+            if request.cancelled.is_set():  # its client left while it waited for a place
+                self.counters["requests_left"] += 1
+                self._end(request, None)
+                continue
             request.session = InferenceSession(self.view, len(request.prompt) + request.max_tokens)
             self._active.append(request)
             self.counters["prompt_tokens"] += len(request.prompt)
@@ -314,8 +319,10 @@ def _adjusted(request: Request, logits: torch.Tensor) -> torch.Tensor:
         return logits
     logits = logits.clone()
     if request.logit_bias:
-        ids, biases = zip(*request.logit_bias.items())
-        logits.index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
+        if request.bias is None:
+            ids, biases = zip(*request.logit_bias.items())
+            request.bias = torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype)
+        logits.index_add_(0, *request.bias)
     if request.counts:
         ids, counts = zip(*request.counts.items())
         penalty = torch.tensor(counts, dtype=logits.dtype) * request.frequency_penalty + request.presence_penalty

@@ -66,6 +66,15 @@ def _swarm_error(error: PotluckError) -> ApiError:
     return ApiError(502, f"the swarm refused the request: {error}", "api_error", code=type(error).__name__)
 
 
+async def _abandon(firsts: list[asyncio.Future], streams: list[AsyncIterator]) -> None:
+    """Stop the choices of an answer that will not be given: their requests leave the loop."""
+    for first in firsts:
+        first.cancel()
+    await asyncio.gather(*firsts, return_exceptions=True)
+    for stream in streams:
+        await stream.aclose()
+
+
 def _seed(seed: int, choice: int) -> int:
     """Choice ``choice``'s seed: ``seed`` + ``choice``, wrapped past the largest seed a generator takes."""
     return seed + choice if seed + choice < 1 << 64 else seed + choice - (1 << 64)
@@ -180,11 +189,15 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
         # each of the n choices is a request of its own in the batch; choice i samples with seed + i
         streams = [generator.stream(ids, params if params.seed is None else replace(params, seed=_seed(params.seed, i)))
                    for i in range(body.n or 1)]
-        firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
-        failed = next((first for first in firsts if isinstance(first, BaseException)), None)
+        firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
+        while not any(first.done() for first in firsts):  # the answer starts with any choice's first piece
+            await asyncio.wait(firsts, timeout=DISCONNECT_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
+            if not any(first.done() for first in firsts) and await request.is_disconnected():
+                await _abandon(firsts, streams)  # waiting for a place: it leaves without one
+                return JSONResponse({}, status_code=499)
+        failed = next((f.exception() for f in firsts if f.done() and f.exception() is not None), None)
         if failed is not None:  # errors before the first token become proper HTTP errors
-            for stream in streams:
-                await stream.aclose()
+            await _abandon(firsts, streams)
             if isinstance(failed, PotluckError):
                 raise _swarm_error(failed) from None
             raise failed

@@ -56,13 +56,13 @@ def _finite(logprob: float) -> float:
     return max(logprob, -9999.0)
 
 
-async def merged(firsts: Sequence[Delta | Completion], streams: Sequence[AsyncIterator]) -> AsyncIterator[Choice]:
-    """The choices' pieces as they come, each with its index, from each choice's first item and
-    the rest of its stream, until every choice has ended; the first error raises. Closing this
-    closes every stream (their sessions leave the batch)."""
+async def merged(firsts: Sequence[asyncio.Future], streams: Sequence[AsyncIterator]) -> AsyncIterator[Choice]:
+    """The choices' pieces as they come, each with its index, from each choice's first item (a
+    future of it) and the rest of its stream, until every choice has ended; the first error raises.
+    Closing this closes every stream (their sessions leave the batch)."""
     if len(streams) == 1:  # one choice: no task and queue in the way of each token
-        item = firsts[0]
         try:
+            item = await firsts[0]
             while True:
                 yield 0, item
                 if isinstance(item, Completion):
@@ -72,8 +72,9 @@ async def merged(firsts: Sequence[Delta | Completion], streams: Sequence[AsyncIt
             await streams[0].aclose()
     arrived: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, item: Delta | Completion, stream: AsyncIterator) -> None:
+    async def pump(index: int, first: asyncio.Future, stream: AsyncIterator) -> None:
         try:
+            item = await first
             while True:
                 arrived.put_nowait((index, item))
                 if isinstance(item, Completion):
@@ -92,8 +93,8 @@ async def merged(firsts: Sequence[Delta | Completion], streams: Sequence[AsyncIt
             left -= isinstance(item, Completion)
             yield index, item
     finally:
-        for task in pumps:
+        for task in [*pumps, *firsts]:
             task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*pumps, *firsts, return_exceptions=True)
         for stream in streams:
             await stream.aclose()

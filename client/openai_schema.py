@@ -8,15 +8,16 @@ failing in the tokenizer).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, StrictBool, ValidationInfo, field_validator
 
 from .serving import SamplingParams
 
 UNSUPPORTED = "is not supported by this server; leave it out"
 OFF = (None, False, 0, "", [], {}, {"type": "text"}, "none", "auto", ["text"])  # what leaves a feature off
 MAX_STOP_CHARS = 256  # each stop string is matched against the tail of the text at every token
+Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]  # strict: "1" or true is no number here
 MAX_CHOICES = 16  # choices of one request (n): each is a request of its own in the batch
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias: each is added to its logits at every token
 
@@ -55,12 +56,12 @@ class OpenAIRequest(BaseModel):
     top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0, as in OpenAI: the most likely token only
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch generator takes
-    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> -100 to 100
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(strict=True)]] | None = None  # token id (a string) -> -100 to 100
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
 
     default_tokens: ClassVar[int | None] = None  # max_tokens when the client gives none (None: as many as fit)
 
@@ -71,6 +72,13 @@ class OpenAIRequest(BaseModel):
         if value not in OFF:
             raise ValueError(UNSUPPORTED)
         return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("needs stream: true")
+        return options
 
     @field_validator("logit_bias")
     @classmethod
@@ -128,8 +136,8 @@ class OpenAIRequest(BaseModel):
 class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)  # OpenAI's newer name for max_tokens
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -154,7 +162,8 @@ class ChatRequest(OpenAIRequest):
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[int] | list[str] | list[list[int]]  # one prompt: a text or token ids, or a list of one
-    logprobs: int | None = Field(None, ge=0, le=5)  # each token's, and this many most likely tokens'
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=5)] | None = None  # each token's, and this many best
+    top_logprobs: Any = None  # chat's: refused here, where logprobs says how many
     echo: Any = None
     best_of: int | None = None
     suffix: Any = None
@@ -163,6 +172,13 @@ class CompletionRequest(OpenAIRequest):
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _chats_only(cls, value: Any) -> Any:
+        if value not in OFF:
+            raise ValueError("is chat's; completions take logprobs: N (up to 5)")
+        return value
 
     @field_validator("prompt")
     @classmethod

@@ -1,5 +1,6 @@
 """What the operator of a `potluck serve` gateway watches: Prometheus metrics at ``GET /metrics``
-(behind ``--api-key`` like every path), read from the batching loop when scraped."""
+(behind ``--api-key`` like every path), read from the batching loop when scraped. Each of a
+request's ``n`` choices is a request of the loop, and counts as one here."""
 from __future__ import annotations
 
 from typing import Iterator

@@ -1,4 +1,5 @@
 """The HTTP API's incremental detokenizer: streamed pieces add up to the whole text's decode."""
+import os
 import random
 
 import pytest
@@ -109,6 +110,25 @@ def test_each_tokens_score_comes_with_the_piece_that_completes_its_text(smollm2_
     for piece, batch in pieces:  # no score comes before its token's text is sent, or before a piece it was in
         sent += len(piece)
         assert all(offsets[tokens.index(s.token)] < sent or not piece for s, _ in batch)
+
+
+def test_every_token_has_its_score_and_starts_where_its_own_text_does(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    text = "A fox 🦊hogs the 你好 crêpes 🐦."
+    special = tokenizer.convert_tokens_to_ids("<|im_start|>")  # no text in the answer
+    for ids in (tokenizer(text, add_special_tokens=False)["input_ids"] + [special, special],
+                tokenizer("A fox 🦊", add_special_tokens=False)["input_ids"][:-1]):  # cut inside the fox
+        scored = []
+        streamer = _DeltaStreamer(tokenizer, (), lambda piece, batch: scored.extend(batch))
+        for token in ids:
+            streamer.add([token], TokenLogprob(token, 0.0, ()))
+        streamer.end()
+        assert [s.token for s, _ in scored] == ids  # one entry per token, in order
+        for n, (score, offset) in enumerate(scored):  # where the text of the tokens before it stops agreeing
+            assert offset == len(os.path.commonprefix([tokenizer.decode(ids[:n]), streamer.text])), n
+            own = tokenizer.decode([score.token], skip_special_tokens=True)
+            if "\ufffd" not in own and own:
+                assert streamer.text[offset:].startswith(own)
 
 
 def test_what_is_held_back_is_the_longest_end_of_the_text_that_starts_a_stop_string():

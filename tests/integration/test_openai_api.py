@@ -253,7 +253,7 @@ def test_a_whole_answer_whose_client_left_frees_its_sessions_too(api, choices):
     assert node_tokens(connection, peers[0]) - before < 400 * choices  # it left: each choice would have made 480
 
 
-def scrape(base_url, key=KEY):
+def scrape(base_url, key=KEY):  # a serve without --api-key takes any
     return httpx.get(f"{base_url.removesuffix('/v1')}/metrics", headers={"Authorization": f"Bearer {key}"})
 
 
@@ -347,6 +347,14 @@ def test_bad_requests_get_openai_errors(api, body, status, param):
     ("chat/completions", {"messages": MESSAGES, "logit_bias": {"5": 1, "05": 2}}, "logit_bias"),
     ("chat/completions", {"messages": MESSAGES, "logit_bias": {"49152": 1}}, "logit_bias"),  # past the vocabulary
     ("completions", {"prompt": "Hi", "logit_bias": [1, 2]}, "logit_bias"),
+    ("completions", {"prompt": "Hi", "logprobs": False}, "logprobs"),  # not 0: no number
+    ("completions", {"prompt": "Hi", "top_logprobs": 2}, "top_logprobs"),  # chat's
+    ("chat/completions", {"messages": MESSAGES, "logprobs": "yes"}, "logprobs"),
+    ("chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2.0}, "top_logprobs"),
+    ("chat/completions", {"messages": MESSAGES, "n": "2"}, "n"),
+    ("chat/completions", {"messages": MESSAGES, "presence_penalty": True}, "presence_penalty"),
+    ("chat/completions", {"messages": MESSAGES, "logit_bias": {"5": True}}, "logit_bias.5"),
+    ("chat/completions", {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
     ("chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -543,6 +551,7 @@ def test_max_active_caps_the_requests_generating_at_once_and_the_rest_wait_their
             thread.join(120)
         done.set()
         watcher.join(30)
+        waiting_choices_stream_and_leavers_cost_nothing(base_url, local[1])
     finally:
         connection.close()
         stop(proc)
@@ -552,6 +561,40 @@ def test_max_active_caps_the_requests_generating_at_once_and_the_rest_wait_their
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
         assert answers.get(i) == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
     assert max(most) == 2 and len(most) > 10  # two at a time on the node (one hop each), never more
+
+
+def waiting_choices_stream_and_leavers_cost_nothing(base_url, tokenizer):
+    """With 2 places: an n=2 stream streams its first choice while its second waits for a place;
+    a request whose client leaves while it waits for a place is never generated."""
+    story, wait = "A long story:", "Hi " * 12  # prompts of different lengths: who was admitted shows in the count
+
+    def long_stream(n=1):
+        body = {"model": "tiny-chat", "prompt": story, "max_tokens": 300, "temperature": 0, "stream": True, "n": n}
+        return httpx.stream("POST", f"{base_url}/completions", json=body, timeout=60)
+
+    before = metric_values(scrape(base_url).text)
+    with long_stream() as busy, long_stream(n=2) as both:
+        lines = busy.iter_lines()  # kept: a reader that is dropped closes the stream
+        assert next(line for line in lines if line.startswith("data:"))
+        pieces = both.iter_lines()
+        assert '"index": 0' in next(line for line in pieces if line.startswith("data:"))
+        during = metric_values(scrape(base_url).text)
+        assert during["potluck_serve_requests_active"] == 2 and during["potluck_serve_requests_waiting"] == 1
+        with pytest.raises(httpx.TimeoutException):  # no place for its 3 choices: its client gives up
+            httpx.post(f"{base_url}/completions", json={"model": "tiny-chat", "prompt": wait, "max_tokens": 200,
+                                                        "n": 3}, timeout=1.0)
+        asyncio.run(asyncio.sleep(1.0))  # the server sees it gone (it looks every 0.5 s)
+    for _ in range(100):
+        after = metric_values(scrape(base_url).text)
+        if after["potluck_serve_requests_active"] == after["potluck_serve_requests_waiting"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    admitted = after["potluck_serve_prompt_tokens_total"] - before["potluck_serve_prompt_tokens_total"]
+    story_tokens = len(tokenizer(story)["input_ids"])
+    assert admitted in (2 * story_tokens, 3 * story_tokens)  # the streams' choices only: never the one that left
+    ended = {how: after[f'potluck_serve_requests_ended_total{{outcome="{how}"}}']
+             - before[f'potluck_serve_requests_ended_total{{outcome="{how}"}}'] for how in ("answered", "left")}
+    assert sum(ended.values()) == 6 and ended["left"] >= 3
 
 
 def test_chat_command_streams_and_sends_only_new_tokens(api, chat_model, local):
