@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -203,10 +203,10 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
             raise failed
         choices = replies.merged(firsts, streams)
         reply_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        text_of = generator.token_text if params.logprobs is not None else None  # formats the log-probabilities
+        tokens = generator if params.logprobs is not None else None  # the tokens' texts, for log-probabilities
         if body.stream:
             return StreamingResponse(_sse(reply_id, body.model, chat, choices, len(streams), body.include_usage,
-                                          text_of), media_type="text/event-stream")
+                                          tokens), media_type="text/event-stream")
         dones: list[Completion | None] = [None] * len(streams)
 
         async def rest() -> None:
@@ -228,7 +228,7 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
             raise _swarm_error(error) from None
         finally:
             await choices.aclose()
-        return replies.whole(reply_id, body.model, chat, dones, text_of)
+        return replies.whole(reply_id, body.model, chat, dones, tokens)
 
     return app
 
@@ -306,15 +306,15 @@ async def _nothing_more() -> dict:
 
 
 async def _sse(reply_id: str, model: str, chat: bool, choices: AsyncIterator[replies.Choice], count: int,
-               include_usage: bool, text_of: Callable[[int], str] | None = None) -> AsyncIterator[str]:
+               include_usage: bool, tokens: TextGenerator | None = None) -> AsyncIterator[str]:
     """The answer as OpenAI's chunks, each choice's pieces as they come; with ``include_usage``
     every chunk has ``usage`` null, and a last one with no choices holds the counts; with
-    ``text_of`` (logprobs asked for) each chunk has its tokens' log-probabilities."""
+    ``tokens`` (logprobs asked for) each chunk has its tokens' log-probabilities."""
     created = int(time.time())
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False,
               scored: Sequence[Scored] = ()) -> str:
-        logprobs = replies.logprobs(scored, chat, text_of)
+        logprobs = replies.logprobs(scored, chat, tokens)
         if chat:
             delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}

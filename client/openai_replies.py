@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Sequence
 
-from .serving import Completion, Delta, Scored
+from .serving import Completion, Delta, Scored, TextGenerator
 
 Choice = tuple[int, Delta | Completion]  # a choice's index, and its next piece or its end
 
 
 def whole(reply_id: str, model: str, chat: bool, dones: Sequence[Completion],
-          text_of: Callable[[int], str] | None) -> dict[str, Any]:
+          tokens: TextGenerator | None) -> dict[str, Any]:
     """The answer of a request that is not streamed, a choice for each of ``dones``."""
     choices = []
     for index, done in enumerate(dones):
         choice: dict[str, Any] = {"index": index, "finish_reason": done.finish_reason,
-                                  "logprobs": logprobs(done.logprobs, chat, text_of)}
+                                  "logprobs": logprobs(done.logprobs, chat, tokens)}
         if chat:
             choice["message"] = {"role": "assistant", "content": done.text}
         else:
@@ -34,16 +34,16 @@ def usage(dones: Sequence[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def logprobs(scored: Sequence[Scored], chat: bool, text_of: Callable[[int], str] | None) -> dict | None:
-    """Tokens' log-probabilities in OpenAI's shape: chat's ``content`` entries, or completions'
-    four lists (``text_offset`` counted in the answer's text); None if not asked for or none."""
-    if text_of is None or not scored:
+def logprobs(scored: Sequence[Scored], chat: bool, tokens: TextGenerator | None) -> dict | None:
+    """Tokens' log-probabilities in OpenAI's shape: chat's ``content`` entries (each token's text and
+    bytes from ``tokens``), or completions' four lists (``text_offset`` counted in the answer's
+    text); None if not asked for (``tokens`` None) or none."""
+    if tokens is None or not scored:
         return None
+    text_of, bytes_of = tokens.token_text, tokens.token_bytes
     if chat:
         def entry(token: int, logprob: float) -> dict[str, Any]:
-            text = text_of(token)  # a token holding part of a character has no text of its own: no bytes
-            return {"token": text, "logprob": _finite(logprob),
-                    "bytes": None if "\ufffd" in text else list(text.encode())}
+            return {"token": text_of(token), "logprob": _finite(logprob), "bytes": bytes_of(token)}
         return {"content": [entry(s.token, s.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in s.top]}
                             for s, _ in scored], "refusal": None}
     return {"tokens": [text_of(s.token) for s, _ in scored], "token_logprobs": [_finite(s.logprob) for s, _ in scored],

@@ -15,10 +15,12 @@ from typing import AsyncIterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .decode_loop import DecodeLoop, Request, TokenLogprob
 
 
+_BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's alphabet, reversed
 GREEDY_BELOW = 1e-5  # a lower temperature is greedy decoding: the logits divided by it could overflow to inf
 
 
@@ -193,11 +195,30 @@ class TextGenerator:
                               f"{self.max_length} positions", "max_tokens")
 
     def token_text(self, token: int) -> str:
-        """One token's text, special tokens too (for log-probabilities), remembered once made."""
+        """One token's text, special tokens too (for log-probabilities), remembered once made. It is
+        decoded after another token: alone, a SentencePiece word's leading space would be dropped."""
         text = self._token_texts.get(token)
         if text is None:
-            text = self._token_texts[token] = self.tokenizer.decode([token])
+            anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+            before, after = self.tokenizer.decode(anchor), self.tokenizer.decode(anchor + [token])
+            text = after[len(before):] if after.startswith(before) else self.tokenizer.decode([token])
+            self._token_texts[token] = text
         return text
+
+    def token_bytes(self, token: int) -> list[int] | None:
+        """One token's bytes, which for a token holding part of a character are not its text's: read
+        from a byte-level BPE's pieces (GPT-2's alphabet) or a byte-fallback piece (<0xHH>); None
+        where neither tells."""
+        text = self.token_text(token)
+        if "\ufffd" not in text:
+            return list(text.encode())
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return [int(piece[3:5], 16)]
+        decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
+        if isinstance(piece, str) and type(decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF for c in piece):
+            return [_BYTE_OF[c] for c in piece]
+        return None
 
     def check_sampling(self, params: SamplingParams) -> None:
         """PromptError unless every token the request biases is in the model's vocabulary."""

@@ -131,6 +131,26 @@ def test_every_token_has_its_score_and_starts_where_its_own_text_does(smollm2_to
                 assert streamer.text[offset:].startswith(own)
 
 
+def test_a_tokens_bytes_rebuild_the_characters_it_holds_part_of(smollm2_tokenizer):
+    def generator_of(tokenizer):
+        generator = TextGenerator.__new__(TextGenerator)  # only its tokenizer takes part
+        generator.tokenizer, generator._token_texts = tokenizer, {}
+        return generator
+
+    text, generator = "🦊 and 你好, crêpes", generator_of(smollm2_tokenizer)  # byte-level BPE
+    ids = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in generator.token_text(t) for t in ids)  # some hold only part of a character
+    assert b"".join(bytes(generator.token_bytes(t)) for t in ids) == text.encode()
+    tokenizer = sentencepiece_like()  # byte fallback: a character it never saw comes as <0xHH> pieces
+    generator = generator_of(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("🐙", add_special_tokens=False)["input_ids"])
+    fallback = [p for p in pieces if p.startswith("<0x")]
+    assert len(fallback) == 4 and [generator.token_bytes(tokenizer.convert_tokens_to_ids(p)) for p in fallback] == [
+        [b] for b in "🐙".encode()]
+    word = tokenizer.convert_tokens_to_ids("▁the")
+    assert generator.token_text(word) == " the" and generator.token_bytes(word) == list(b" the")  # its space kept
+
+
 def test_what_is_held_back_is_the_longest_end_of_the_text_that_starts_a_stop_string():
     rng = random.Random(0)
     for _ in range(20000):  # small alphabets: many partial matches, overlapping ones included
