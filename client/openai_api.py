@@ -34,6 +34,7 @@ from .serving import Completion, PromptError, Scored, TextGenerator
 
 logger = logging.getLogger(__name__)
 BODY_BYTES, BODY_BYTES_PER_POSITION = 1 << 20, 64  # the largest request body: 1 MiB and 64 bytes a position
+MAX_LOGPROBS = 1 << 17  # log-probabilities in one answer (about 12 MB of JSON)
 DISCONNECT_CHECK_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
 UNREADABLE_BODY = "There was an error parsing the body"  # FastAPI's 400 for a body it cannot decode (not UTF-8)
 
@@ -177,8 +178,11 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
 
     async def respond(body: OpenAIRequest, ids: list[int], chat: bool, request: Request):
         max_tokens = body.requested_tokens()
-        if max_tokens is None:  # as many as asked by default, or as fit after the prompt
+        per_token = (body.n or 1) * ((body.logprob_count() or 0) + 1)  # log-probabilities a token of the answer has
+        if max_tokens is None:  # as many as asked by default, or as fit after the prompt (and the log-probabilities)
             room = generator.max_length - len(ids)
+            if body.logprob_count() is not None:
+                room = min(room, MAX_LOGPROBS // per_token)
             max_tokens = max(1, room if body.default_tokens is None else min(body.default_tokens, room))
         params = body.sampling(max_tokens)
         try:
@@ -186,6 +190,10 @@ def create_app(generator: TextGenerator, api_key: str | None = None, allowed_ori
             generator.check_sampling(params)
         except PromptError as error:
             raise _prompt_error(error, chat) from None
+        if params.logprobs is not None and max_tokens * per_token > MAX_LOGPROBS:  # an answer of a gigabyte
+            raise ApiError(400, f"max_tokens: {max_tokens} tokens x {per_token} log-probabilities each (n x (1 + the "
+                                f"most likely tokens asked for)) is over {MAX_LOGPROBS}: ask for fewer",
+                           "invalid_request_error", param="max_tokens", code="invalid_value")
         # each of the n choices is a request of its own in the batch; choice i samples with seed + i
         streams = [generator.stream(ids, params if params.seed is None else replace(params, seed=_seed(params.seed, i)))
                    for i in range(body.n or 1)]

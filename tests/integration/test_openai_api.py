@@ -356,6 +356,8 @@ def test_bad_requests_get_openai_errors(api, body, status, param):
     ("chat/completions", {"messages": MESSAGES, "presence_penalty": True}, "presence_penalty"),
     ("chat/completions", {"messages": MESSAGES, "logit_bias": {"5": True}}, "logit_bias.5"),
     ("chat/completions", {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 20, "n": 16, "max_tokens": 400},
+     "max_tokens"),  # 134,400 log-probabilities
     ("chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
