@@ -72,7 +72,7 @@ class Request:
     row: int = 0  # its result's index in what ``step`` gives (one per request sent with it)
     tokens: list[int] = field(default_factory=list)  # generated so far
     counts: Counter = field(default_factory=Counter)  # how often each token was generated (for the penalties)
-    scores: list[TokenLogprob] = field(default_factory=list)  # with ``logprobs``: each generated token's
+    score: TokenLogprob | None = None  # with ``logprobs``: its last token's (the streamer keeps them)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # ``logit_bias`` as ids and values, made once
     ended: bool = False  # on_end was called
 
@@ -184,7 +184,7 @@ class DecodeLoop:
             try:
                 token = self._choose(request, columns[row]) if request.needs_logits else greedy[row]
                 if request.logprobs is not None:
-                    request.scores.append(_scored(token, columns[row], request.logprobs))
+                    request.score = _scored(token, columns[row], request.logprobs)
             except Exception as e:  # a bug in one request's sampling ends that request only
                 logger.exception("picking a request's next token failed")
                 self._finish(request, e)

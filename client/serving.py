@@ -9,6 +9,7 @@ until they can be ruled out, so a client never sees part of one; a request that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -86,7 +87,7 @@ class _DeltaStreamer:
         self._context = self._read = 0  # ids[_context:_read] gave the end of ``text``; ids[_read:] none yet
         self.scored: list[Scored] = []  # each scored token whose text is in ``text``, and where it starts
         self._waiting: list[TokenLogprob] = []  # scores of tokens whose text has not come out yet
-        self.logprobs: list[Scored] = []  # the scored tokens emitted, in order
+        self._released = 0  # how many of ``scored`` were emitted
 
     def add(self, ids: list[int], score: TokenLogprob | None = None) -> None:
         if self.stopped:
@@ -124,15 +125,20 @@ class _DeltaStreamer:
     def _release(self, upto: int, last: bool) -> tuple[Scored, ...]:
         """The scored tokens not emitted yet whose text ends by ``upto``; ``last``: all of them,
         but after a stop string only those whose text starts before it."""
-        first = done = len(self.logprobs)
+        first = done = self._released
         while done < len(self.scored):
             start = self.scored[done][1]
             end = self.scored[done + 1][1] if done + 1 < len(self.scored) else len(self.text)
             if (start >= upto or end > upto) and not (last and (start < upto or not self.stopped)):
                 break
             done += 1
-        self.logprobs.extend(self.scored[first:done])
+        self._released = done
         return tuple(self.scored[first:done])
+
+    @property
+    def logprobs(self) -> list[Scored]:
+        """The scored tokens emitted, in order."""
+        return self.scored[:self._released]
 
     def end(self) -> None:
         whole = self._decode(self.ids)
@@ -199,11 +205,17 @@ class TextGenerator:
         decoded after another token: alone, a SentencePiece word's leading space would be dropped."""
         text = self._token_texts.get(token)
         if text is None:
-            anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-            before, after = self.tokenizer.decode(anchor), self.tokenizer.decode(anchor + [token])
+            anchor, before = self._anchor
+            after = self.tokenizer.decode(anchor + [token])
             text = after[len(before):] if after.startswith(before) else self.tokenizer.decode([token])
             self._token_texts[token] = text
         return text
+
+    @functools.cached_property
+    def _anchor(self) -> tuple[list[int], str]:
+        """The ids ``token_text`` decodes a token after, and their own text."""
+        anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        return anchor, self.tokenizer.decode(anchor)
 
     def token_bytes(self, token: int) -> list[int] | None:
         """One token's bytes, which for a token holding part of a character are not its text's: read
@@ -240,7 +252,7 @@ class TextGenerator:
 
         def on_token(token: int) -> bool:
             scored = params.logprobs is not None and token not in self.eos_ids  # the end of text has no entry
-            streamer.add([token], request.scores[-1] if scored else None)
+            streamer.add([token], request.score if scored else None)
             return streamer.stopped
 
         def on_end(error: BaseException | None) -> None:
